@@ -1,0 +1,1 @@
+"""CLOOB-conditioned latent diffusion: training and sampling library."""

@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from ccld.unet import DiffusionModel, count_params, infer_widths
+from conftest import fill_state_dict
+
+
+@pytest.fixture(scope='module')
+def golden():
+    from conftest import FIXTURES
+    return torch.load(FIXTURES / 'unet_golden.pt', weights_only=False)
+
+
+def golden_model(golden):
+    cfg = golden['config']
+    model = DiffusionModel(cfg['base_channels'], cfg['channel_multipliers'])
+    return fill_state_dict(model, {'autoencoder_scale': cfg['autoencoder_scale']}).eval()
+
+
+def test_state_dict_keys_and_shapes_match_the_original(golden):
+    model = golden_model(golden)
+    ours = [[k, list(v.shape)] for k, v in model.state_dict().items()]
+    assert sorted(ours) == sorted(golden['state_dict_keys'])
+
+
+def test_forward_matches_golden(golden):
+    model = golden_model(golden)
+    with torch.no_grad():
+        v = model(golden['x'], golden['t'], golden['clip_embed'])
+    torch.testing.assert_close(v, golden['v'], rtol=1e-4, atol=1e-4)
+
+
+def test_released_format_round_trips_strictly(golden, tmp_path):
+    """A bare state dict, as released, loads strictly into a fresh model."""
+    model = golden_model(golden)
+    torch.save(model.state_dict(), tmp_path / 'model.pth')
+    state = torch.load(tmp_path / 'model.pth', weights_only=True)
+    base, mults = infer_widths(state)
+    fresh = DiffusionModel(base, mults)
+    fresh.load_state_dict(state, strict=True)
+    assert fresh.autoencoder_scale.item() == golden['config']['autoencoder_scale']
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(golden['x'], golden['t'], golden['clip_embed']),
+                                   golden['v'], rtol=1e-4, atol=1e-4)
+
+
+def test_a_missing_key_is_refused(golden):
+    state = golden_model(golden).state_dict()
+    del state['net.4.main.2.qkv_proj.weight']
+    with pytest.raises(RuntimeError, match='qkv_proj'):
+        DiffusionModel(64, [1, 1, 2, 2]).load_state_dict(state, strict=True)
+
+
+@pytest.mark.parametrize('base, mults, expected', [
+    (192, [4, 4, 8, 8], 1_174_321_228),  # yfcc_cfg
+    (128, [4, 4, 8, 8], 557_350_988),    # danbooru_cfg
+])
+def test_release_param_counts(base, mults, expected):
+    with torch.device('meta'):
+        model = DiffusionModel(base, mults)
+    assert count_params(model) == expected
+
+
+@pytest.mark.parametrize('base, mults', [(192, [4, 4, 8, 8]), (128, [4, 4, 8, 8]),
+                                         (64, [1, 2, 3, 4])])
+def test_infer_widths_recovers_the_architecture(base, mults):
+    with torch.device('meta'):
+        state = DiffusionModel(base, mults).state_dict()
+    inferred_base, inferred_mults = infer_widths(state)
+    assert [inferred_base * m for m in inferred_mults] == [base * m for m in mults]
+
+
+def test_zero_embedding_is_the_unconditional_input():
+    """normalize() must keep a zero embedding at zero rather than producing NaN."""
+    torch.manual_seed(0)
+    model = DiffusionModel(64, [1, 1, 1, 1]).eval()
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([0.5])
+    with torch.no_grad():
+        v = model(x, t, torch.zeros(1, 512))
+    assert torch.isfinite(v).all()
+
+
+def test_weights_are_initialised_scaled_by_sqrt_half():
+    """PyTorch draws conv weights from U(-b, b), b = 1/sqrt(fan_in); ours are scaled."""
+    torch.manual_seed(0)
+    weight = DiffusionModel(64, [1, 1, 1, 1]).net[0].main[0].weight  # 64 x 20 x 3 x 3
+    bound = 0.5 ** 0.5 / (20 * 3 * 3) ** 0.5
+    assert weight.abs().max() <= bound * (1 + 1e-6)
+    assert weight.abs().max() > bound * 0.99
