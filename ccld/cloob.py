@@ -1,0 +1,42 @@
+"""Loading a frozen CLOOB and embedding images and prompts into its shared space."""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cloob_training import model_pt, pretrained
+
+
+class CLOOBEmbedder(nn.Module):
+    """A frozen CLOOB: images in [0, 1] and prompts in, unit-norm embeddings out."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.image_size = model.config['image_encoder']['image_size']
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def embed_dim(self):
+        return self.model.config['d_embed']
+
+    def embed_images(self, images):
+        images = F.interpolate(images, (self.image_size, self.image_size), mode='bicubic',
+                               align_corners=False)
+        return self.model.image_encoder(self.model.normalize(images)).float()
+
+    def embed_texts(self, texts):
+        device = next(self.parameters()).device
+        return self.model.text_encoder(self.model.tokenize(texts).to(device)).float()
+
+
+def load_cloob(checkpoint, device='cpu'):
+    """A pretrained name or a .pkl path -> frozen CLOOBEmbedder on `device`.
+
+    Raises UserError for unknown names, missing files and incomplete checkpoints.
+    """
+    config, path = pretrained.resolve_checkpoint(checkpoint)
+    model = model_pt.get_pt_model(config)
+    model.load_state_dict(model_pt.get_pt_params(config, path), strict=True)
+    return CLOOBEmbedder(model).to(device)
