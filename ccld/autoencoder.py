@@ -1,0 +1,105 @@
+"""Find, validate and load CompVis KL autoencoders.
+
+Follows the original CLI convention: an autoencoder NAME means NAME.yaml (the
+CompVis config) next to NAME.ckpt (its weights). Every way this can go wrong is
+reported as a one-line UserError that names the file and says what to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ccld.errors import UserError
+from ldm.models.autoencoder import AutoencoderKL
+
+KL_TARGET = "ldm.models.autoencoder.AutoencoderKL"
+DDCONFIG_KEYS = ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions",
+                 "in_channels", "resolution", "z_channels")
+KL_F8_CONFIG = "latent-diffusion/configs/autoencoder/autoencoder_kl_32x32x4.yaml"
+KL_F8_WEIGHTS = "model.ckpt in ommer-lab.com/files/latent-diffusion/kl-f8.zip"
+KL_F8_HINT = f"for kl-f8: {KL_F8_CONFIG} with {KL_F8_WEIGHTS}"
+
+
+def read_config(path) -> dict:
+    """The config at `path` as a plain dict, checked to describe a KL autoencoder."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"autoencoder config {path} not found; pass the .yaml that "
+                        f"belongs to the checkpoint ({KL_F8_HINT})")
+    try:
+        config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot parse autoencoder config {path}: {reason}") from e
+    model = config.get("model") if isinstance(config, dict) else None
+    params = model.get("params") if isinstance(model, dict) else None
+    if not isinstance(params, dict) or not isinstance(params.get("ddconfig"), dict):
+        raise UserError(f"{path} has no model.params.ddconfig, so it is not a CompVis "
+                        f"autoencoder config; pass one ({KL_F8_HINT})")
+    target = model.get("target", KL_TARGET)
+    if target != KL_TARGET or "n_embed" in params:
+        raise UserError(f"{path} describes {target}"
+                        f"{' with a codebook (n_embed)' if 'n_embed' in params else ''}, not a "
+                        f"KL autoencoder; only {KL_TARGET} configs are supported ({KL_F8_HINT})")
+    if "embed_dim" not in params:
+        raise UserError(f"{path} lacks model.params.embed_dim; use a complete CompVis "
+                        "KL autoencoder config")
+    ddconfig = params["ddconfig"]
+    missing = [k for k in DDCONFIG_KEYS if k not in ddconfig]
+    if missing:
+        raise UserError(f"{path}: model.params.ddconfig lacks {', '.join(missing)}; "
+                        "use a complete CompVis KL autoencoder config")
+    if not ddconfig.get("double_z", True):
+        raise UserError(f"{path}: ddconfig.double_z is false, but a KL autoencoder "
+                        "needs double_z: true")
+    return config
+
+
+def build_autoencoder(config: dict) -> AutoencoderKL:
+    """A randomly initialised autoencoder for a config from `read_config`."""
+    # Weights come from the caller, not from a ckpt_path some configs carry; the
+    # loss config is only recorded, so configs stripped of it still build.
+    params = {k: v for k, v in config["model"]["params"].items() if k != "ckpt_path"}
+    return AutoencoderKL(**{"lossconfig": None, **params})
+
+
+def load_autoencoder(name=None, *, config=None, checkpoint=None,
+                     device="cpu") -> AutoencoderKL:
+    """A frozen autoencoder in eval mode from NAME (NAME.yaml + NAME.ckpt) or explicit paths.
+
+    NAME.safetensors is used when NAME.ckpt does not exist. Explicit `config` or
+    `checkpoint` paths take precedence over those derived from `name`.
+    """
+    if name is not None:
+        config = config if config is not None else f"{name}.yaml"
+        if checkpoint is None:
+            safetensors = Path(f"{name}.safetensors")
+            use_safetensors = safetensors.is_file() and not Path(f"{name}.ckpt").is_file()
+            checkpoint = safetensors if use_safetensors else f"{name}.ckpt"
+    if config is None or checkpoint is None:
+        raise UserError("no autoencoder given; pass NAME (for NAME.yaml + NAME.ckpt) "
+                        "or both a config and a checkpoint path")
+    cfg = read_config(config)
+    if not Path(checkpoint).is_file():
+        raise UserError(f"autoencoder checkpoint {checkpoint} not found; pass the weights "
+                        f"that belong to {config} (for kl-f8: {KL_F8_WEIGHTS}; with NAME, "
+                        "NAME.safetensors is also accepted)")
+    model = build_autoencoder(cfg)
+    model.init_from_ckpt(checkpoint)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def save_autoencoder(model: AutoencoderKL, config: dict, name) -> tuple[Path, Path]:
+    """Write NAME.yaml and a CompVis-format NAME.ckpt that `load_autoencoder(NAME)` reads.
+
+    Used to make small random autoencoders for demos and tests through the real format.
+    """
+    yaml_path, ckpt_path = Path(f"{name}.yaml"), Path(f"{name}.ckpt")
+    yaml_path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(config), yaml_path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state}, ckpt_path)
+    return yaml_path, ckpt_path

@@ -1,0 +1,1 @@
+"""Models addressed by CompVis configs' `model.target`."""

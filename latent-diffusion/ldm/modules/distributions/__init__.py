@@ -1,0 +1,1 @@
+"""Probability distributions produced by `ldm` encoders."""
