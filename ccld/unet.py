@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 CLIP_EMBED_DIM = 512
+LATENT_CHANNELS = 4  # a KL f=8 autoencoder's z
 COND_DIM = 1024
 
 
@@ -163,7 +164,7 @@ class DiffusionModel(nn.Module):
 
         self.net = CondSequential(
             # Level 0, full resolution (latent 4 channels + 16 timestep planes in).
-            _conv(4 + 16, cs[0], cs[0]),
+            _conv(LATENT_CHANNELS + 16, cs[0], cs[0]),
             _conv(cs[0], cs[0], cs[0]),
             _conv(cs[0], cs[0], cs[0]),
             _conv(cs[0], cs[0], cs[0]),
@@ -201,7 +202,7 @@ class DiffusionModel(nn.Module):
             _conv(cs[0] * 2, cs[0], cs[0]),
             _conv(cs[0], cs[0], cs[0]),
             _conv(cs[0], cs[0], cs[0]),
-            _conv(cs[0], cs[0], 4, is_last=True),
+            _conv(cs[0], cs[0], LATENT_CHANNELS, is_last=True),
         )
 
         with torch.no_grad():

@@ -1,0 +1,120 @@
+"""Reading the three kinds of diffusion checkpoint users own.
+
+- 'bare': a released DiffusionModel state dict (yfcc_cfg, danbooru_cfg), .pth/.ckpt
+  or .safetensors.
+- 'original': a Lightning checkpoint written by the original training script
+  (state_dict keys model./model_ema./ae_model./cloob., top-level scale_factor).
+- 'ccld': a Lightning checkpoint written by our training script; it carries a 'ccld'
+  record of what is needed to rebuild and sample.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .unet import DiffusionModel, infer_widths
+
+KINDS = {
+    'bare': 'a released model state dict',
+    'original': "a checkpoint of the original training script",
+    'ccld': 'a ccld training checkpoint',
+}
+
+
+@dataclass
+class DiffusionCheckpoint:
+    kind: str
+    model: dict            # the trained weights
+    model_ema: dict        # the averaged weights (== model for a bare state dict)
+    autoencoder_scale: float
+    record: dict           # what the checkpoint says about itself (ccld kind only)
+    raw: dict              # everything that was loaded
+
+    @property
+    def description(self):
+        return KINDS[self.kind]
+
+
+def _torch_load(path):
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception:  # noqa: BLE001 - fall through to the permissive loader below
+        pass
+    # Checkpoints of the original script (Lightning 1.x) may pickle objects that the
+    # safe loader refuses; they are the user's own files.
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise UserError(f'{path}: cannot read it as a PyTorch checkpoint ({e}).') from None
+
+
+def _sub_state(state_dict, prefix):
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def read_checkpoint(path):
+    """Loads a diffusion checkpoint of any kind to the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f'checkpoint {path} does not exist.')
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        obj = load_file(str(path))
+    else:
+        obj = _torch_load(path)
+    if not isinstance(obj, dict):
+        raise UserError(f'{path} is not a diffusion checkpoint (it holds a {type(obj).__name__}).')
+
+    if 'state_dict' in obj and any(k.startswith('model.') for k in obj['state_dict']):
+        state = obj['state_dict']
+        model, model_ema = _sub_state(state, 'model.'), _sub_state(state, 'model_ema.')
+        kind = 'ccld' if 'ccld' in obj else 'original'
+        record = obj.get('ccld', {})
+        scale = record.get('autoencoder_scale', obj.get('scale_factor'))
+        if scale is None and 'autoencoder_scale' in model_ema:
+            scale = model_ema['autoencoder_scale']
+        if not model_ema:
+            model_ema = model
+    elif 'net.0.main.0.weight' in obj:
+        kind, model, model_ema, record = 'bare', obj, obj, {}
+        scale = obj.get('autoencoder_scale')
+    else:
+        raise UserError(f'{path} holds no diffusion model weights: expected a released state '
+                        'dict or a training checkpoint.')
+    scale = float(scale) if scale is not None else 1.0
+    return DiffusionCheckpoint(kind, model, model_ema, scale, record, obj)
+
+
+def build_model(state_dict, base_channels=None, channel_multipliers=None, path='checkpoint'):
+    """A DiffusionModel with the widths the weights have, loaded strictly.
+
+    Explicit widths override the inferred ones (and must fit the weights).
+    """
+    try:
+        inferred = infer_widths(state_dict, channel_multipliers or (4, 4, 8, 8))
+    except KeyError as e:
+        raise UserError(f'{path} is missing {e} and is not a DiffusionModel checkpoint.') from None
+    base = base_channels or inferred[0]
+    mults = channel_multipliers or inferred[1]
+    if base != inferred[0] and channel_multipliers is None:
+        mults = [inferred[0] * m // base for m in inferred[1]]
+    if [base * m for m in mults] != [inferred[0] * m for m in inferred[1]]:
+        widths = ','.join(str(inferred[0] * m) for m in inferred[1])
+        raise UserError(f'{path} has level widths {widths}, which base channels {base} and '
+                        f'multipliers {",".join(map(str, mults))} do not give; drop the width '
+                        'flags to use the widths of the weights.')
+    model = DiffusionModel(base, mults)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError:
+        raise UserError(f'{path}: the weights\' shapes match no DiffusionModel width '
+                        f'(tried base channels {base}, multipliers '
+                        f'{",".join(map(str, mults))}).') from None
+    if missing or unexpected:
+        names = (missing or unexpected)[:3]
+        what = 'is missing' if missing else 'has unexpected'
+        raise UserError(f'{path} {what} {len(missing or unexpected)} weights (e.g. '
+                        f'{", ".join(names)}); it is not a complete DiffusionModel.')
+    return model

@@ -1,0 +1,87 @@
+"""Demo grids rendered with the EMA model while training, the run's main diagnostic."""
+
+import html
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from . import images, latents
+from .guidance import cfg_model_fn
+from .sampling import plms_sample
+from .schedule import sampling_timesteps
+from .unet import LATENT_CHANNELS
+
+GRID_COLS = 4
+
+
+@torch.no_grad()
+def render(model, ae_model, text_embeds, latent_shape, steps=50, cond_scale=3.0, seed=0):
+    """One PLMS sample per prompt embedding, guided at `cond_scale`; images in [0, 1]."""
+    device = text_embeds.device
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn([text_embeds.shape[0], *latent_shape], generator=generator).to(device)
+    model_fn = cfg_model_fn(model, text_embeds[None], [cond_scale])
+    out = plms_sample(lambda x, t: model_fn(x, t), x, sampling_timesteps(steps, device), {},
+                      progress=False)
+    return latents.decode(ae_model, out, model.autoencoder_scale)
+
+
+def prompts_html(prompts, cols=GRID_COLS):
+    rows = [f'({i // cols}, {i % cols}) {html.escape(p)}' for i, p in enumerate(prompts)]
+    return '<pre>' + '\n'.join(rows) + '</pre>'
+
+
+class DemoCallback(pl.Callback):
+    """On the first step and every `every` steps, rank zero renders, saves and logs a grid.
+
+    The demo draws its noise from its own generator inside a forked RNG, so it does not
+    change the training random stream.
+    """
+
+    def __init__(self, prompts, every, out_dir, steps=50, latent_size=32, seed=0):
+        self.prompts = list(prompts)
+        self.every = every
+        self.out_dir = Path(out_dir)
+        self.steps = steps
+        self.latent_size = latent_size
+        self.seed = seed
+        self.last_step = None
+        self.text_embeds = None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step == self.last_step or (self.last_step is not None and step % self.every):
+            return
+        self.last_step = step
+        if trainer.is_global_zero:
+            self.render_and_log(trainer, module, step)
+
+    def render_and_log(self, trainer, module, step):
+        devices = [module.device] if module.device.type == 'cuda' else []
+        with torch.random.fork_rng(devices=devices):
+            if self.text_embeds is None:
+                self.text_embeds = module.cloob.embed_texts(self.prompts)
+            shape = [LATENT_CHANNELS, self.latent_size, self.latent_size]
+            samples = render(module.model_ema, module.ae_model, self.text_embeds, shape,
+                             self.steps, seed=self.seed)
+        grid = images.grid(samples, GRID_COLS)
+        path = images.save_png(grid, self.out_dir / f'demo_{step:08}.png',
+                               {'step': step, 'prompts': '\n'.join(self.prompts)})
+        for logger in trainer.loggers:
+            log_grid(logger, path, self.prompts, step)
+
+
+def log_grid(logger, path, prompts, step):
+    """Sends the grid to loggers that can show images; the PNG on disk is the record."""
+    from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+    if isinstance(logger, WandbLogger):
+        import wandb
+        logger.log_metrics({'demo_grid': wandb.Image(str(path)),
+                            'prompts': wandb.Html(prompts_html(prompts))}, step=step)
+    elif isinstance(logger, TensorBoardLogger):
+        import numpy as np
+        from PIL import Image
+        logger.experiment.add_image('demo_grid', np.asarray(Image.open(path)), step,
+                                    dataformats='HWC')
+        logger.experiment.add_text('prompts', prompts_html(prompts), step)

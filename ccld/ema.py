@@ -1,0 +1,26 @@
+"""Exponential moving average of the model weights, with the original's decay schedule."""
+
+import torch
+
+
+def ema_decay(step, decay_at=200_000):
+    """0.99 for the first 20k steps, 0.999 until `decay_at`, then 0.9999.
+
+    A fast start lets the average catch up with a quickly changing young model.
+    """
+    if step < 20_000:
+        return 0.99
+    if step < decay_at:
+        return 0.999
+    return 0.9999
+
+
+@torch.no_grad()
+def ema_update(model, averaged_model, decay):
+    """averaged = decay * averaged + (1 - decay) * model; buffers are copied."""
+    params = dict(model.named_parameters())
+    for name, avg in averaged_model.named_parameters():
+        avg.lerp_(params[name].detach().to(avg.dtype), 1 - decay)
+    buffers = dict(model.named_buffers())
+    for name, avg in averaged_model.named_buffers():
+        avg.copy_(buffers[name])

@@ -1,0 +1,19 @@
+"""Moving between images in [0, 1] and the diffusion model's scaled latent space."""
+
+import torch
+
+
+@torch.no_grad()
+def encode(autoencoder, images, scale, generator=None):
+    """Images [n, 3, H, W] in [0, 1] -> a sample of the posterior, divided by `scale`.
+
+    The scale brings the latents to roughly unit variance, as the noise schedule assumes.
+    """
+    return autoencoder.encode(images * 2 - 1).sample(generator=generator) / scale
+
+
+@torch.no_grad()
+def decode(autoencoder, latents, scale):
+    """Scaled latents -> images [n, 3, H, W] in [0, 1]."""
+    images = autoencoder.decode(latents * scale)
+    return ((images.float() + 1) / 2).clamp(0, 1)

@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Trains a CLOOB-conditioned latent diffusion model from a list of image paths.
+
+    python3 train_latent_diffusion.py --train-set train.txt --vqgan-model kl_f8 \\
+        --autoencoder-scale 8.0779 --demo-prompts demo_prompts.txt --num-gpus 8
+
+`python3 train_latent_diffusion.py --demo` runs the whole pipeline on a tiny model on
+the CPU, with everything it needs generated locally.
+"""
+
+import argparse
+
+from ccld import cli
+from ccld.unet import DiffusionModel  # noqa: F401  (importable from here, as in the original)
+
+PRECISIONS = {'16': '16-mixed', '32': '32-true', 'bf16': 'bf16-mixed', '64': '64-true'}
+LIGHTNING_PRECISIONS = {'16-mixed', 'bf16-mixed', '32-true', '64-true', '16-true',
+                        'bf16-true', 'transformer-engine', 'transformer-engine-float16'}
+
+
+def precision(text):
+    if text in PRECISIONS or text in LIGHTNING_PRECISIONS:
+        return PRECISIONS.get(text, text)
+    raise argparse.ArgumentTypeError(f'expected 16, 32, bf16 or a Lightning precision such as '
+                                     f'bf16-mixed, got {text!r}')
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--demo', action='store_true',
+                   help='run the tiny CPU pipeline check (generates its own data and models)')
+    # The original script's flags, same names and defaults.
+    p.add_argument('--cloob-checkpoint', default='cloob_laion_400m_vit_b_16_16_epochs',
+                   help='pretrained CLOOB name, or a .pkl file')
+    p.add_argument('--vqgan-model', help='autoencoder NAME, for NAME.yaml + NAME.ckpt')
+    p.add_argument('--autoencoder-scale', type=cli.positive_float,
+                   help='latent scale of the autoencoder (see compute_ae_scale.py)')
+    p.add_argument('--train-set', help='text file with one image path per line')
+    p.add_argument('--checkpoint-every', type=cli.positive_int, default=50000)
+    p.add_argument('--resume-from', help='a ccld checkpoint, a checkpoint of the original '
+                   'script, or a released model state dict to finetune')
+    p.add_argument('--demo-prompts', help='text file with one demo prompt per line')
+    p.add_argument('--demo-every', type=cli.positive_int, default=2000)
+    p.add_argument('--wandb-project', help='log to this wandb project (else log locally)')
+    p.add_argument('--fprecision', type=precision, default='32',
+                   help='16, 32, bf16, or a Lightning precision string')
+    p.add_argument('--num-gpus', '--devices', dest='devices', type=cli.positive_int, default=1,
+                   help='devices (processes) per node')
+    p.add_argument('--num-workers', type=cli.non_negative_int, default=12)
+    p.add_argument('--batch-size', type=cli.positive_int, default=64, help='per device')
+    p.add_argument('--base-channels', type=cli.positive_int, default=128)
+    p.add_argument('--channel-multipliers', type=cli.multipliers, default=[4, 4, 8, 8])
+    p.add_argument('--ema-decay-at', type=cli.positive_int, default=200000)
+    # Added.
+    p.add_argument('--num-nodes', type=cli.positive_int, default=1)
+    p.add_argument('--accelerator', default='auto', choices=['auto', 'cpu', 'gpu', 'cuda', 'mps'])
+    p.add_argument('--strategy', default='auto',
+                   help="auto (ddp with more than one device), ddp, fsdp, deepspeed, ...")
+    p.add_argument('--lr', type=cli.positive_float, default=3e-5,
+                   help='learning rate, also applied when resuming')
+    p.add_argument('--max-steps', type=cli.positive_int, help='stop after this many steps')
+    p.add_argument('--output-dir', default='outputs',
+                   help='checkpoints, demo grids and local logs go here')
+    p.add_argument('--seed', type=int, default=None, help='random seed (default: random)')
+    p.add_argument('--accumulate-grad-batches', type=cli.positive_int, default=1)
+    p.add_argument('--grad-clip', type=cli.positive_float, help='clip the gradient norm')
+    p.add_argument('--image-size', type=cli.positive_int, default=256)
+    p.add_argument('--demo-steps', type=cli.positive_int, default=50)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    from ccld import train
+    if args.demo:
+        from ccld import quickstart
+        quickstart.run(args.output_dir if args.output_dir != 'outputs' else 'demo_output')
+        return
+    train.run(train.validate(args))
+
+
+if __name__ == '__main__':
+    cli.run(main, 'train_latent_diffusion.py')
