@@ -2,12 +2,17 @@
 
 import argparse
 import sys
+import warnings
 
 from .errors import UserError
 
 
 def run(main, prog):
-    """Calls main(); a UserError prints `prog: error: message` and exits with code 2."""
+    """Calls main(); a UserError prints `prog: error: message` and exits with code 2.
+
+    Warnings print as one `prog: warning: message` line, without the source location.
+    """
+    warnings.formatwarning = lambda message, *args, **kwargs: f'{prog}: warning: {message}\n'
     try:
         main()
     except UserError as e:
@@ -16,6 +21,24 @@ def run(main, prog):
     except KeyboardInterrupt:
         print(f'{prog}: interrupted', file=sys.stderr)
         sys.exit(130)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless it is just "not given" (None, False, [])."""
+
+    def _get_help_string(self, action):
+        unset = action.default is None or action.default is False or action.default == []
+        return action.help if unset else super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Reports a bad argument in one line that points to --help, not under the full usage."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
 
 
 def positive_int(text):
@@ -38,6 +61,17 @@ def non_negative_int(text):
     return value
 
 
+def seed(text):
+    """A whole number torch accepts as a seed."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
+    if not -2 ** 63 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f'must be between -2**63 and 2**64 - 1, got {value}')
+    return value
+
+
 def positive_float(text):
     try:
         value = float(text)
@@ -57,3 +91,27 @@ def multipliers(text):
     if len(values) != 4 or min(values) < 1:
         raise argparse.ArgumentTypeError(f'expected four positive integers like 4,4,8,8, got {text!r}')
     return values
+
+
+def device(text):
+    """'cpu', 'cuda', 'cuda:N' or 'mps', checked to exist on this machine."""
+    import torch
+    try:
+        value = torch.device(text)
+    except RuntimeError:
+        value = None
+    if value is None or value.type not in ('cpu', 'cuda', 'mps'):
+        raise argparse.ArgumentTypeError(f'expected cpu, cuda, cuda:N or mps, got {text!r}')
+    if value.type == 'cuda' and (value.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f'{text} is not available here '
+                                         f'({torch.cuda.device_count()} CUDA devices); '
+                                         'use --device cpu')
+    if value.type == 'mps' and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError('mps is not available here; use --device cpu')
+    return value
+
+
+def default_device():
+    """The first GPU if there is one, else the CPU."""
+    import torch
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')

@@ -1,0 +1,170 @@
+"""Prompts in, images out: the sampling pipeline behind sample.py.
+
+Text and image prompts become weighted CLOOB embeddings, classifier-free guidance mixes
+the model's predictions for them, a sampler turns seeded noise (or a noised init image)
+into latents, and the autoencoder decodes those.
+"""
+
+import math
+import urllib.request
+from io import BytesIO
+from pathlib import Path
+
+import torch
+
+from . import latents
+from .checkpoints import build_model, read_checkpoint
+from .data import image_transform, load_image
+from .errors import UserError
+from .guidance import cfg_model_fn
+from .images import grid, save_png
+from .sampling import SAMPLERS, sample
+from .schedule import sampling_timesteps, t_to_alpha_sigma
+from .unet import CLIP_EMBED_DIM, LATENT_CHANNELS
+
+METHODS = ('ddpm', 'ddim', *SAMPLERS)
+UNET_DOWNSAMPLING = 8  # the U-Net halves its input three times
+
+
+def parse_prompt(prompt, default_weight):
+    """'text' or 'text:weight' -> (text, weight).
+
+    Only a trailing ':number' is a weight, so URLs and other colons stay in the text.
+    """
+    text, _, suffix = prompt.rpartition(':')
+    try:
+        weight = float(suffix)
+    except ValueError:
+        return prompt, default_weight
+    return (text, weight) if text and math.isfinite(weight) else (prompt, default_weight)
+
+
+def read_image(source, what='image'):
+    """An RGB PIL image from a path or an http(s) URL; UserError if it cannot be had."""
+    try:
+        if source.startswith(('http://', 'https://')):
+            with urllib.request.urlopen(source, timeout=60) as response:
+                return load_image(BytesIO(response.read()))
+        return load_image(source)
+    except Exception as e:  # noqa: BLE001 - any failure to fetch or decode means "unreadable"
+        raise UserError(f'cannot read {what} {source} ({type(e).__name__}: {e}); pass a '
+                        'readable image file or URL.') from None
+
+
+def load_model(checkpoint, base_channels=None, channel_multipliers=None, device='cpu'):
+    """A frozen DiffusionModel with a checkpoint's EMA weights, and the checkpoint.
+
+    Widths come from the weights unless given (then they must fit).
+    """
+    ckpt = read_checkpoint(checkpoint)
+    model = build_model(ckpt.model_ema, base_channels, channel_multipliers, checkpoint)
+    return model.eval().requires_grad_(False).to(device), ckpt
+
+
+def latent_shape(autoencoder, image_size):
+    """The latent [C, h, w] of a square image, checked against what the U-Net accepts."""
+    if autoencoder.embed_dim != LATENT_CHANNELS:
+        raise UserError(f'the autoencoder has {autoencoder.embed_dim} latent channels; the '
+                        f'diffusion model needs one with {LATENT_CHANNELS}, such as kl-f8.')
+    factor = 2 ** (autoencoder.encoder.num_resolutions - 1)
+    multiple = factor * UNET_DOWNSAMPLING
+    if image_size % multiple:
+        nearest = max(1, round(image_size / multiple)) * multiple
+        raise UserError(f'image size {image_size} is not a multiple of {multiple} (the '
+                        f'autoencoder downsamples by {factor} and the U-Net by '
+                        f'{UNET_DOWNSAMPLING}); use e.g. {nearest}.')
+    side = image_size // factor
+    return LATENT_CHANNELS, side, side
+
+
+@torch.no_grad()
+def embed_prompts(cloob, texts, images):
+    """(text, weight) and (PIL image, weight) pairs -> (embeddings [k, d], k weights).
+
+    Image prompts are resized and center-cropped to CLOOB's input size, as the training
+    images are before they are embedded.
+    """
+    embeds = []
+    if texts:
+        embeds.append(cloob.embed_texts([text for text, _ in texts]))
+    if images:
+        device = next(cloob.parameters()).device
+        transform = image_transform(cloob.image_size)
+        batch = torch.stack([transform(image) for image, _ in images]).to(device)
+        embeds.append(cloob.embed_images(batch))
+    return torch.cat(embeds), [weight for _, weight in [*texts, *images]]
+
+
+def guided_model_fn(model, embeds, weights):
+    """v(x, t) guided towards the weighted embeddings; unconditional when there are none."""
+    if not weights:
+        return lambda x, t: model(x, t, x.new_zeros([x.shape[0], CLIP_EMBED_DIM]))
+    return cfg_model_fn(model, embeds, weights)
+
+
+def sample_latents(model_fn, x, steps, method, eta=0.0, progress=True):
+    """Runs `method` from x at steps[0] down to clean latents."""
+    if method == 'ddpm':
+        return sample(model_fn, x, steps, 1.0, {}, progress=progress)
+    if method == 'ddim':
+        return sample(model_fn, x, steps, eta, {}, progress=progress)
+    return SAMPLERS[method](model_fn, x, steps, {}, progress=progress)
+
+
+def check_settings(method, eta, strength):
+    if method not in METHODS:
+        raise UserError(f'unknown sampling method {method!r}; use one of {", ".join(METHODS)}.')
+    if not 0 <= eta <= 1:
+        raise UserError(f'eta {eta} is outside [0, 1] (0 is deterministic DDIM, 1 is DDPM).')
+    if not 0 < strength <= 1:
+        raise UserError(f'strength {strength} is outside (0, 1] (1 starts from pure noise).')
+
+
+@torch.no_grad()
+def generate(model_fn, autoencoder, autoencoder_scale, n, image_size, *, method='plms',
+             steps=50, eta=0.0, seed=0, batch_size=None, init=None, strength=1.0,
+             device='cpu', progress=True):
+    """Yields n images [b, 3, image_size, image_size] in [0, 1], batch_size at a time.
+
+    The noise of all n is drawn at once, right after torch.manual_seed(seed), as the
+    original cfg_sample.py did; so a seed gives the original's images with the same
+    models, and the same noise whatever the batch size. With `init` (a [3, H, W] image
+    in [0, 1] of the output size), sampling starts from its latent noised to t =
+    `strength`, over the timesteps of the `steps`-step schedule that are <= strength.
+    """
+    check_settings(method, eta, strength)
+    shape = latent_shape(autoencoder, image_size)
+    ts = sampling_timesteps(steps, device)
+    torch.manual_seed(seed)
+    x = torch.randn([n, *shape], device=device)
+    if init is not None:
+        ts = ts[ts <= strength]
+        if not len(ts):
+            raise UserError(f'strength {strength} is below every timestep of the {steps}-step '
+                            'schedule, so there is nothing to sample; raise the strength or '
+                            'the steps.')
+        x0 = latents.encode(autoencoder, init[None].to(device), autoencoder_scale)
+        alpha, sigma = t_to_alpha_sigma(ts[0])
+        x = x0 * alpha + x * sigma
+    batch_size = batch_size or n
+    for i in range(0, n, batch_size):
+        out = sample_latents(model_fn, x[i:i + batch_size], ts, method, eta, progress)
+        yield latents.decode(autoencoder, out, autoencoder_scale)
+
+
+def write_samples(batches, output_dir, prefix='out', metadata=None, grid_cols=None):
+    """Saves each image as PREFIX_00000.png, ... as it arrives, then all as PREFIX_grid.png.
+
+    Every PNG carries `metadata` (and its own index) as text chunks. Returns the paths.
+    """
+    output_dir, metadata = Path(output_dir), metadata or {}
+    images, paths = [], []
+    for batch in batches:
+        for image in batch.cpu():
+            index = len(images)
+            path = output_dir / f'{prefix}_{index:05}.png'
+            paths.append(save_png(image, path, {**metadata, 'index': index}))
+            images.append(image)
+    grid_path = output_dir / f'{prefix}_grid.png'
+    paths.append(save_png(grid(torch.stack(images), grid_cols), grid_path, metadata))
+    return paths

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Computes the autoencoder scale of a training set: pass it to training with
+--autoencoder-scale.
+
+    python3 compute_ae_scale.py kl_f8 train.txt
+
+Prints the scale; progress and the flag to paste go to stderr (--json for machines).
+"""
+
+import json
+import os
+import sys
+
+from ccld import cli
+from ccld.autoencoder import load_autoencoder
+from ccld.data import read_path_list
+from ccld.scale import estimate_scale
+
+PROG = 'compute_ae_scale.py'
+
+
+def parser():
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0])
+    # The original script's arguments.
+    p.add_argument('vqgan_model', metavar='VQGAN_MODEL',
+                   help='autoencoder NAME, for NAME.yaml + NAME.ckpt')
+    p.add_argument('train_set', metavar='TRAIN_PATHS', help='text file, one image path a line')
+    # Added.
+    p.add_argument('--batches', type=cli.positive_int, default=32, help='batches to encode')
+    p.add_argument('--batch-size', type=cli.positive_int, default=64, help='images per batch')
+    p.add_argument('--image-size', type=cli.positive_int, default=256,
+                   help='the size training will use')
+    p.add_argument('--num-workers', type=cli.non_negative_int, default=min(8, os.cpu_count() or 1),
+                   help='image loading processes')
+    p.add_argument('--device', type=cli.device, help='default: cuda if available, else cpu')
+    p.add_argument('--seed', type=cli.seed, default=0, help='picks the images and latent samples')
+    p.add_argument('--json', action='store_true', help='print one JSON object instead')
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    paths = read_path_list(args.train_set)
+    device = args.device or cli.default_device()
+    autoencoder = load_autoencoder(args.vqgan_model, device=device)
+    wanted = args.batches * args.batch_size
+    if len(paths) < wanted:
+        print(f'{args.train_set} lists {len(paths)} images, fewer than {args.batches} batches '
+              f'x {args.batch_size} = {wanted}; using all of them.', file=sys.stderr)
+    result = estimate_scale(autoencoder, paths, args.batches, args.batch_size, args.image_size,
+                            args.num_workers, device, args.seed)
+    flag = f'--autoencoder-scale {result.scale:.6g}'
+    if result.skipped:
+        print(f'skipped {result.skipped} unreadable images.', file=sys.stderr)
+    print(f'{result.images} images in {result.batches} batches; train with:\n  {flag}',
+          file=sys.stderr)
+    if args.json:
+        print(json.dumps({'autoencoder_scale': result.scale, 'images': result.images,
+                          'batches': result.batches, 'skipped': result.skipped,
+                          'argument': flag}))
+    else:
+        print(f'{result.scale:.6g}')
+
+
+if __name__ == '__main__':
+    cli.run(main, PROG)

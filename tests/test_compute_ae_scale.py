@@ -1,0 +1,123 @@
+"""compute_ae_scale.py and ccld.scale on a tiny autoencoder and a few dozen small images."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+import compute_ae_scale
+import tiny
+from ccld import cli
+from ccld.autoencoder import load_autoencoder
+from ccld.errors import UserError
+from ccld.scale import estimate_scale
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 64
+
+
+@pytest.fixture(scope='module')
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp('scale')
+    name = tiny.tiny_autoencoder(d)
+    paths = tiny.make_images(d / 'images', n=32, size=SIZE)
+    (d / 'notes.txt').write_text('not an image')
+    bad = [str(d / 'missing.png'), str(d / 'notes.txt')]
+    autoencoder = load_autoencoder(name)
+    with torch.no_grad():  # latent means x10: a scale far from 1 (and from its square)
+        autoencoder.quant_conv.weight[:4] *= 10
+        autoencoder.quant_conv.bias[:4] *= 10
+    return SimpleNamespace(dir=d, name=name, autoencoder=autoencoder, paths=paths, bad=bad,
+                           list=tiny.write_path_list(paths[:20] + bad, d / 'train.txt'))
+
+
+def scale(assets, paths, **kwargs):
+    return estimate_scale(assets.autoencoder, paths, image_size=SIZE, progress=False, **kwargs)
+
+
+def test_matches_an_independent_computation(assets):
+    """sqrt(mean over batches of var(latent samples)); the batches and the latent samples
+    differ between the two, so they agree only within sampling noise."""
+    result = scale(assets, assets.paths, batches=2, batch_size=16)
+    assert (result.images, result.batches, result.skipped) == (32, 2, 0)
+    images = torch.stack([TF.to_tensor(Image.open(p).convert('RGB')) for p in assets.paths])
+    with torch.no_grad():
+        variances = [assets.autoencoder.encode(batch * 2 - 1).sample().var()
+                     for batch in images.split(16)]
+    expected = math.sqrt(sum(variances) / len(variances))
+    assert result.scale == pytest.approx(expected, rel=0.02)
+
+
+def test_same_seed_same_scale(assets):
+    def run(seed):
+        return scale(assets, assets.paths, batches=1, batch_size=8, seed=seed).scale
+    assert run(0) == run(0) != run(1)
+
+
+def test_short_list_uses_every_image(assets):
+    result = scale(assets, assets.paths[:20], batches=4, batch_size=16)
+    assert (result.images, result.batches, result.skipped) == (20, 2, 0)
+
+
+def test_unreadable_images_are_skipped_and_counted(assets):
+    with pytest.warns(UserWarning, match='skipping unreadable image'):
+        result = scale(assets, assets.paths[:6] + assets.bad, batches=4, batch_size=4)
+    assert (result.images, result.skipped) == (6, 2)
+    with pytest.warns(UserWarning), pytest.raises(UserError, match='none of the 2 images'):
+        scale(assets, assets.bad, batches=1, batch_size=4)
+
+
+def run_scale(argv):
+    try:
+        cli.run(lambda: compute_ae_scale.main(argv), 'compute_ae_scale.py')
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def test_cli_json(assets, capsys):
+    argv = [assets.name, str(assets.list), '--batches', '3', '--batch-size', '8',
+            '--image-size', str(SIZE), '--num-workers', '0', '--device', 'cpu', '--json']
+    with pytest.warns(UserWarning):
+        assert run_scale(argv) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert (result['images'], result['batches'], result['skipped']) == (20, 3, 2)
+    assert result['argument'] == f'--autoencoder-scale {result["autoencoder_scale"]:.6g}'
+    assert 'fewer than 3 batches x 8 = 24; using all of them' in err
+    assert 'skipped 2 unreadable images' in err
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['{name}', 'missing.txt'], 'path list missing.txt does not exist'),
+    (['{name}', '{dir}/empty.txt'], 'has no image paths in it'),
+    (['missing_ae', '{list}'], 'missing_ae.yaml not found'),
+    (['{name}', '{list}', '--batches', '0'], 'argument --batches: must be at least 1, got 0'),
+    (['{name}', '{list}', '--num-workers', '-1'], 'argument --num-workers: expected a whole'),
+])
+def test_cli_user_errors(assets, capsys, argv, message):
+    (assets.dir / 'empty.txt').write_text('\n\n')
+    fill = lambda s: s.format(name=assets.name, dir=assets.dir, list=assets.list)  # noqa: E731
+    assert run_scale([*map(fill, argv), '--device', 'cpu']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('compute_ae_scale.py: error: ')
+    assert fill(message) in err[0]
+
+
+def test_cli_prints_the_scale_and_the_flag_from_any_directory(assets, tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / 'compute_ae_scale.py'), str(Path(assets.name).resolve()),
+         str(assets.list), '--batches', '2', '--batch-size', '8', '--image-size', str(SIZE),
+         '--num-workers', '2'], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    value = run.stdout.strip()
+    assert float(value) > 0 and '\n' not in value
+    assert f'--autoencoder-scale {value}\n' in run.stderr
+    assert 'Traceback' not in run.stderr

@@ -1,0 +1,277 @@
+"""sample.py and ccld.generate on tiny random models written through the real formats."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import tiny
+from ccld import cli, generate, latents
+from ccld.autoencoder import load_autoencoder
+from ccld.cloob import load_cloob
+from ccld.data import image_transform, load_image
+from ccld.errors import UserError
+from ccld.schedule import sampling_timesteps, t_to_alpha_sigma
+
+ROOT = Path(__file__).resolve().parent.parent
+SCALE = 1.5  # the autoencoder scale stored in the test checkpoints
+
+
+@pytest.fixture(scope='module')
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp('sample')
+    ema = tiny.tiny_diffusion(seed=0, autoencoder_scale=SCALE)
+    trained = tiny.tiny_diffusion(seed=1, autoencoder_scale=SCALE)
+    wrong = ema.state_dict()
+    wrong['net.1.main.0.weight'] = wrong['net.1.main.0.weight'][:, :32]
+    torch.save(wrong, d / 'wrong_shape.pth')
+    (d / 'notes.txt').write_text('not an image')
+    return SimpleNamespace(
+        dir=d, ema=ema,
+        autoencoder=tiny.tiny_autoencoder(d),
+        cloob=tiny.tiny_cloob(d),
+        bare=tiny.save_bare(ema, d / 'bare.pth'),
+        ccld=tiny.save_ccld_checkpoint(d / 'run.ckpt', trained, ema),
+        original=tiny.save_original_checkpoint(d / 'original.ckpt', trained, ema, 2.5),
+        images=tiny.make_images(d / 'images', n=2, size=80),
+    )
+
+
+@pytest.fixture(scope='module')
+def models(assets):
+    return SimpleNamespace(autoencoder=load_autoencoder(assets.autoencoder),
+                           cloob=load_cloob(str(assets.cloob)))
+
+
+def base_args(assets, *extra):
+    return ['--checkpoint', str(assets.bare), '--autoencoder', assets.autoencoder,
+            '--cloob-checkpoint', str(assets.cloob), '--size', '64', '--steps', '2', '-n', '1',
+            *extra]
+
+
+def run_sample(argv):
+    """sample.py in this process, as `cli.run` runs it; returns the exit code."""
+    try:
+        cli.run(lambda: sample.main(argv), 'sample.py')
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+class Recorder:
+    """A v model that predicts 0 and remembers every (x, t) it is called with."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t):
+        self.calls.append((x.clone(), t.clone()))
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize('prompt, expected', [
+    ('a red fox', ('a red fox', 3.0)),
+    ('a red fox:1.5', ('a red fox', 1.5)),
+    ('fox:-2', ('fox', -2.0)),
+    ('ratio 2:1 crop:0.5', ('ratio 2:1 crop', 0.5)),
+    ('a caption: with a colon', ('a caption: with a colon', 3.0)),
+    ('https://example.com/fox.png', ('https://example.com/fox.png', 3.0)),
+    ('https://example.com:8080/fox.png:2', ('https://example.com:8080/fox.png', 2.0)),
+    (':2', (':2', 3.0)),
+])
+def test_parse_prompt(prompt, expected):
+    assert generate.parse_prompt(prompt, 3.0) == expected
+
+
+def test_embed_prompts_keeps_order_and_weights(assets, models):
+    image = load_image(assets.images[0])
+    embeds, weights = generate.embed_prompts(models.cloob, [('a fox', 2.0), ('a hen', -1.0)],
+                                             [(image, 0.5)])
+    assert embeds.shape == (3, 512) and weights == [2.0, -1.0, 0.5]
+    torch.testing.assert_close(embeds[:2], models.cloob.embed_texts(['a fox', 'a hen']))
+    crop = image_transform(models.cloob.image_size)(image)[None]
+    torch.testing.assert_close(embeds[2:], models.cloob.embed_images(crop))
+
+
+def test_guided_model_fn_mixes_weighted_predictions(assets):
+    model = assets.ema
+    embeds = torch.nn.functional.normalize(torch.randn(2, 512), dim=-1)
+    x, t = torch.randn(2, 4, 8, 8), torch.full([2], 0.5)
+    with torch.no_grad():
+        guided = generate.guided_model_fn(model, embeds, [2.0, 0.5])(x, t)
+        v = [model(x, t, e.expand(2, 512)) for e in [torch.zeros(512), *embeds]]
+        torch.testing.assert_close(guided, -1.5 * v[0] + 2.0 * v[1] + 0.5 * v[2])
+        torch.testing.assert_close(generate.guided_model_fn(model, None, [])(x, t), v[0])
+
+
+@pytest.mark.parametrize('method', generate.METHODS)
+def test_every_method_samples_reproducibly(assets, models, method):
+    embeds = models.cloob.embed_texts(['a fox'])
+    model_fn = generate.guided_model_fn(assets.ema, embeds, [3.0])
+    run = lambda: torch.cat(list(generate.generate(  # noqa: E731
+        model_fn, models.autoencoder, SCALE, 2, 64, method=method, steps=3, eta=0.5,
+        seed=3, progress=False)))
+    images = run()
+    assert images.shape == (2, 3, 64, 64)
+    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    torch.testing.assert_close(run(), images, rtol=0, atol=0)
+
+
+def test_noise_is_the_originals_whatever_the_batch_size(models):
+    recorder = Recorder()
+    list(generate.generate(recorder, models.autoencoder, SCALE, 3, 64, method='ddim', steps=4,
+                           seed=5, batch_size=2, progress=False))
+    torch.manual_seed(5)
+    noise = torch.randn([3, 4, 8, 8])
+    assert len(recorder.calls) == 2 * 4  # two batches of four steps
+    first_calls = torch.cat([recorder.calls[0][0], recorder.calls[4][0]])
+    torch.testing.assert_close(first_calls, noise, rtol=0, atol=0)
+
+
+def test_init_starts_from_the_noised_image(models):
+    init, strength, steps, seed = torch.rand(3, 64, 64), 0.5, 10, 7
+    recorder = Recorder()
+    list(generate.generate(recorder, models.autoencoder, SCALE, 2, 64, method='ddim',
+                           steps=steps, seed=seed, init=init, strength=strength,
+                           progress=False))
+    ts = sampling_timesteps(steps)
+    ts = ts[ts <= strength]
+    torch.manual_seed(seed)
+    noise = torch.randn([2, 4, 8, 8])
+    x0 = latents.encode(models.autoencoder, init[None], SCALE)
+    alpha, sigma = t_to_alpha_sigma(ts[0])
+    torch.testing.assert_close(recorder.calls[0][0], x0 * alpha + noise * sigma)
+    assert [t[0].item() for _, t in recorder.calls] == ts.tolist()
+
+
+@pytest.mark.parametrize('settings, message', [
+    ({'strength': 0.01, 'init': torch.rand(3, 64, 64), 'steps': 2}, 'below every timestep'),
+    ({'strength': 1.5}, 'outside (0, 1]'),
+    ({'method': 'ddim', 'eta': 2.0}, 'outside [0, 1]'),
+    ({'method': 'euler'}, 'unknown sampling method'),
+])
+def test_generate_refuses_bad_settings(models, settings, message):
+    with pytest.raises(UserError, match=message.replace('(', r'\(').replace('[', r'\[')):
+        list(generate.generate(Recorder(), models.autoencoder, SCALE, 1, 64, progress=False,
+                               **settings))
+
+
+def test_latent_shape_needs_a_multiple_of_64(models):
+    assert generate.latent_shape(models.autoencoder, 128) == (4, 16, 16)
+    with pytest.raises(UserError, match='not a multiple of 64.*use e.g. 128'):
+        generate.latent_shape(models.autoencoder, 120)
+
+
+@pytest.mark.parametrize('kind, scale', [('bare', SCALE), ('ccld', SCALE), ('original', 2.5)])
+def test_load_model_uses_ema_weights_and_stored_scale(assets, kind, scale):
+    model, ckpt = generate.load_model(getattr(assets, kind))
+    assert ckpt.kind == kind and ckpt.autoencoder_scale == scale
+    assert model.net[0].main[0].out_channels == 64
+    for key, value in assets.ema.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_width_flags_override_but_must_fit(assets):
+    model, _ = generate.load_model(assets.bare, base_channels=32)  # multipliers follow: 2,2,2,2
+    assert model.net[0].main[0].out_channels == 64
+    with pytest.raises(UserError, match='do not give'):
+        generate.load_model(assets.bare, base_channels=32, channel_multipliers=[4, 4, 8, 8])
+
+
+def test_cli_writes_images_grid_and_metadata_and_reads_the_scale(assets, tmp_path):
+    out = tmp_path / 'out'
+    argv = base_args(assets, 'a fox:2', 'a hen', '--images', f'{assets.images[0]}:0.5', '-n', '3',
+                     '--batch-size', '2', '--grid-cols', '2', '--output-dir', str(out),
+                     '--prefix', 'fox', '--method', 'ddim', '--seed', '4')
+    assert run_sample(argv) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ['fox_00000.png', 'fox_00001.png', 'fox_00002.png', 'fox_grid.png']
+    assert Image.open(out / 'fox_grid.png').size == (128, 128)  # 2 columns, 2 rows of 64
+    text = Image.open(out / 'fox_00002.png').text
+    assert json.loads(text['prompts']) == [['a fox', 2.0], ['a hen', 3.0]]
+    assert json.loads(text['image_prompts']) == [[str(assets.images[0]), 0.5]]
+    assert (text['seed'], text['method'], text['steps'], text['index']) == ('4', 'ddim', '2', '2')
+    assert float(text['cond_scale']) == 3.0 and float(text['autoencoder_scale']) == SCALE
+    assert 'index' not in Image.open(out / 'fox_grid.png').text
+    grid = pixels(out / 'fox_grid.png')
+    assert np.array_equal(grid[64:, :64], pixels(out / 'fox_00002.png'))
+
+    # The same run with --autoencoder-scale decodes differently, and says so.
+    assert run_sample([*argv, '--output-dir', str(tmp_path / 'scaled'),
+                       '--autoencoder-scale', '3']) == 0
+    scaled = tmp_path / 'scaled' / 'fox_00000.png'
+    assert float(Image.open(scaled).text['autoencoder_scale']) == 3.0
+    assert not np.array_equal(pixels(scaled), pixels(out / 'fox_00000.png'))
+
+
+def test_cli_init_image(assets, tmp_path):
+    argv = base_args(assets, 'a fox', '--init', str(assets.images[1]), '--strength', '0.6',
+                     '--steps', '5', '--output-dir', str(tmp_path))
+    assert run_sample(argv) == 0
+    text = Image.open(tmp_path / 'out_00000.png').text
+    assert (text['init'], text['strength']) == (str(assets.images[1]), '0.6')
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--checkpoint', 'missing.pth'], 'checkpoint missing.pth does not exist'),
+    (['--checkpoint', '{dir}/wrong_shape.pth'], "shapes match no DiffusionModel width"),
+    (['--base-channels', '32', '--channel-multipliers', '4,4,8,8'], 'do not give'),
+    (['--images', 'missing.png'], 'cannot read image prompt missing.png'),
+    (['--images', '{dir}/notes.txt:2'], 'cannot read image prompt {dir}/notes.txt'),
+    (['--init', 'missing.png'], 'cannot read init image missing.png'),
+    (['--strength', '0.5'], '--strength needs --init'),
+    (['--init', '{image}', '--strength', '2'], 'strength 2.0 is outside'),
+    (['--method', 'ddim', '--eta', '1.5'], 'eta 1.5 is outside'),
+    (['--size', '100'], 'image size 100 is not a multiple of 64'),
+    (['--autoencoder', 'missing_ae'], 'missing_ae.yaml not found'),
+    (['--cloob-checkpoint', 'missing.pkl'], 'CLOOB checkpoint missing.pkl not found'),
+    (['-n', '0'], 'argument -n: must be at least 1, got 0'),
+    (['--steps', '0'], 'argument --steps: must be at least 1, got 0'),
+    (['--batch-size', 'two'], "argument --batch-size: expected a whole number, got 'two'"),
+    (['--device', 'tpu'], "argument --device: expected cpu, cuda, cuda:N or mps"),
+    (['--seed', str(2 ** 64)], 'argument --seed: must be between'),
+])
+def test_cli_user_errors(assets, capsys, extra, message, tmp_path):
+    fill = lambda s: s.format(dir=assets.dir, image=assets.images[0])  # noqa: E731
+    argv = base_args(assets, 'a fox', '--output-dir', str(tmp_path), *map(fill, extra))
+    assert run_sample(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('sample.py: error: ') and fill(message) in err[0]
+    assert not list(tmp_path.iterdir())
+
+
+def run_process(args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / 'sample.py'), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_from_any_directory_same_images_from_bare_and_training_checkpoint(assets, tmp_path):
+    """Separate processes: the seed alone fixes the images, and a training checkpoint
+    samples with its EMA weights and stored scale (those the bare state dict holds)."""
+    long_prompt = ' '.join(['fox'] * 100)
+    args = base_args(assets, 'a fox', f'{long_prompt}:1', '--images', str(assets.images[0]),
+                     '-n', '2', '--method', 'plms')
+    bare = run_process([*args, '--output-dir', 'bare'], tmp_path)
+    assert bare.returncode == 0, bare.stderr
+    assert 'sample.py: warning: prompt truncated' in bare.stderr
+    ccld = run_process([*args, '--checkpoint', str(assets.ccld), '--output-dir', 'ccld'], tmp_path)
+    assert ccld.returncode == 0, ccld.stderr
+    for name in ('out_00000.png', 'out_00001.png', 'out_grid.png'):
+        assert np.array_equal(pixels(tmp_path / 'ccld' / name), pixels(tmp_path / 'bare' / name))
+
+
+def test_cli_error_is_one_line_without_traceback(assets, tmp_path):
+    run = run_process(base_args(assets, '--checkpoint', 'missing.pth'), tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.strip() == 'sample.py: error: checkpoint missing.pth does not exist.'

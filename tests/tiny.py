@@ -1,0 +1,63 @@
+"""Tiny random models written through the real file formats, for tests on the CPU.
+
+Fixtures call these builders (usually once per module); nothing here is a fixture, so any
+test module can share them.
+"""
+
+from pathlib import Path
+
+import torch
+
+from ccld.quickstart import make_images, make_tiny_autoencoder, make_tiny_cloob, write_path_list
+from ccld.unet import DiffusionModel
+
+# The smallest widths with one attention head per level (heads = channels // 64).
+BASE_CHANNELS, CHANNEL_MULTIPLIERS = 16, (4, 4, 4, 4)
+
+__all__ = ['BASE_CHANNELS', 'CHANNEL_MULTIPLIERS', 'make_images', 'write_path_list',
+           'tiny_autoencoder', 'tiny_cloob', 'tiny_diffusion', 'save_bare',
+           'save_ccld_checkpoint', 'save_original_checkpoint']
+
+
+def tiny_autoencoder(directory, seed=0):
+    """A random KL f=8 autoencoder written as DIR/tiny_ae.yaml + .ckpt; returns the NAME."""
+    return make_tiny_autoencoder(Path(directory) / 'tiny_ae', seed)
+
+
+def tiny_cloob(directory, seed=0):
+    """A random CLOOB (512-d embeddings) written as DIR/tiny_cloob.pkl + .json; returns the .pkl."""
+    return make_tiny_cloob(Path(directory) / 'tiny_cloob.pkl', seed)
+
+
+def tiny_diffusion(seed=0, autoencoder_scale=1.0, base_channels=BASE_CHANNELS,
+                   channel_multipliers=CHANNEL_MULTIPLIERS):
+    """A randomly initialised DiffusionModel (~15M parameters at the default widths)."""
+    torch.manual_seed(seed)
+    return DiffusionModel(base_channels, channel_multipliers, autoencoder_scale).eval()
+
+
+def save_bare(model, path):
+    """The released format: the model's state dict, autoencoder_scale buffer included."""
+    torch.save(model.state_dict(), path)
+    return Path(path)
+
+
+def _prefixed(**models):
+    return {f'{name}.{k}': v for name, model in models.items()
+            for k, v in model.state_dict().items()}
+
+
+def save_ccld_checkpoint(path, model, model_ema, record=None):
+    """A checkpoint as our training script writes it: weights and EMA, plus a 'ccld' record."""
+    record = {'autoencoder_scale': float(model_ema.autoencoder_scale), **(record or {})}
+    torch.save({'state_dict': _prefixed(model=model, model_ema=model_ema), 'ccld': record,
+                'global_step': 0, 'pytorch-lightning_version': '2.1.0'}, path)
+    return Path(path)
+
+
+def save_original_checkpoint(path, model, model_ema, scale_factor):
+    """A checkpoint of the original training script: model./model_ema. keys, scale_factor."""
+    torch.save({'state_dict': _prefixed(model=model, model_ema=model_ema),
+                'scale_factor': scale_factor, 'global_step': 0,
+                'pytorch-lightning_version': '1.5.0'}, path)
+    return Path(path)
