@@ -88,6 +88,9 @@ def main(argv=None):
     model, ckpt = generate.load_model(args.checkpoint, args.base_channels,
                                       args.channel_multipliers, device)
     scale = args.autoencoder_scale or ckpt.autoencoder_scale
+    if scale is None:
+        raise UserError(f'{args.checkpoint} records no autoencoder scale; pass the one it was '
+                        'trained with as --autoencoder-scale.')
     size = args.size or ckpt.record.get('image_size', DEFAULT_SIZE)
     autoencoder = load_autoencoder(args.autoencoder, device=device)
     generate.latent_shape(autoencoder, size)

@@ -9,6 +9,7 @@
 """
 
 from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ class DiffusionCheckpoint:
     kind: str
     model: dict            # the trained weights
     model_ema: dict        # the averaged weights (== model for a bare state dict)
-    autoencoder_scale: float
+    autoencoder_scale: Optional[float]  # None when the checkpoint does not record it
     record: dict           # what the checkpoint says about itself (ccld kind only)
     raw: dict              # everything that was loaded
 
@@ -83,7 +84,7 @@ def read_checkpoint(path):
     else:
         raise UserError(f'{path} holds no diffusion model weights: expected a released state '
                         'dict or a training checkpoint.')
-    scale = float(scale) if scale is not None else 1.0
+    scale = float(scale) if scale is not None else None
     return DiffusionCheckpoint(kind, model, model_ema, scale, record, obj)
 
 
@@ -105,6 +106,9 @@ def build_model(state_dict, base_channels=None, channel_multipliers=None, path='
         raise UserError(f'{path} has level widths {widths}, which base channels {base} and '
                         f'multipliers {",".join(map(str, mults))} do not give; drop the width '
                         'flags to use the widths of the weights.')
+    if any(base * m % 64 for m in mults):
+        raise UserError(f'{path}: level widths {",".join(str(base * m) for m in mults)} are not '
+                        'multiples of 64, so it is not a DiffusionModel checkpoint.')
     model = DiffusionModel(base, mults)
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)

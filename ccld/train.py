@@ -139,8 +139,8 @@ def run(args):
             step = resume.raw.get('global_step', '?')
             rank_zero_info(f'--resume-from {args.resume_from}: {resume.description}; resuming '
                            f'at step {step} with its optimizer state and EMA, lr {args.lr}.')
-        if abs(resume.autoencoder_scale - args.autoencoder_scale) > 1e-6 * args.autoencoder_scale \
-                and resume.autoencoder_scale != 1.0:
+        if resume.autoencoder_scale is not None and \
+                abs(resume.autoencoder_scale - args.autoencoder_scale) > 1e-6 * args.autoencoder_scale:
             rank_zero_info(f'note: the checkpoint was trained with autoencoder scale '
                            f'{resume.autoencoder_scale:g}; using --autoencoder-scale '
                            f'{args.autoencoder_scale:g}.')
