@@ -13,6 +13,7 @@ import argparse
 from ccld import cli
 from ccld.unet import DiffusionModel  # noqa: F401  (importable from here, as in the original)
 
+PROG = 'train_latent_diffusion.py'
 PRECISIONS = {'16': '16-mixed', '32': '32-true', 'bf16': 'bf16-mixed', '64': '64-true'}
 LIGHTNING_PRECISIONS = {'16-mixed', 'bf16-mixed', '32-true', '64-true', '16-true',
                         'bf16-true', 'transformer-engine', 'transformer-engine-float16'}
@@ -26,8 +27,7 @@ def precision(text):
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0])
     p.add_argument('--demo', action='store_true',
                    help='run the tiny CPU pipeline check (generates its own data and models)')
     # The original script's flags, same names and defaults.
@@ -81,4 +81,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    cli.run(main, 'train_latent_diffusion.py')
+    cli.run(main, PROG)

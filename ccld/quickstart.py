@@ -61,10 +61,14 @@ def make_tiny_cloob(path, seed=0):
 
 
 def run(output_dir):
+    import sample
     import train_latent_diffusion
 
+    from .autoencoder import load_autoencoder
+    from .scale import estimate_scale
+
     out = Path(output_dir).resolve()
-    assets = out / 'assets'
+    assets, run_dir = out / 'assets', out / 'run'
     print(f'ccld demo: a pipeline check on tiny random models, on the CPU, writing to {out}.\n'
           'It does not train a useful model.')
     paths = make_images(assets / 'images')
@@ -72,19 +76,30 @@ def run(output_dir):
     ae_name = make_tiny_autoencoder(assets / 'tiny_kl_f8')
     cloob_path = make_tiny_cloob(assets / 'tiny_cloob.pkl')
 
-    prompts = REPO / 'demo_prompts.txt'
-    argv = ['--train-set', str(train_list), '--vqgan-model', ae_name,
-            '--autoencoder-scale', '1.0', '--cloob-checkpoint', str(cloob_path),
-            '--demo-prompts', str(prompts), '--output-dir', str(out / 'run'),
-            '--accelerator', 'cpu', '--num-workers', '2', '--batch-size', '8',
-            '--base-channels', '64', '--channel-multipliers', '1,1,1,1',
-            '--image-size', '64', '--max-steps', '120', '--checkpoint-every', '60',
-            '--demo-every', '60', '--demo-steps', '10', '--seed', '0']
-    train_latent_diffusion.main(argv)
+    print('\n[1/3] autoencoder scale of the generated images')
+    scale = estimate_scale(load_autoencoder(ae_name), paths, batches=4, batch_size=16,
+                           image_size=64).scale
+    print(f'--autoencoder-scale {scale:.6g}')
 
-    print(f'\nDemo finished: checkpoints in {out / "run" / "checkpoints"}, demo grids in '
-          f'{out / "run" / "demos"}.\nThis was a pipeline check, not a trained model. '
-          'To train for real:\n'
+    print('\n[2/3] training')
+    train_latent_diffusion.main([
+        '--train-set', str(train_list), '--vqgan-model', ae_name,
+        '--autoencoder-scale', f'{scale:.6g}', '--cloob-checkpoint', str(cloob_path),
+        '--demo-prompts', str(REPO / 'demo_prompts.txt'), '--output-dir', str(run_dir),
+        '--accelerator', 'cpu', '--num-workers', '2', '--batch-size', '8',
+        '--base-channels', '64', '--channel-multipliers', '1,1,1,1',
+        '--image-size', '64', '--max-steps', '120', '--checkpoint-every', '120',
+        '--demo-every', '60', '--demo-steps', '10', '--seed', '0'])
+
+    print('\n[3/3] sampling from the checkpoint')
+    sample.main(['a watercolor painting of a Christmas tree', '--checkpoint',
+                 str(run_dir / 'checkpoints' / 'last.ckpt'), '--autoencoder', ae_name,
+                 '--cloob-checkpoint', str(cloob_path), '-n', '4', '--steps', '10',
+                 '--device', 'cpu', '--output-dir', str(out / 'samples')])
+
+    print(f'\nDemo finished. Checkpoints: {run_dir / "checkpoints"}; demo grids: '
+          f'{run_dir / "demos"}; samples: {out / "samples"}.\n'
+          'This was a pipeline check on random models, not a trained model. To train for real:\n'
           '  python3 compute_ae_scale.py kl_f8 train.txt\n'
           '  python3 train_latent_diffusion.py --train-set train.txt --vqgan-model kl_f8 '
           '--autoencoder-scale SCALE --demo-prompts demo_prompts.txt --num-gpus 8 '

@@ -100,6 +100,7 @@ def run(args):
 
     # The frozen models are meant to stay in eval mode.
     warnings.filterwarnings('ignore', message='.*module\\(s\\) in eval mode')
+    warnings.filterwarnings('ignore', message='.*isinstance\\(treespec, LeafSpec\\)')
     output_dir = Path(args.output_dir)
     seed = args.seed if args.seed is not None else random.randrange(2 ** 31)
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -160,7 +161,8 @@ def run(args):
         max_steps=args.max_steps or -1, max_epochs=-1,
         accumulate_grad_batches=args.accumulate_grad_batches,
         gradient_clip_val=args.grad_clip, callbacks=[checkpoints, demo], logger=logger,
-        default_root_dir=str(output_dir), log_every_n_steps=min(50, args.demo_every),
+        default_root_dir=str(output_dir),
+        log_every_n_steps=max(1, min(50, args.demo_every, len(args.train_paths) // args.batch_size)),
     )
     rank_zero_info(f'Training on {len(args.train_paths)} images; checkpoints in '
                    f'{output_dir / "checkpoints"}, demo grids in {output_dir / "demos"}, '
@@ -168,6 +170,6 @@ def run(args):
     loader = make_loader(args.train_paths, args.image_size, args.batch_size, args.num_workers)
     trainer.fit(module, loader, ckpt_path=ckpt_path)
     last = output_dir / 'checkpoints' / 'last.ckpt'
-    trainer.save_checkpoint(last)
+    trainer.save_checkpoint(last, weights_only=False)
     rank_zero_info(f'Stopped at step {trainer.global_step}; the latest checkpoint is {last}.')
     return trainer, module
