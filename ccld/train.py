@@ -1,6 +1,7 @@
 """What train_latent_diffusion.py does once its flags are parsed: check every argument,
 load the frozen models, set up Lightning, resume or finetune, and train."""
 
+import logging
 import os
 import random
 import warnings
@@ -54,14 +55,27 @@ def validate(args):
     if args.cloob_checkpoint not in list_configs() and not Path(args.cloob_checkpoint).is_file():
         raise UserError(f'--cloob-checkpoint: {args.cloob_checkpoint} is neither a file nor a '
                         f'pretrained name ({", ".join(list_configs())}).')
-    if args.resume_from is not None and not Path(args.resume_from).is_file():
-        raise UserError(f'--resume-from: {args.resume_from} does not exist.')
     try:
         args.train_paths = read_path_list(args.train_set)
     except UserError as e:
         raise UserError(f'--train-set: {e}') from None
     args.prompts = read_prompts(args.demo_prompts)
+    args.resume = read_resume(args.resume_from) if args.resume_from else None
     return args
+
+
+def read_resume(path):
+    """The --resume-from checkpoint, its weights checked against a model built on the
+    meta device (keys and shapes, no memory)."""
+    from .checkpoints import build_model, read_checkpoint
+    try:
+        resume = read_checkpoint(path)
+        with torch.device('meta'), warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # loading into meta tensors is a no-op, as meant
+            build_model(resume.model, path=path)
+    except UserError as e:
+        raise UserError(f'--resume-from: {e}') from None
+    return resume
 
 
 def make_logger(args, output_dir):
@@ -87,29 +101,29 @@ def strategy_for(args):
 
 def run(args):
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.utilities import rank_zero_info
 
     from .autoencoder import load_autoencoder
-    from .checkpoints import build_model, read_checkpoint
     from .cloob import load_cloob
     from .data import make_loader
     from .demo import DemoCallback
-    from .training import LightningDiffusion
+    from .training import InterruptCheckpoint, LightningDiffusion
     from .unet import infer_widths
 
     # The frozen models are meant to stay in eval mode.
     warnings.filterwarnings('ignore', message='.*module\\(s\\) in eval mode')
     warnings.filterwarnings('ignore', message='.*isinstance\\(treespec, LeafSpec\\)')
+    # The loader reshuffles on resume; the order of a random shuffle need not be restored.
+    warnings.filterwarnings('ignore', message=".*dataloader is not resumable")
+    logging.getLogger('pytorch_lightning.utilities.rank_zero').addFilter(
+        lambda record: not str(record.msg).startswith('💡 Tip'))  # an advert, not news
     output_dir = Path(args.output_dir)
     seed = args.seed if args.seed is not None else random.randrange(2 ** 31)
     pl.seed_everything(seed, workers=True, verbose=False)
 
-    resume = read_checkpoint(args.resume_from) if args.resume_from else None
+    resume = args.resume
     base, mults = args.base_channels, args.channel_multipliers
     if resume is not None:
-        with torch.device('meta'):  # checks keys and shapes without allocating weights
-            build_model(resume.model, path=args.resume_from)
         base, mults = infer_widths(resume.model, mults)
 
     ae_model = load_autoencoder(args.vqgan_model)
@@ -150,9 +164,9 @@ def run(args):
                            f'multipliers {",".join(map(str, mults))}.')
 
     logger, where = make_logger(args, output_dir)
-    checkpoints = ModelCheckpoint(dirpath=output_dir / 'checkpoints', filename='{step:08d}',
-                                  every_n_train_steps=args.checkpoint_every, save_top_k=-1,
-                                  save_last=True)
+    checkpoints = InterruptCheckpoint(dirpath=output_dir / 'checkpoints', filename='{step:08d}',
+                                      every_n_train_steps=args.checkpoint_every, save_top_k=-1,
+                                      save_last=True, save_on_exception=True)
     demo = DemoCallback(args.prompts, args.demo_every, output_dir / 'demos',
                         steps=args.demo_steps, latent_size=args.image_size // 8, seed=seed)
     trainer = pl.Trainer(

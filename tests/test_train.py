@@ -1,0 +1,466 @@
+"""train_latent_diffusion.py end to end on tiny random models, on the CPU."""
+
+import copy
+import csv
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import tiny
+import train_latent_diffusion
+from ccld import cli
+from ccld import train as training_run
+from ccld.autoencoder import load_autoencoder
+from ccld.cloob import load_cloob
+from ccld.demo import DemoCallback
+from ccld.ema import ema_decay, ema_update
+from ccld.guidance import cfg_model_fn
+from ccld.sampling import plms_sample
+from ccld.schedule import sampling_timesteps
+from ccld.training import LightningDiffusion, v_objective
+from ccld.unet import DiffusionModel
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ['a red circle', 'a blue square', 'a green field']
+SCALE = 1.5
+
+
+@pytest.fixture(scope='module')
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp('train')
+    paths = tiny.make_images(d / 'images', n=16, size=64)
+    (d / 'prompts.txt').write_text('\n'.join(PROMPTS) + '\n')
+    return SimpleNamespace(dir=d, paths=paths,
+                           train=tiny.write_path_list(paths, d / 'train.txt'),
+                           autoencoder=tiny.tiny_autoencoder(d), cloob=tiny.tiny_cloob(d),
+                           prompts=d / 'prompts.txt')
+
+
+def train_args(assets, out, *extra):
+    """A 4-step run of 4-image batches; later flags in `extra` override these."""
+    return ['--train-set', str(assets.train), '--vqgan-model', assets.autoencoder,
+            '--autoencoder-scale', str(SCALE), '--cloob-checkpoint', str(assets.cloob),
+            '--demo-prompts', str(assets.prompts), '--output-dir', str(out),
+            '--accelerator', 'cpu', '--num-workers', '0', '--batch-size', '4',
+            '--base-channels', '64', '--channel-multipliers', '1,1,1,1', '--image-size', '64',
+            '--max-steps', '4', '--checkpoint-every', '2', '--demo-every', '2',
+            '--demo-steps', '2', '--seed', '0', *extra]
+
+
+def train(argv):
+    """The training CLI in this process; returns (trainer, module)."""
+    return training_run.run(training_run.validate(train_latent_diffusion.parser().parse_args(argv)))
+
+
+def run_cli(argv):
+    """The training CLI as `cli.run` runs it; returns the exit code."""
+    try:
+        cli.run(lambda: train_latent_diffusion.main(argv), train_latent_diffusion.PROG)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def sub_state(state, prefix):
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def metrics(out):
+    with open(out / 'logs' / 'version_0' / 'metrics.csv') as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def at_train_start(monkeypatch, caplog):
+    """What the module holds when training starts (after any resume), step by step."""
+    caplog.set_level(logging.INFO)
+    seen = {}
+    on_train_start = LightningDiffusion.on_train_start
+
+    def spy(self):
+        on_train_start(self)
+        clone = lambda module: {k: v.clone() for k, v in module.state_dict().items()}  # noqa: E731
+        seen.update(step=self.global_step, model=clone(self.model),
+                    model_ema=clone(self.model_ema), ae_model=clone(self.ae_model),
+                    optimizer=copy.deepcopy(self.trainer.optimizers[0].state_dict()))
+    monkeypatch.setattr(LightningDiffusion, 'on_train_start', spy)
+    return seen
+
+
+@pytest.fixture(scope='module')
+def first_run(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp('first_run')
+    trainer, module = train(train_args(assets, out))
+    return SimpleNamespace(out=out, trainer=trainer, module=module)
+
+
+def test_a_run_writes_checkpoints_demo_grids_and_loss(first_run):
+    checkpoints = first_run.out / 'checkpoints'
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        'last.ckpt', 'step=00000002.ckpt', 'step=00000004.ckpt']
+    assert first_run.trainer.global_step == 4
+    # A grid on the first step and every --demo-every steps: 3 prompts in one row of 4.
+    demos = sorted(p.name for p in (first_run.out / 'demos').iterdir())
+    assert demos == ['demo_00000001.png', 'demo_00000002.png', 'demo_00000004.png']
+    with Image.open(first_run.out / 'demos' / demos[-1]) as grid:
+        grid.load()
+        assert grid.size == (3 * 64, 64)
+        assert grid.text['prompts'].splitlines() == PROMPTS
+    losses = [float(row['train/loss']) for row in metrics(first_run.out) if row.get('train/loss')]
+    assert losses and all(0 < loss < 10 for loss in losses)
+
+
+def test_checkpoints_leave_out_the_frozen_models_and_say_how_to_rebuild(first_run, assets):
+    saved = load(first_run.out / 'checkpoints' / 'last.ckpt')
+    prefixes = {key.split('.')[0] for key in saved['state_dict']}
+    assert prefixes == {'model', 'model_ema'}
+    assert saved['ccld'] == {'autoencoder': assets.autoencoder,
+                             'cloob_checkpoint': str(assets.cloob), 'image_size': 64,
+                             'base_channels': 64, 'channel_multipliers': [1, 1, 1, 1],
+                             'autoencoder_scale': SCALE}
+    assert saved['global_step'] == 4
+    assert float(saved['state_dict']['model_ema.autoencoder_scale']) == SCALE
+    # The EMA copy is a real average: it moved, but not as far as the trained model.
+    module = first_run.module
+    assert not torch.equal(module.model.net[0].main[0].weight, module.model_ema.net[0].main[0].weight)
+
+
+def test_frozen_models_stay_in_eval_mode_and_untrained(first_run, assets):
+    module = first_run.module
+    assert not module.ae_model.training and not module.cloob.training
+    assert not module.model_ema.training
+    fresh = load_autoencoder(assets.autoencoder)
+    assert_same_tensors(module.ae_model.state_dict(), fresh.state_dict())
+
+
+def test_resume_continues_at_the_exact_step_with_optimizer_ema_and_new_lr(
+        first_run, assets, tmp_path, at_train_start, caplog):
+    ckpt = first_run.out / 'checkpoints' / 'step=00000002.ckpt'
+    saved = load(ckpt)
+    trainer, _ = train(train_args(assets, tmp_path, '--resume-from', str(ckpt), '--lr', '1e-5'))
+    assert 'a ccld training checkpoint' in caplog.text
+    assert at_train_start['step'] == 2
+    assert_same_tensors(at_train_start['model'], sub_state(saved['state_dict'], 'model.'))
+    assert_same_tensors(at_train_start['model_ema'], sub_state(saved['state_dict'], 'model_ema.'))
+    resumed, stored = at_train_start['optimizer'], saved['optimizer_states'][0]
+    assert resumed['state'].keys() == stored['state'].keys() and stored['state']
+    for index, state in stored['state'].items():
+        for name in ('step', 'exp_avg', 'exp_avg_sq'):
+            assert torch.equal(resumed['state'][index][name], state[name])
+    assert stored['param_groups'][0]['lr'] == 3e-5
+    assert resumed['param_groups'][0]['lr'] == 1e-5  # --lr wins over the checkpoint's LR
+    # Two more steps, counted on from the checkpoint's.
+    assert trainer.global_step == 4
+    after = load(tmp_path / 'checkpoints' / 'step=00000004.ckpt')
+    assert after['optimizer_states'][0]['param_groups'][0]['lr'] == 1e-5
+    assert int(after['optimizer_states'][0]['state'][0]['step']) == 4
+    assert not (tmp_path / 'checkpoints' / 'step=00000002.ckpt').exists()
+
+
+def test_resume_from_a_checkpoint_of_the_original_script(
+        first_run, assets, tmp_path, at_train_start, caplog):
+    """A Lightning 1.5 checkpoint: frozen models inside, scale_factor, no 'ccld' record."""
+    ours = load(first_run.out / 'checkpoints' / 'step=00000002.ckpt')
+    ae, cloob = load_autoencoder(assets.autoencoder), load_cloob(str(assets.cloob))
+    state = dict(ours['state_dict'])
+    # Frozen weights in the file are ignored: the ones given on the command line are used.
+    state.update({f'ae_model.{k}': torch.zeros_like(v) for k, v in ae.state_dict().items()})
+    state.update({f'cloob.{k}': torch.zeros_like(v) for k, v in cloob.state_dict().items()})
+    original = tmp_path / 'original.ckpt'
+    torch.save({'epoch': 0, 'global_step': 2, 'pytorch-lightning_version': '1.5.10',
+                'state_dict': state, 'callbacks': {}, 'optimizer_states': ours['optimizer_states'],
+                'lr_schedulers': [], 'scale_factor': SCALE}, original)
+
+    trainer, module = train(train_args(assets, tmp_path / 'out', '--resume-from', str(original),
+                                       '--max-steps', '3'))
+    assert 'a checkpoint of the original training script' in caplog.text
+    assert at_train_start['step'] == 2 and trainer.global_step == 3
+    assert_same_tensors(at_train_start['model_ema'], sub_state(ours['state_dict'], 'model_ema.'))
+    assert_same_tensors(at_train_start['ae_model'], ae.state_dict())
+    stored = ours['optimizer_states'][0]['state'][0]
+    assert torch.equal(at_train_start['optimizer']['state'][0]['exp_avg'], stored['exp_avg'])
+
+
+def test_finetune_from_a_released_state_dict(assets, tmp_path, at_train_start, caplog):
+    torch.manual_seed(3)
+    released = DiffusionModel(64, [1, 1, 1, 1], autoencoder_scale=9.0)
+    bare = tiny.save_bare(released, tmp_path / 'released.pth')
+    # The width flags are the defaults (128, 4,4,8,8): the weights' widths win.
+    argv = train_args(assets, tmp_path / 'out', '--resume-from', str(bare), '--max-steps', '1')
+    for flag in ('--base-channels', '--channel-multipliers'):
+        i = argv.index(flag)
+        del argv[i:i + 2]
+    trainer, module = train(argv)
+    assert 'finetuning' in caplog.text
+    assert at_train_start['step'] == 0 and at_train_start['optimizer']['state'] == {}
+    expected = dict(released.state_dict(), autoencoder_scale=torch.tensor(SCALE))
+    assert_same_tensors(at_train_start['model'], expected)
+    assert_same_tensors(at_train_start['model_ema'], expected)
+    assert trainer.global_step == 1
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_bad_image_files_are_skipped_and_counted(assets, tmp_path, workers, recwarn):
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    truncated = bad / 'truncated.png'
+    truncated.write_bytes(Path(assets.paths[0]).read_bytes()[:200])
+    (bad / 'text.jpg').write_text('not an image')
+    paths = [*assets.paths[:8], truncated, bad / 'text.jpg', bad / 'missing.png', bad]
+    train_list = tiny.write_path_list(paths, tmp_path / 'train.txt')
+    # 12 paths in batches of 4: three steps see every file once.
+    trainer, module = train(train_args(assets, tmp_path / 'out', '--train-set', str(train_list),
+                                       '--num-workers', str(workers), '--max-steps', '3',
+                                       '--demo-every', '1000'))
+    assert trainer.global_step == 3
+    assert module.skipped_images == 4
+    rows = [row for row in metrics(tmp_path / 'out') if row.get('train/skipped_images')]
+    assert float(rows[-1]['train/skipped_images']) == 4
+    if workers == 0:  # (a worker process warns on its own stderr)
+        warned = '\n'.join(str(w.message) for w in recwarn)
+        for path in paths[8:]:
+            assert f'skipping unreadable image {path}:' in warned
+
+
+def test_batches_of_only_unreadable_files_do_not_stop_the_run(assets, tmp_path):
+    (tmp_path / 'text.png').write_text('not an image')
+    train_list = tiny.write_path_list([tmp_path / 'text.png', tmp_path / 'gone.png'] * 2,
+                                      tmp_path / 'train.txt')
+    trainer, module = train(train_args(assets, tmp_path / 'out', '--train-set', str(train_list),
+                                       '--max-steps', '2', '--demo-every', '1000'))
+    assert trainer.global_step == 2 and module.skipped_images == 8
+
+
+@pytest.mark.parametrize('error', [KeyboardInterrupt, RuntimeError])
+def test_ctrl_c_saves_a_checkpoint_and_a_crash_does_not(assets, tmp_path, monkeypatch, error):
+    training_step = LightningDiffusion.training_step
+
+    def stop_at_step_3(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise error('stop')
+        return training_step(self, batch, batch_idx)
+    monkeypatch.setattr(LightningDiffusion, 'training_step', stop_at_step_3)
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores further Ctrl-C while it saves
+    try:
+        with pytest.raises(SystemExit if error is KeyboardInterrupt else RuntimeError):
+            train(train_args(assets, tmp_path, '--max-steps', '10', '--checkpoint-every', '100',
+                             '--demo-every', '1000'))
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    saved = sorted(p.name for p in tmp_path.glob('checkpoints/*.ckpt'))
+    if error is KeyboardInterrupt:
+        assert saved == ['last.ckpt', 'step=00000003.ckpt']
+        assert load(tmp_path / 'checkpoints' / 'step=00000003.ckpt')['global_step'] == 3
+    else:
+        assert saved == []
+
+
+def test_demo_grids_do_not_change_the_training_random_stream(first_run, assets, tmp_path):
+    """Same seed, a grid every step instead of every other one: the same weights."""
+    _, module = train(train_args(assets, tmp_path, '--demo-every', '1'))
+    assert len(list((tmp_path / 'demos').iterdir())) == 4
+    assert_same_tensors(module.model.state_dict(), first_run.module.model.state_dict())
+
+
+@pytest.mark.parametrize('n', [1, 5, 17])
+def test_demo_grid_takes_any_number_of_prompts(first_run, tmp_path, n):
+    prompts = [f'prompt {i}' for i in range(n)]
+    callback = DemoCallback(prompts, every=1, out_dir=tmp_path, steps=2, latent_size=8)
+    rng = torch.get_rng_state()
+    callback.render_and_log(SimpleNamespace(loggers=[]), first_run.module, step=7)
+    assert torch.equal(torch.get_rng_state(), rng)
+    rows = -(-n // 4)
+    with Image.open(tmp_path / 'demo_00000007.png') as grid:
+        grid.load()
+        assert grid.size == (min(n, 4) * 64, rows * 64)
+        assert grid.text['prompts'].splitlines() == prompts
+
+
+def test_ema_decay_schedule():
+    assert [ema_decay(s, 200_000) for s in (0, 19_999, 20_000, 199_999, 200_000, 10 ** 7)] == \
+        [0.99, 0.99, 0.999, 0.999, 0.9999, 0.9999]
+    assert ema_decay(50_000, decay_at=40_000) == 0.9999
+
+
+def test_ema_update_averages_parameters_and_copies_buffers():
+    torch.manual_seed(0)
+    model, averaged = DiffusionModel(16, [4, 4, 4, 4], 2.0), DiffusionModel(16, [4, 4, 4, 4], 1.0)
+    before = {k: v.clone() for k, v in averaged.state_dict().items()}
+    ema_update(model, averaged, 0.9)
+    for name, param in model.named_parameters():
+        expected = 0.9 * before[name] + 0.1 * param.detach()
+        torch.testing.assert_close(dict(averaged.named_parameters())[name], expected)
+    assert float(averaged.autoencoder_scale) == 2.0
+
+
+def test_the_model_learns_and_its_ema_samples_land_on_the_training_latents():
+    """Two latents, each with its own condition: the loss falls, and PLMS samples from
+    the EMA model land on the latent of their condition. This checks that the objective,
+    the EMA and the sampler agree on what v is."""
+    torch.manual_seed(0)
+    data = torch.tensor([[1., -1., .5, -.5], [-1., 1., -.5, .5]])[:, :, None, None]
+    data = data.expand(2, 4, 8, 8).contiguous()
+    embeds = torch.nn.functional.normalize(torch.randn([2, 512]), dim=1)
+    model = DiffusionModel(16, [4, 4, 4, 4])
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01, fused=True)
+    sobol = torch.quasirandom.SobolEngine(1, scramble=True, seed=0)
+    losses = []
+    for _ in range(100):
+        pick = torch.randint(2, [32])
+        loss = v_objective(model, data[pick], embeds[pick], sobol.draw(32)[:, 0])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema_update(model, ema, 0.9)
+        losses.append(loss.item())
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < first / 3, (first, last)
+
+    ema.eval()
+    noise = torch.randn([3, 4, 8, 8])
+    for k in range(2):
+        model_fn = cfg_model_fn(ema, embeds[k:k + 1], [1.0])  # the conditional model alone
+        out = plms_sample(lambda x, t: model_fn(x, t), noise, sampling_timesteps(20, 'cpu'),
+                          {}, progress=False)
+        # Each sample's channel means are the latent's; what is left is a little noise.
+        torch.testing.assert_close(out.mean((2, 3)), data[k, :, 0, 0].expand(3, 4),
+                                   atol=0.25, rtol=0)
+        own = (out - data[k]).flatten(1).norm(dim=1)
+        other = (out - data[1 - k]).flatten(1).norm(dim=1)
+        assert (own < 0.7 * data[k].norm()).all() and (own < other / 3).all(), (own, other)
+
+
+# Every usage error: exit code 2, one line naming the flag, before any model is loaded.
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize('make_extra, message', [
+    (lambda d: ['--vqgan-model', str(d / 'nothing')], '--vqgan-model'),
+    (lambda d: ['--vqgan-model', _write(d / 'yaml_only.yaml', 'x')[:-5]], '--vqgan-model'),
+    (lambda d: ['--autoencoder-scale', '0'], '--autoencoder-scale'),
+    (lambda d: ['--autoencoder-scale', '-2'], '--autoencoder-scale'),
+    (lambda d: ['--autoencoder-scale', 'big'], '--autoencoder-scale'),
+    (lambda d: ['--train-set', str(d / 'missing.txt')], '--train-set'),
+    (lambda d: ['--train-set', _write(d / 'empty.txt', '\n\n')], '--train-set'),
+    (lambda d: ['--demo-prompts', str(d / 'missing.txt')], '--demo-prompts'),
+    (lambda d: ['--demo-prompts', _write(d / 'blank.txt', '  \n')], '--demo-prompts'),
+    (lambda d: ['--channel-multipliers', '4,4,8'], '--channel-multipliers'),
+    (lambda d: ['--channel-multipliers', '4,4,x,8'], '--channel-multipliers'),
+    (lambda d: ['--base-channels', '100'], '--base-channels'),
+    (lambda d: ['--image-size', '100'], '--image-size'),
+    (lambda d: ['--cloob-checkpoint', str(d / 'cloob.pkl')], '--cloob-checkpoint'),
+    (lambda d: ['--resume-from', str(d / 'nothing.ckpt')], '--resume-from'),
+    (lambda d: ['--resume-from', _write(d / 'notes.ckpt', 'text')], 'notes.ckpt'),
+    (lambda d: ['--fprecision', 'fp8'], '--fprecision'),
+    (lambda d: ['--batch-size', '0'], '--batch-size'),
+    (lambda d: ['--num-workers', '-1'], '--num-workers'),
+    (lambda d: ['--accelerator', 'tpu9'], '--accelerator'),
+])
+def test_usage_errors(assets, tmp_path, capsys, monkeypatch, make_extra, message):
+    def refuse(*args, **kwargs):
+        raise AssertionError('a model was loaded before the arguments were checked')
+    monkeypatch.setattr('ccld.autoencoder.load_autoencoder', refuse)
+    monkeypatch.setattr('ccld.cloob.load_cloob', refuse)
+    code = run_cli(train_args(assets, tmp_path / 'out', *make_extra(tmp_path)))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('missing', ['--vqgan-model', '--autoencoder-scale', '--train-set',
+                                     '--demo-prompts'])
+def test_required_flags(assets, tmp_path, capsys, missing):
+    argv = train_args(assets, tmp_path)
+    i = argv.index(missing)
+    del argv[i:i + 2]
+    assert run_cli(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f'{missing} is required' in err
+
+
+def test_precision_flags():
+    parse = lambda *a: train_latent_diffusion.parser().parse_args(list(a))  # noqa: E731
+    assert [parse('--fprecision', p).fprecision for p in ('16', '32', 'bf16', 'bf16-true')] == \
+        ['16-mixed', '32-true', 'bf16-mixed', 'bf16-true']
+
+
+def test_strategy_is_ddp_with_more_than_one_device():
+    from pytorch_lightning.strategies import DDPStrategy
+    args = lambda **kw: SimpleNamespace(**{'strategy': 'auto', 'devices': 1, 'num_nodes': 1, **kw})  # noqa: E731,E501
+    assert training_run.strategy_for(args()) == 'auto'
+    assert isinstance(training_run.strategy_for(args(devices=8)), DDPStrategy)
+    assert isinstance(training_run.strategy_for(args(num_nodes=2)), DDPStrategy)
+    assert training_run.strategy_for(args(devices=8, strategy='fsdp')) == 'fsdp'
+
+
+def test_script_error_is_one_line_from_any_directory(assets, tmp_path):
+    argv = train_args(assets, tmp_path / 'out', '--train-set', str(tmp_path / 'missing.txt'))
+    result = subprocess.run([sys.executable, str(ROOT / 'train_latent_diffusion.py'), *argv],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f'train_latent_diffusion.py: error: --train-set: path list {tmp_path / "missing.txt"} '
+        'does not exist.']
+
+
+DDP_DRIVER = '''
+import sys, torch
+import train_latent_diffusion
+from ccld import train
+trainer, module = train.run(train.validate(train_latent_diffusion.parser().parse_args(sys.argv[2:])))
+torch.save({"model": module.model.state_dict(), "model_ema": module.model_ema.state_dict(),
+            "step": trainer.global_step, "world_size": trainer.world_size},
+           f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
+'''
+
+
+def test_two_process_cpu_ddp_keeps_both_ranks_identical(assets, tmp_path):
+    driver = tmp_path / 'driver.py'
+    driver.write_text(DDP_DRIVER)
+    argv = train_args(assets, tmp_path / 'out', '--num-gpus', '2', '--batch-size', '2',
+                      '--max-steps', '3', '--demo-every', '1000')
+    result = subprocess.run([sys.executable, str(driver), str(tmp_path), *argv], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [load(tmp_path / f'rank{r}.pt') for r in (0, 1)]
+    assert [(r['step'], r['world_size']) for r in ranks] == [(3, 2), (3, 2)]
+    for name in ('model', 'model_ema'):
+        assert_same_tensors(ranks[0][name], ranks[1][name])
+    assert (tmp_path / 'out' / 'checkpoints' / 'last.ckpt').is_file()
+    assert len(list((tmp_path / 'out' / 'demos').iterdir())) == 1  # rank zero only
+
+
+def test_wandb_offline_run_logs_the_demo_grid_and_prompts(assets, tmp_path):
+    env = dict(os.environ, WANDB_MODE='offline', WANDB_SILENT='true')
+    argv = train_args(assets, tmp_path / 'out', '--wandb-project', 'ccld-test', '--max-steps', '2')
+    result = subprocess.run([sys.executable, str(ROOT / 'train_latent_diffusion.py'), *argv],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / 'out' / 'wandb').glob('offline-run-*'))
+    assert len(runs) == 1
+    media = runs[0] / 'files' / 'media'
+    assert list(media.glob('images/demo_grid_*.png'))
+    html = list(media.glob('html/prompts_*.html'))
+    assert html and '(0, 2) a green field' in html[0].read_text()
