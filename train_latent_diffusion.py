@@ -11,12 +11,23 @@ the CPU, with everything it needs generated locally.
 import argparse
 
 from ccld import cli
-from ccld.unet import DiffusionModel  # noqa: F401  (importable from here, as in the original)
 
 PROG = 'train_latent_diffusion.py'
 PRECISIONS = {'16': '16-mixed', '32': '32-true', 'bf16': 'bf16-mixed', '64': '64-true'}
 LIGHTNING_PRECISIONS = {'16-mixed', 'bf16-mixed', '32-true', '64-true', '16-true',
                         'bf16-true', 'transformer-engine', 'transformer-engine-float16'}
+
+
+def __getattr__(name):
+    """The model classes are importable from here, as from the original script, but are
+    imported on first use, so that --help and usage errors need not wait for torch."""
+    if name == 'DiffusionModel':
+        from ccld.unet import DiffusionModel
+        return DiffusionModel
+    if name == 'LightningDiffusion':
+        from ccld.training import LightningDiffusion
+        return LightningDiffusion
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def precision(text):

@@ -1,6 +1,5 @@
 """Loading a frozen CLOOB and embedding images and prompts into its shared space."""
 
-import torch
 from torch import nn
 from torch.nn import functional as F
 

@@ -42,6 +42,8 @@ def validate(args):
                         f'{",".join(map(str, args.channel_multipliers))} gives widths '
                         f'{",".join(map(str, widths))}; each must be a multiple of 64 '
                         '(one attention head per 64 channels).')
+    if args.seed is not None and not 0 <= args.seed < 2 ** 32:
+        raise UserError(f'--seed must be between 0 and 2**32 - 1, got {args.seed}.')
     if args.image_size % 64:
         raise UserError(f'--image-size {args.image_size} must be a multiple of 64 (the latents '
                         'are 1/8 of it and the U-Net halves them three times).')
@@ -118,7 +120,9 @@ def run(args):
     logging.getLogger('pytorch_lightning.utilities.rank_zero').addFilter(
         lambda record: not str(record.msg).startswith('💡 Tip'))  # an advert, not news
     output_dir = Path(args.output_dir)
-    seed = args.seed if args.seed is not None else random.randrange(2 ** 31)
+    seed = args.seed
+    if seed is None:  # processes started by the DDP launcher inherit rank zero's choice
+        seed = int(os.environ.get('PL_GLOBAL_SEED', random.randrange(2 ** 31)))
     pl.seed_everything(seed, workers=True, verbose=False)
 
     resume = args.resume

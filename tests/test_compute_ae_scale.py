@@ -14,7 +14,6 @@ from torchvision.transforms import functional as TF
 
 import compute_ae_scale
 import tiny
-from ccld import cli
 from ccld.autoencoder import load_autoencoder
 from ccld.errors import UserError
 from ccld.scale import estimate_scale
@@ -75,11 +74,7 @@ def test_unreadable_images_are_skipped_and_counted(assets):
 
 
 def run_scale(argv):
-    try:
-        cli.run(lambda: compute_ae_scale.main(argv), 'compute_ae_scale.py')
-    except SystemExit as e:
-        return e.code
-    return 0
+    return tiny.exit_code(compute_ae_scale.main, 'compute_ae_scale.py', argv)
 
 
 def test_cli_json(assets, capsys):

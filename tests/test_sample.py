@@ -13,7 +13,7 @@ from PIL import Image
 
 import sample
 import tiny
-from ccld import cli, generate, latents
+from ccld import generate, latents
 from ccld.autoencoder import load_autoencoder
 from ccld.cloob import load_cloob
 from ccld.data import image_transform, load_image
@@ -57,12 +57,7 @@ def base_args(assets, *extra):
 
 
 def run_sample(argv):
-    """sample.py in this process, as `cli.run` runs it; returns the exit code."""
-    try:
-        cli.run(lambda: sample.main(argv), 'sample.py')
-    except SystemExit as e:
-        return e.code
-    return 0
+    return tiny.exit_code(sample.main, 'sample.py', argv)
 
 
 def pixels(path):

@@ -16,7 +16,6 @@ from PIL import Image
 
 import tiny
 import train_latent_diffusion
-from ccld import cli
 from ccld import train as training_run
 from ccld.autoencoder import load_autoencoder
 from ccld.cloob import load_cloob
@@ -61,12 +60,7 @@ def train(argv):
 
 
 def run_cli(argv):
-    """The training CLI as `cli.run` runs it; returns the exit code."""
-    try:
-        cli.run(lambda: train_latent_diffusion.main(argv), train_latent_diffusion.PROG)
-    except SystemExit as e:
-        return e.code
-    return 0
+    return tiny.exit_code(train_latent_diffusion.main, train_latent_diffusion.PROG, argv)
 
 
 def load(path):
@@ -376,6 +370,7 @@ def _write(path, text):
     (lambda d: ['--batch-size', '0'], '--batch-size'),
     (lambda d: ['--num-workers', '-1'], '--num-workers'),
     (lambda d: ['--accelerator', 'tpu9'], '--accelerator'),
+    (lambda d: ['--seed', '-5'], '--seed'),
 ])
 def test_usage_errors(assets, tmp_path, capsys, monkeypatch, make_extra, message):
     def refuse(*args, **kwargs):
@@ -464,3 +459,23 @@ def test_wandb_offline_run_logs_the_demo_grid_and_prompts(assets, tmp_path):
     assert list(media.glob('images/demo_grid_*.png'))
     html = list(media.glob('html/prompts_*.html'))
     assert html and '(0, 2) a green field' in html[0].read_text()
+
+
+def test_the_readme_demo_runs_offline_from_any_directory(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / 'train_latent_diffusion.py'), '--demo',
+                             '--output-dir', 'demo'], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / 'demo'
+    assert (out / 'run' / 'checkpoints' / 'last.ckpt').is_file()
+    assert sorted(p.name for p in (out / 'run' / 'demos').iterdir()) == [
+        'demo_00000001.png', 'demo_00000060.png', 'demo_00000120.png']
+    with Image.open(out / 'samples' / 'out_grid.png') as grid:
+        assert grid.size == (128, 128)
+    assert 'not a trained model' in result.stdout
+    assert 'train_latent_diffusion.py --train-set train.txt' in result.stdout
+
+
+def test_the_modules_are_importable_from_the_script_as_in_the_original():
+    assert train_latent_diffusion.LightningDiffusion is LightningDiffusion
+    assert train_latent_diffusion.DiffusionModel is DiffusionModel

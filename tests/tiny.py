@@ -1,4 +1,5 @@
-"""Tiny random models written through the real file formats, for tests on the CPU.
+"""Tiny random models written through the real file formats, for tests on the CPU, and a
+way to run a CLI in-process.
 
 Fixtures call these builders (usually once per module); nothing here is a fixture, so any
 test module can share them.
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ccld import cli
 from ccld.quickstart import make_images, make_tiny_autoencoder, make_tiny_cloob, write_path_list
 from ccld.unet import DiffusionModel
 
@@ -16,7 +18,7 @@ BASE_CHANNELS, CHANNEL_MULTIPLIERS = 16, (4, 4, 4, 4)
 
 __all__ = ['BASE_CHANNELS', 'CHANNEL_MULTIPLIERS', 'make_images', 'write_path_list',
            'tiny_autoencoder', 'tiny_cloob', 'tiny_diffusion', 'save_bare',
-           'save_ccld_checkpoint', 'save_original_checkpoint']
+           'save_ccld_checkpoint', 'save_original_checkpoint', 'exit_code']
 
 
 def tiny_autoencoder(directory, seed=0):
@@ -61,3 +63,12 @@ def save_original_checkpoint(path, model, model_ema, scale_factor):
                 'scale_factor': scale_factor, 'global_step': 0,
                 'pytorch-lightning_version': '1.5.0'}, path)
     return Path(path)
+
+
+def exit_code(main, prog, argv):
+    """Runs a CLI's main(argv) as its script does (through `cli.run`); returns the exit code."""
+    try:
+        cli.run(lambda: main(argv), prog)
+    except SystemExit as e:
+        return e.code
+    return 0
