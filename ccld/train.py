@@ -27,7 +27,7 @@ def read_prompts(path):
 def validate(args):
     """Checks every argument before any model is loaded; raises UserError naming the flag.
 
-    Adds the parsed train paths and prompts to `args`.
+    Adds the parsed train paths and prompts and the --resume-from checkpoint to `args`.
     """
     from cloob_training.pretrained import list_configs
 
@@ -62,8 +62,22 @@ def validate(args):
     except UserError as e:
         raise UserError(f'--train-set: {e}') from None
     args.prompts = read_prompts(args.demo_prompts)
+    check_devices(args.accelerator, args.devices)
     args.resume = read_resume(args.resume_from) if args.resume_from else None
     return args
+
+
+def check_devices(accelerator, devices):
+    """GPUs asked for must exist; several processes on the CPU must be asked for."""
+    if accelerator == 'mps' and not torch.backends.mps.is_available():
+        raise UserError('--accelerator mps: MPS is not available here; use --accelerator cpu.')
+    if accelerator in ('gpu', 'cuda') or (accelerator == 'auto' and devices > 1):
+        available = torch.cuda.device_count()
+        if available == 0:
+            raise UserError(f'--num-gpus {devices}: this machine has no CUDA GPU; pass '
+                            f'--accelerator cpu to run {devices} CPU process(es) instead.')
+        if devices > available:
+            raise UserError(f'--num-gpus {devices}: this machine has {available} CUDA GPU(s).')
 
 
 def read_resume(path):

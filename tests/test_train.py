@@ -384,6 +384,19 @@ def test_usage_errors(assets, tmp_path, capsys, monkeypatch, make_extra, message
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.parametrize('gpus, extra, message', [
+    (0, ['--accelerator', 'gpu'], 'no CUDA GPU; pass --accelerator cpu'),
+    (0, ['--accelerator', 'auto', '--num-gpus', '2'], 'pass --accelerator cpu to run 2 CPU'),
+    (1, ['--accelerator', 'gpu', '--num-gpus', '2'], 'has 1 CUDA GPU'),
+    (4, ['--accelerator', 'auto', '--num-gpus', '8'], 'has 4 CUDA GPU'),
+])
+def test_devices_that_are_not_there(assets, tmp_path, capsys, monkeypatch, gpus, extra, message):
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: gpus)
+    assert run_cli(train_args(assets, tmp_path, *extra)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
 @pytest.mark.parametrize('missing', ['--vqgan-model', '--autoencoder-scale', '--train-set',
                                      '--demo-prompts'])
 def test_required_flags(assets, tmp_path, capsys, missing):
