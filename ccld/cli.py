@@ -89,7 +89,8 @@ def multipliers(text):
     except ValueError:
         values = []
     if len(values) != 4 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f'expected four positive integers like 4,4,8,8, got {text!r}')
+        raise argparse.ArgumentTypeError(f'expected four positive integers like 4,4,8,8, '
+                                         f'got {text!r}')
     return values
 
 

@@ -29,7 +29,8 @@ def make_images(folder, n=64, size=64, seed=0):
         draw = ImageDraw.Draw(image)
         for _ in range(rng.randint(1, 3)):
             x0, y0 = rng.randrange(size // 2), rng.randrange(size // 2)
-            box = [x0, y0, x0 + rng.randint(size // 4, size // 2), y0 + rng.randint(size // 4, size // 2)]
+            w, h = rng.randint(size // 4, size // 2), rng.randint(size // 4, size // 2)
+            box = [x0, y0, x0 + w, y0 + h]
             (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour())
         path = folder / f'{i:04}.png'
         image.save(path)

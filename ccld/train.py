@@ -2,6 +2,7 @@
 load the frozen models, set up Lightning, resume or finetune, and train."""
 
 import logging
+import math
 import os
 import random
 import warnings
@@ -173,7 +174,7 @@ def run(args):
             rank_zero_info(f'--resume-from {args.resume_from}: {resume.description}; resuming '
                            f'at step {step} with its optimizer state and EMA, lr {args.lr}.')
         if resume.autoencoder_scale is not None and \
-                abs(resume.autoencoder_scale - args.autoencoder_scale) > 1e-6 * args.autoencoder_scale:
+                not math.isclose(resume.autoencoder_scale, args.autoencoder_scale, rel_tol=1e-6):
             rank_zero_info(f'note: the checkpoint was trained with autoencoder scale '
                            f'{resume.autoencoder_scale:g}; using --autoencoder-scale '
                            f'{args.autoencoder_scale:g}.')
@@ -187,6 +188,7 @@ def run(args):
                                       save_last=True, save_on_exception=True)
     demo = DemoCallback(args.prompts, args.demo_every, output_dir / 'demos',
                         steps=args.demo_steps, latent_size=args.image_size // 8, seed=seed)
+    steps_per_epoch = len(args.train_paths) // args.batch_size
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
         strategy=strategy_for(args), precision=args.fprecision,
@@ -194,7 +196,7 @@ def run(args):
         accumulate_grad_batches=args.accumulate_grad_batches,
         gradient_clip_val=args.grad_clip, callbacks=[checkpoints, demo], logger=logger,
         default_root_dir=str(output_dir),
-        log_every_n_steps=max(1, min(50, args.demo_every, len(args.train_paths) // args.batch_size)),
+        log_every_n_steps=max(1, min(50, args.demo_every, steps_per_epoch)),
     )
     rank_zero_info(f'Training on {len(args.train_paths)} images; checkpoints in '
                    f'{output_dir / "checkpoints"}, demo grids in {output_dir / "demos"}, '

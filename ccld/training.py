@@ -117,6 +117,9 @@ class LightningDiffusion(pl.LightningModule):
         for name in FROZEN:
             for key, value in getattr(self, name).state_dict().items():
                 state[f'{name}.{key}'] = value
+        # So does the autoencoder scale: --autoencoder-scale is required, and wins.
+        for name in ('model', 'model_ema'):
+            state[f'{name}.autoencoder_scale'] = getattr(self, name).autoencoder_scale.clone()
 
 
 class InterruptCheckpoint(pl.callbacks.ModelCheckpoint):

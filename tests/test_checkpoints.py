@@ -11,7 +11,8 @@ from tiny import save_bare, save_ccld_checkpoint, save_original_checkpoint, tiny
 
 @pytest.fixture(scope='module')
 def models():
-    return tiny_diffusion(seed=0, autoencoder_scale=2.5), tiny_diffusion(seed=1, autoencoder_scale=2.5)
+    return (tiny_diffusion(seed=0, autoencoder_scale=2.5),
+            tiny_diffusion(seed=1, autoencoder_scale=2.5))
 
 
 def test_bare_state_dict(models, tmp_path):

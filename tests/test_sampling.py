@@ -19,7 +19,8 @@ def test_schedules_match_golden(golden):
     t = golden['t_linear']
     torch.testing.assert_close(t, torch.linspace(1, 0, 11)[:-1])
     torch.testing.assert_close(schedule.get_ddpm_schedule(t), golden['ddpm_schedule_of_t_linear'])
-    torch.testing.assert_close(schedule.get_spliced_ddpm_cosine_schedule(t), golden['spliced_steps'])
+    torch.testing.assert_close(schedule.get_spliced_ddpm_cosine_schedule(t),
+                               golden['spliced_steps'])
     torch.testing.assert_close(schedule.sampling_timesteps(10), golden['spliced_steps'])
 
 

@@ -132,9 +132,11 @@ def test_checkpoints_leave_out_the_frozen_models_and_say_how_to_rebuild(first_ru
                              'autoencoder_scale': SCALE}
     assert saved['global_step'] == 4
     assert float(saved['state_dict']['model_ema.autoencoder_scale']) == SCALE
-    # The EMA copy is a real average: it moved, but not as far as the trained model.
-    module = first_run.module
-    assert not torch.equal(module.model.net[0].main[0].weight, module.model_ema.net[0].main[0].weight)
+    # The EMA copy is its own average: not the trained weights, and it moved since step 2.
+    state, earlier = saved['state_dict'], load(first_run.out / 'checkpoints' / 'step=00000002.ckpt')
+    key = 'net.0.main.0.weight'
+    assert not torch.equal(state[f'model_ema.{key}'], state[f'model.{key}'])
+    assert not torch.equal(state[f'model_ema.{key}'], earlier['state_dict'][f'model_ema.{key}'])
 
 
 def test_frozen_models_stay_in_eval_mode_and_untrained(first_run, assets):
@@ -183,11 +185,15 @@ def test_resume_from_a_checkpoint_of_the_original_script(
                 'state_dict': state, 'callbacks': {}, 'optimizer_states': ours['optimizer_states'],
                 'lr_schedulers': [], 'scale_factor': SCALE}, original)
 
+    # A different --autoencoder-scale wins over the checkpoint's, with a note.
     trainer, module = train(train_args(assets, tmp_path / 'out', '--resume-from', str(original),
-                                       '--max-steps', '3'))
+                                       '--max-steps', '3', '--autoencoder-scale', '2.5'))
     assert 'a checkpoint of the original training script' in caplog.text
+    assert 'trained with autoencoder scale 1.5; using --autoencoder-scale 2.5' in caplog.text
     assert at_train_start['step'] == 2 and trainer.global_step == 3
-    assert_same_tensors(at_train_start['model_ema'], sub_state(ours['state_dict'], 'model_ema.'))
+    expected = dict(sub_state(ours['state_dict'], 'model_ema.'), autoencoder_scale=torch.tensor(2.5))
+    assert_same_tensors(at_train_start['model_ema'], expected)
+    assert float(at_train_start['model']['autoencoder_scale']) == 2.5
     assert_same_tensors(at_train_start['ae_model'], ae.state_dict())
     stored = ours['optimizer_states'][0]['state'][0]
     assert torch.equal(at_train_start['optimizer']['state'][0]['exp_avg'], stored['exp_avg'])
@@ -416,7 +422,8 @@ def test_precision_flags():
 
 def test_strategy_is_ddp_with_more_than_one_device():
     from pytorch_lightning.strategies import DDPStrategy
-    args = lambda **kw: SimpleNamespace(**{'strategy': 'auto', 'devices': 1, 'num_nodes': 1, **kw})  # noqa: E731,E501
+    def args(**kw):
+        return SimpleNamespace(**{'strategy': 'auto', 'devices': 1, 'num_nodes': 1, **kw})
     assert training_run.strategy_for(args()) == 'auto'
     assert isinstance(training_run.strategy_for(args(devices=8)), DDPStrategy)
     assert isinstance(training_run.strategy_for(args(num_nodes=2)), DDPStrategy)
@@ -437,7 +444,8 @@ DDP_DRIVER = '''
 import sys, torch
 import train_latent_diffusion
 from ccld import train
-trainer, module = train.run(train.validate(train_latent_diffusion.parser().parse_args(sys.argv[2:])))
+args = train_latent_diffusion.parser().parse_args(sys.argv[2:])
+trainer, module = train.run(train.validate(args))
 torch.save({"model": module.model.state_dict(), "model_ema": module.model_ema.state_dict(),
             "step": trainer.global_step, "world_size": trainer.world_size},
            f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
