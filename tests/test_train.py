@@ -355,6 +355,12 @@ def _write(path, text):
     return str(path)
 
 
+def _half_model(path):
+    state = tiny.tiny_diffusion().state_dict()
+    torch.save({k: v for k, v in state.items() if not k.startswith('net.4.')}, path)
+    return path
+
+
 @pytest.mark.parametrize('make_extra, message', [
     (lambda d: ['--vqgan-model', str(d / 'nothing')], '--vqgan-model'),
     (lambda d: ['--vqgan-model', _write(d / 'yaml_only.yaml', 'x')[:-5]], '--vqgan-model'),
@@ -371,7 +377,8 @@ def _write(path, text):
     (lambda d: ['--image-size', '100'], '--image-size'),
     (lambda d: ['--cloob-checkpoint', str(d / 'cloob.pkl')], '--cloob-checkpoint'),
     (lambda d: ['--resume-from', str(d / 'nothing.ckpt')], '--resume-from'),
-    (lambda d: ['--resume-from', _write(d / 'notes.ckpt', 'text')], 'notes.ckpt'),
+    (lambda d: ['--resume-from', _write(d / 'notes.ckpt', 'text')], '--resume-from: '),
+    (lambda d: ['--resume-from', str(_half_model(d / 'half.pth'))], 'is missing'),
     (lambda d: ['--fprecision', 'fp8'], '--fprecision'),
     (lambda d: ['--batch-size', '0'], '--batch-size'),
     (lambda d: ['--num-workers', '-1'], '--num-workers'),
