@@ -39,14 +39,16 @@ class DiffusionCheckpoint:
 
 
 def _torch_load(path):
+    # mmap: tensors stay in the file until used, so taking a training checkpoint's EMA
+    # weights or widths does not read its optimizer state into memory.
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - fall through to the permissive loader below
         pass
     # Checkpoints of the original script (Lightning 1.x) may pickle objects that the
     # safe loader refuses; they are the user's own files.
     try:
-        return torch.load(path, map_location='cpu', weights_only=False)
+        return torch.load(path, map_location='cpu', weights_only=False, mmap=True)
     except Exception as e:
         raise UserError(f'{path}: cannot read it as a PyTorch checkpoint ({e}).') from None
 

@@ -41,35 +41,37 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
 
 
-def positive_int(text):
+def whole_number(text, low, high=None):
+    """int(text), which must lie in [low, high]."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    if value < low or (high is not None and value > high):
+        bounds = f'at least {low}' if high is None else f'between {low} and {high}'
+        raise argparse.ArgumentTypeError(f'must be {bounds}, got {value}')
     return value
+
+
+def positive_int(text):
+    return whole_number(text, 1)
 
 
 def non_negative_int(text):
     try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'expected a whole number >= 0, got {text!r}')
-    return value
+        return whole_number(text, 0)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f'expected a whole number >= 0, got {text!r}') from None
 
 
 def seed(text):
     """A whole number torch accepts as a seed."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
-    if not -2 ** 63 <= value < 2 ** 64:
-        raise argparse.ArgumentTypeError(f'must be between -2**63 and 2**64 - 1, got {value}')
-    return value
+    return whole_number(text, -2 ** 63, 2 ** 64 - 1)
+
+
+def training_seed(text):
+    """A seed for training, which also seeds numpy (0 to 2**32 - 1)."""
+    return whole_number(text, 0, 2 ** 32 - 1)
 
 
 def positive_float(text):

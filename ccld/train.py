@@ -43,18 +43,13 @@ def validate(args):
                         f'{",".join(map(str, args.channel_multipliers))} gives widths '
                         f'{",".join(map(str, widths))}; each must be a multiple of 64 '
                         '(one attention head per 64 channels).')
-    if args.seed is not None and not 0 <= args.seed < 2 ** 32:
-        raise UserError(f'--seed must be between 0 and 2**32 - 1, got {args.seed}.')
     if args.image_size % 64:
         raise UserError(f'--image-size {args.image_size} must be a multiple of 64 (the latents '
                         'are 1/8 of it and the U-Net halves them three times).')
-    for suffix in ('.yaml',):
-        if not Path(args.vqgan_model + suffix).is_file():
-            raise UserError(f'--vqgan-model: {args.vqgan_model}{suffix} does not exist (NAME '
-                            'means NAME.yaml + NAME.ckpt).')
-    if not any(Path(args.vqgan_model + s).is_file() for s in ('.ckpt', '.safetensors')):
-        raise UserError(f'--vqgan-model: {args.vqgan_model}.ckpt does not exist (NAME means '
-                        'NAME.yaml + NAME.ckpt).')
+    for suffixes in (['.yaml'], ['.ckpt', '.safetensors']):
+        if not any(Path(args.vqgan_model + s).is_file() for s in suffixes):
+            raise UserError(f'--vqgan-model: {args.vqgan_model}{suffixes[0]} does not exist '
+                            '(NAME means NAME.yaml + NAME.ckpt).')
     if args.cloob_checkpoint not in list_configs() and not Path(args.cloob_checkpoint).is_file():
         raise UserError(f'--cloob-checkpoint: {args.cloob_checkpoint} is neither a file nor a '
                         f'pretrained name ({", ".join(list_configs())}).')
@@ -116,6 +111,11 @@ def strategy_for(args):
     return DDPStrategy(find_unused_parameters=False)
 
 
+def _not_an_advert(record):
+    """Drops Lightning's product tips from the log (one function, so adding it is idempotent)."""
+    return not str(record.msg).startswith('💡 Tip')
+
+
 def run(args):
     import pytorch_lightning as pl
     from pytorch_lightning.utilities import rank_zero_info
@@ -132,8 +132,7 @@ def run(args):
     warnings.filterwarnings('ignore', message='.*isinstance\\(treespec, LeafSpec\\)')
     # The loader reshuffles on resume; the order of a random shuffle need not be restored.
     warnings.filterwarnings('ignore', message=".*dataloader is not resumable")
-    logging.getLogger('pytorch_lightning.utilities.rank_zero').addFilter(
-        lambda record: not str(record.msg).startswith('💡 Tip'))  # an advert, not news
+    logging.getLogger('pytorch_lightning.utilities.rank_zero').addFilter(_not_an_advert)
     output_dir = Path(args.output_dir)
     seed = args.seed
     if seed is None:  # processes started by the DDP launcher inherit rank zero's choice
