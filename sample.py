@@ -42,10 +42,10 @@ def parser():
                    help='override the width read from the weights (yfcc_cfg: 192)')
     p.add_argument('--channel-multipliers', type=cli.multipliers,
                    help='override the multipliers read from the weights (yfcc_cfg: 4,4,8,8)')
-    p.add_argument('--cond-scale', type=float, default=3.0,
+    p.add_argument('--cond-scale', type=cli.finite_float, default=3.0,
                    help='guidance scale of prompts without a weight')
     p.add_argument('--device', type=cli.device, help='default: cuda if available, else cpu')
-    p.add_argument('--eta', type=float, default=0.0,
+    p.add_argument('--eta', type=cli.finite_float, default=0.0,
                    help='noise added at each step of ddim, in [0, 1]')
     p.add_argument('--method', default='plms', choices=generate.METHODS, help='sampler')
     p.add_argument('-n', type=cli.positive_int, default=4, help='number of images')

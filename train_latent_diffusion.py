@@ -13,6 +13,7 @@ import argparse
 from ccld import cli
 
 PROG = 'train_latent_diffusion.py'
+SIGNALS = ('SIGHUP', 'SIGINT', 'SIGTERM', 'SIGUSR1', 'SIGUSR2')
 PRECISIONS = {'16': '16-mixed', '32': '32-true', 'bf16': 'bf16-mixed', '64': '64-true'}
 LIGHTNING_PRECISIONS = {'16-mixed', 'bf16-mixed', '32-true', '64-true', '16-true',
                         'bf16-true', 'transformer-engine', 'transformer-engine-float16'}
@@ -50,7 +51,8 @@ def parser():
     p.add_argument('--train-set', help='text file with one image path per line')
     p.add_argument('--checkpoint-every', type=cli.positive_int, default=50000)
     p.add_argument('--resume-from', help='a ccld checkpoint, a checkpoint of the original '
-                   'script, or a released model state dict to finetune')
+                   'script, a released model state dict to finetune, or "auto": the newest good '
+                   'checkpoint in --output-dir (a fresh start when there is none)')
     p.add_argument('--demo-prompts', help='text file with one demo prompt per line')
     p.add_argument('--demo-every', type=cli.positive_int, default=2000)
     p.add_argument('--wandb-project', help='log to this wandb project (else log locally)')
@@ -78,6 +80,15 @@ def parser():
     p.add_argument('--grad-clip', type=cli.positive_float, help='clip the gradient norm')
     p.add_argument('--image-size', type=cli.positive_int, default=256)
     p.add_argument('--demo-steps', type=cli.positive_int, default=50)
+    p.add_argument('--checkpoint-minutes', type=cli.positive_float, default=30,
+                   help='also write last.ckpt this often, so a kill -9 loses at most this much')
+    p.add_argument('--keep-last', type=cli.positive_int,
+                   help='keep only the newest N step checkpoints (default: keep all)')
+    p.add_argument('--signal', default='SIGUSR1', choices=sorted(SIGNALS),
+                   help='a warning signal that, like SIGTERM and SIGINT, saves a checkpoint and '
+                   'stops the run (SLURM: sbatch --signal=USR1@120)')
+    p.add_argument('--max-bad-steps', type=cli.positive_int, default=50,
+                   help='stop after this many steps in a row with a non-finite loss or gradient')
     return p
 
 

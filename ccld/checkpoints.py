@@ -8,6 +8,7 @@
   record of what is needed to rebuild and sample.
 """
 
+import pickle
 from dataclasses import dataclass
 from typing import Optional
 from pathlib import Path
@@ -38,19 +39,40 @@ class DiffusionCheckpoint:
         return KINDS[self.kind]
 
 
-def _torch_load(path):
-    # mmap: tensors stay in the file until used, so taking a training checkpoint's EMA
-    # weights or widths does not read its optimizer state into memory.
+def _legacy_globals():
+    """What checkpoints of the original script (Lightning 1.5) may pickle besides tensors
+    and plain containers: hyperparameters as an AttributeDict or argparse.Namespace, and
+    callback states keyed by callback class. Classes named here are only rebuilt as data
+    (no code of the file runs); anything else in a checkpoint is refused."""
+    import argparse
+
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.utilities.parsing import AttributeDict
+    return [argparse.Namespace, AttributeDict,
+            (AttributeDict, 'pytorch_lightning.utilities.parsing.AttributeDict'),
+            (ModelCheckpoint, 'pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint')]
+
+
+def safe_load(path, mmap=True):
+    """torch.load with weights_only=True (never full unpickling), allowing the few types
+    that the original script's checkpoints hold. Raises UserError for anything unreadable.
+
+    mmap: tensors stay in the file until used, so taking a training checkpoint's EMA
+    weights or widths does not read its optimizer state into memory.
+    """
     try:
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - fall through to the permissive loader below
-        pass
-    # Checkpoints of the original script (Lightning 1.x) may pickle objects that the
-    # safe loader refuses; they are the user's own files.
-    try:
-        return torch.load(path, map_location='cpu', weights_only=False, mmap=True)
-    except Exception as e:
-        raise UserError(f'{path}: cannot read it as a PyTorch checkpoint ({e}).') from None
+        with torch.serialization.safe_globals(_legacy_globals()):
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        what = str(e).split('\n\n')[-1].strip().splitlines()[0] if str(e).strip() else ''
+        if 'Unsupported global' in str(e) or 'weights_only' in str(e):
+            raise UserError(f'{path} holds objects other than weights ({what}); ccld loads '
+                            'checkpoints without running code in them, so it is refused.') from None
+        raise UserError(f'{path}: cannot read it as a PyTorch checkpoint ({what or e}).') from None
+    except Exception as e:  # noqa: BLE001 - truncated, not a zip or pickle, wrong format...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'{path}: cannot read it as a PyTorch checkpoint ({reason}); it may be '
+                        'truncated or not a checkpoint.') from None
 
 
 def _sub_state(state_dict, prefix):
@@ -66,7 +88,7 @@ def read_checkpoint(path):
         from safetensors.torch import load_file
         obj = load_file(str(path))
     else:
-        obj = _torch_load(path)
+        obj = safe_load(path)
     if not isinstance(obj, dict):
         raise UserError(f'{path} is not a diffusion checkpoint (it holds a {type(obj).__name__}).')
 

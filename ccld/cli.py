@@ -1,14 +1,16 @@
 """What every command-line entry point shares: user errors become one line and exit 2."""
 
 import argparse
+import math
 import sys
 import warnings
 
-from .errors import UserError
+from .errors import RunError, UserError
 
 
 def run(main, prog):
-    """Calls main(); a UserError prints `prog: error: message` and exits with code 2.
+    """Calls main(); a UserError prints `prog: error: message` and exits with code 2, a
+    RunError the same with code 1.
 
     Warnings print as one `prog: warning: message` line, without the source location.
     """
@@ -18,6 +20,9 @@ def run(main, prog):
     except UserError as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         sys.exit(2)
+    except RunError as e:
+        print(f'{prog}: error: {e}', file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(f'{prog}: interrupted', file=sys.stderr)
         sys.exit(130)
@@ -74,11 +79,19 @@ def training_seed(text):
     return whole_number(text, 0, 2 ** 32 - 1)
 
 
-def positive_float(text):
+def finite_float(text):
+    """A number that is not inf or nan."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f'expected a finite number, got {text!r}')
+    return value
+
+
+def positive_float(text):
+    value = finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f'must be greater than 0, got {value}')
     return value

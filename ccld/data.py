@@ -1,26 +1,53 @@
-"""The training set: a text file of image paths, loaded so that bad files never stop a run."""
+"""The training images: path lists and image files, loaded so that bad files never stop a
+run, and so that odd files (16-bit, rotated by EXIF) come out as the picture they show."""
 
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils import data
 from torchvision import transforms
 
 from .errors import UserError
 
+PATHS_CHECKED = 20  # how many paths of a list must include one that exists
+
+
+def read_text_lines(path, what):
+    """The non-blank, stripped lines of a UTF-8 text file; UserError for a missing,
+    binary or non-UTF-8 file. `what` names the file in messages ('path list ...')."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f'{what} {path} does not exist.')
+    raw = path.read_bytes()
+    if b'\0' in raw:
+        raise UserError(f'{what} {path} is a binary file, not text with one entry a line.')
+    try:
+        text = raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise UserError(f'{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 '
+                        'with one entry a line.') from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
 
 def read_path_list(path):
     """One image path per line; blank lines skipped. Raises UserError if none."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f'path list {path} does not exist.')
-    lines = [line.strip() for line in path.read_text(errors='replace').splitlines()]
-    paths = [line for line in lines if line]
+    paths = read_text_lines(path, 'path list')
     if not paths:
         raise UserError(f'path list {path} has no image paths in it.')
     return paths
+
+
+def check_some_exist(paths, source):
+    """UserError when none of the first PATHS_CHECKED paths exists: the data set is not
+    mounted, or the list's paths are relative to another directory."""
+    first = paths[:PATHS_CHECKED]
+    if not any(Path(p).exists() for p in first):
+        raise UserError(f'none of the first {len(first)} paths in {source} exists (e.g. '
+                        f'{first[0]}); is the data set mounted, and are relative paths meant '
+                        'from this directory?')
 
 
 def image_transform(image_size):
@@ -32,11 +59,28 @@ def image_transform(image_size):
     ])
 
 
+def to_rgb(image):
+    """An RGB image of what `image` shows. Integer modes deeper than 8 bits are scaled
+    down (RGB conversion would clip them to white); float images are taken as [0, 1]."""
+    if image.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'):
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode == 'F':
+            top = 1.0
+        else:
+            top = 65535.0 if image.mode.startswith('I;16') or array.max() > 255 else 255.0
+        array = np.clip(array / top * 255, 0, 255).round().astype(np.uint8)
+        image = Image.fromarray(array, 'L')
+    elif image.mode == 'P' and 'transparency' in image.info:
+        image = image.convert('RGBA')
+    return image.convert('RGB')
+
+
 def load_image(path):
-    """An RGB PIL image, fully decoded (so truncated files fail here, not later)."""
+    """An RGB PIL image, fully decoded (so truncated files fail here, not later), turned
+    upright as its EXIF orientation says."""
     with Image.open(path) as image:
         image.load()
-        return image.convert('RGB')
+        return to_rgb(ImageOps.exif_transpose(image))
 
 
 class ImagePathDataset(data.Dataset):
@@ -69,7 +113,7 @@ def collate_skipping_bad(batch):
 
 
 def make_loader(paths, image_size, batch_size, num_workers, shuffle=True, seed=None,
-                drop_last=True):
+                drop_last=True, worker_init_fn=None):
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return data.DataLoader(
         ImagePathDataset(paths, image_size),
@@ -81,4 +125,5 @@ def make_loader(paths, image_size, batch_size, num_workers, shuffle=True, seed=N
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
         generator=generator,
+        worker_init_fn=worker_init_fn,
     )

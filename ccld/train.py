@@ -5,21 +5,23 @@ import logging
 import math
 import os
 import random
+import shutil
+import signal
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import RunError, UserError
 
 REQUIRED = ['vqgan_model', 'autoencoder_scale', 'train_set', 'demo_prompts']
+BYTES_PER_PARAMETER = 16  # a checkpoint holds the model, its EMA and two Adam moments in fp32
 
 
 def read_prompts(path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f'--demo-prompts: {path} does not exist.')
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    from .data import read_text_lines
+    prompts = read_text_lines(path, '--demo-prompts:')
     if not prompts:
         raise UserError(f'--demo-prompts: {path} has no prompts in it (one per line).')
     return prompts
@@ -28,11 +30,12 @@ def read_prompts(path):
 def validate(args):
     """Checks every argument before any model is loaded; raises UserError naming the flag.
 
-    Adds the parsed train paths and prompts and the --resume-from checkpoint to `args`.
+    Adds the parsed train paths and prompts and the --resume-from checkpoint to `args`,
+    and, on the first process of a run, takes the output directory's lock.
     """
     from cloob_training.pretrained import list_configs
 
-    from .data import read_path_list
+    from .data import check_some_exist, read_path_list
 
     for name in REQUIRED:
         if getattr(args, name) is None:
@@ -55,11 +58,19 @@ def validate(args):
                         f'pretrained name ({", ".join(list_configs())}).')
     try:
         args.train_paths = read_path_list(args.train_set)
+        check_some_exist(args.train_paths, args.train_set)
     except UserError as e:
         raise UserError(f'--train-set: {e}') from None
     args.prompts = read_prompts(args.demo_prompts)
     check_devices(args.accelerator, args.devices)
-    args.resume = read_resume(args.resume_from) if args.resume_from else None
+    args.resume = None
+    if args.resume_from not in (None, 'auto'):
+        args.resume = read_resume(args.resume_from)
+    args.lock = None
+    if is_first_process():
+        args.lock = claim_output_dir(args)
+    if args.resume_from == 'auto':
+        resume_from_newest(args)
     return args
 
 
@@ -90,11 +101,92 @@ def read_resume(path):
     return resume
 
 
+def is_first_process():
+    """True in the process that launches a run (global rank zero, or the only process).
+
+    Processes started by a launcher (Lightning's own for --num-gpus, torchrun, srun) have
+    their rank in the environment before anything is set up.
+    """
+    for name in ('RANK', 'SLURM_PROCID', 'LOCAL_RANK', 'NODE_RANK'):
+        if os.environ.get(name, '0') != '0':
+            return False
+    return True
+
+
+def claim_output_dir(args):
+    """Checks --output-dir before any model loads and locks it for this run.
+
+    Refuses a file, an unwritable directory, a directory another live run holds, and a
+    fresh run (no --resume-from) into a directory that already holds checkpoints. Warns
+    when the free space looks short of two checkpoints. Returns the open lock file.
+    """
+    import fcntl
+    import socket
+
+    from .checkpointing import checkpoint_files
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f'--output-dir: {out} is a file; pass a directory.')
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / '.lock', 'a+')
+    except OSError as e:
+        raise UserError(f'--output-dir: cannot write in {out} ({e.strerror}); pass a writable '
+                        'directory.') from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        owner = lock.read().strip() or 'another process'
+        lock.close()
+        raise UserError(f'--output-dir: {out} is in use by another run ({owner}); wait for it '
+                        'to end or pass another --output-dir.') from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    lock.flush()
+    if args.resume_from is None and checkpoint_files(out / 'checkpoints'):
+        lock.close()
+        raise UserError(f'--output-dir: {out / "checkpoints"} already holds checkpoints; pass '
+                        '--resume-from auto to continue that run, or a new --output-dir.')
+    warn_if_space_is_short(out, args.base_channels, args.channel_multipliers)
+    return lock
+
+
+def warn_if_space_is_short(out, base_channels, channel_multipliers):
+    from .unet import DiffusionModel
+    with torch.device('meta'):
+        params = sum(p.numel() for p in DiffusionModel(base_channels, channel_multipliers)
+                     .parameters())
+    needed = 2 * params * BYTES_PER_PARAMETER
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        warnings.warn(f'--output-dir {out} has {free / 2 ** 30:.1f} GiB free; two checkpoints of '
+                      f'this model take about {needed / 2 ** 30:.1f} GiB.')
+
+
+def resume_from_newest(args):
+    """--resume-from auto: the newest checkpoint in the output dir that loads and checks."""
+    from pytorch_lightning.utilities import rank_zero_info
+
+    from .checkpointing import newest_good_checkpoint
+    directory = Path(args.output_dir) / 'checkpoints'
+    path, resume = newest_good_checkpoint(directory, read_resume)
+    if path is None:
+        rank_zero_info(f'--resume-from auto: no checkpoint to resume in {directory}; '
+                       'starting a fresh run.')
+        args.resume_from = None
+    else:
+        args.resume_from, args.resume = str(path), resume
+
+
 def make_logger(args, output_dir):
     from pytorch_lightning.loggers import CSVLogger, WandbLogger
     if args.wandb_project:
+        config = {k: v for k, v in vars(args).items()
+                  if k not in ('train_paths', 'resume', 'lock', 'prompts')}
         logger = WandbLogger(project=args.wandb_project, save_dir=str(output_dir),
-                             log_model=False, config=vars(args))
+                             log_model=False, config=config)
         where = f'wandb project {args.wandb_project}'
         if os.environ.get('WANDB_MODE') == 'offline':
             where += f' (offline, under {output_dir / "wandb"})'
@@ -116,15 +208,34 @@ def _not_an_advert(record):
     return not str(record.msg).startswith('💡 Tip')
 
 
+def init_loader_worker(worker_id):
+    """Seeds a loader worker as Lightning would, and keeps it alive through stop signals."""
+    from lightning_fabric.utilities.seed import pl_worker_init_function
+
+    from .signals import ignore_stop_signals
+    ignore_stop_signals()
+    pl_worker_init_function(worker_id)
+
+
 def run(args):
+    try:
+        return _run(args)
+    finally:
+        if args.lock is not None:
+            args.lock.close()
+
+
+def _run(args):
     import pytorch_lightning as pl
     from pytorch_lightning.utilities import rank_zero_info
 
     from .autoencoder import load_autoencoder
+    from .checkpointing import AtomicCheckpointIO, Checkpoints, TimedLastCheckpoint
     from .cloob import load_cloob
     from .data import make_loader
     from .demo import DemoCallback
-    from .training import InterruptCheckpoint, LightningDiffusion
+    from .signals import StopOnSignal, StopRequested
+    from .training import LightningDiffusion
     from .unet import infer_widths
 
     # The frozen models are meant to stay in eval mode.
@@ -156,7 +267,9 @@ def run(args):
     record = {'autoencoder': args.vqgan_model, 'cloob_checkpoint': args.cloob_checkpoint,
               'image_size': args.image_size}
     module = LightningDiffusion(ae_model, cloob, base, mults, args.autoencoder_scale, args.lr,
-                                args.ema_decay_at, record, seed)
+                                args.ema_decay_at, record, seed, grad_clip=args.grad_clip,
+                                accumulate_grad_batches=args.accumulate_grad_batches,
+                                max_bad_steps=args.max_bad_steps)
 
     ckpt_path = None
     if resume is not None:
@@ -182,27 +295,43 @@ def run(args):
                            f'multipliers {",".join(map(str, mults))}.')
 
     logger, where = make_logger(args, output_dir)
-    checkpoints = InterruptCheckpoint(dirpath=output_dir / 'checkpoints', filename='{step:08d}',
-                                      every_n_train_steps=args.checkpoint_every, save_top_k=-1,
-                                      save_last=True, save_on_exception=True)
+    checkpoint_dir = output_dir / 'checkpoints'
+    checkpoint_io = AtomicCheckpointIO(prog='train_latent_diffusion.py')
+    checkpoints = Checkpoints(checkpoint_dir, args.checkpoint_every, args.keep_last)
     demo = DemoCallback(args.prompts, args.demo_every, output_dir / 'demos',
                         steps=args.demo_steps, latent_size=args.image_size // 8, seed=seed)
+    callbacks = [checkpoints, TimedLastCheckpoint(checkpoint_dir, args.checkpoint_minutes), demo,
+                 StopOnSignal(signal.Signals[args.signal])]
     steps_per_epoch = len(args.train_paths) // args.batch_size
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
-        strategy=strategy_for(args), precision=args.fprecision,
-        max_steps=args.max_steps or -1, max_epochs=-1,
-        accumulate_grad_batches=args.accumulate_grad_batches,
-        gradient_clip_val=args.grad_clip, callbacks=[checkpoints, demo], logger=logger,
+        strategy=strategy_for(args), precision=args.fprecision, plugins=[checkpoint_io],
+        max_steps=args.max_steps or -1, max_epochs=-1, callbacks=callbacks, logger=logger,
         default_root_dir=str(output_dir),
         log_every_n_steps=max(1, min(50, args.demo_every, steps_per_epoch)),
     )
     rank_zero_info(f'Training on {len(args.train_paths)} images; checkpoints in '
-                   f'{output_dir / "checkpoints"}, demo grids in {output_dir / "demos"}, '
+                   f'{checkpoint_dir}, demo grids in {output_dir / "demos"}, '
                    f'logs to {where}. Seed {seed}.')
-    loader = make_loader(args.train_paths, args.image_size, args.batch_size, args.num_workers)
-    trainer.fit(module, loader, ckpt_path=ckpt_path)
-    last = output_dir / 'checkpoints' / 'last.ckpt'
-    trainer.save_checkpoint(last, weights_only=False)
-    rank_zero_info(f'Stopped at step {trainer.global_step}; the latest checkpoint is {last}.')
+    loader = make_loader(args.train_paths, args.image_size, args.batch_size, args.num_workers,
+                         worker_init_fn=init_loader_worker)
+    try:
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
+    except StopRequested as stop:
+        if trainer.is_global_zero:
+            saved = checkpoint_io.last_written or 'nothing (the save failed)'
+            print(f'train_latent_diffusion.py: stopped by {stop.name} at step '
+                  f'{trainer.global_step}; saved {saved}. Run the same command with '
+                  '--resume-from auto to continue.', file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop.signum) from None
+    except OSError as e:
+        raise RunError(f'{e.filename or "a write"} failed ({e.strerror or e}); the latest '
+                       f'checkpoint is {checkpoint_io.last_written or "none"}.') from None
+    if checkpoint_io.failures:
+        path, reason = checkpoint_io.failures[-1]
+        raise RunError(f'{len(checkpoint_io.failures)} checkpoint write(s) failed, the last '
+                       f'{path} ({reason}); the newest checkpoint written whole is '
+                       f'{checkpoint_io.last_written or "none"}.')
+    rank_zero_info(f'Stopped at step {trainer.global_step}; the latest checkpoint is '
+                   f'{checkpoint_io.last_written or checkpoint_dir / "last.ckpt"}.')
     return trainer, module

@@ -1,19 +1,26 @@
 """The LightningModule: v-objective training of a DiffusionModel in a frozen autoencoder's
-latent space, conditioned on frozen CLOOB image embeddings."""
+latent space, conditioned on frozen CLOOB image embeddings.
+
+Batches come either as images (encoded here, every step, as the original did) or from a
+latent cache (posterior mean and std and the CLOOB embedding, precomputed once). Either
+way the model sees a fresh posterior sample each step.
+"""
 
 import copy
+from contextlib import nullcontext
 
 import pytorch_lightning as pl
 import torch
 from torch.nn import functional as F
 
-from . import latents
 from .ema import ema_decay, ema_update
+from .errors import RunError
 from .schedule import t_to_alpha_sigma
 from .unet import DiffusionModel
 
 FROZEN = ('ae_model', 'cloob')
 COND_DROPOUT = 0.2
+NO_DATA_BATCHES = 20  # stop a run whose first batches hold no readable image
 
 
 def v_objective(model, x0, cond, t):
@@ -31,16 +38,40 @@ def v_objective(model, x0, cond, t):
     return F.mse_loss(model(noised, t, cond).float(), target)
 
 
+def posterior_sample(mean, std, scale):
+    """A latent drawn from the autoencoder's posterior N(mean, std^2), divided by `scale`.
+
+    Used for images encoded on the fly and for cached means and stds alike, so both draw
+    the same random numbers in the same order.
+    """
+    return (mean + std * torch.randn_like(mean)) / scale
+
+
+def batch_size_of(batch):
+    """The number of usable examples in a batch of images or of cached latents."""
+    return len(batch['images'] if 'images' in batch else batch['mean'])
+
+
 class LightningDiffusion(pl.LightningModule):
     """Holds the trained `model`, its EMA copy `model_ema`, and the frozen `ae_model`
     and `cloob`. The frozen models stay in eval mode and are left out of checkpoints;
     they are rebuilt from the files named in the checkpoint's 'ccld' record.
+
+    Optimisation is manual, so that a step whose loss or gradients are not finite can be
+    skipped outright: no optimizer update, no EMA update, and no step counted.
+    With `from_cache`, the autoencoder's encoder and CLOOB's image tower are dropped: the
+    cache holds what they would compute, and their memory goes to the U-Net.
     """
 
     def __init__(self, ae_model, cloob, base_channels=128, channel_multipliers=(4, 4, 8, 8),
                  autoencoder_scale=1.0, lr=3e-5, ema_decay_at=200_000, record=None,
-                 seed=0):
+                 seed=0, grad_clip=None, accumulate_grad_batches=1, max_bad_steps=50,
+                 from_cache=False):
         super().__init__()
+        self.automatic_optimization = False
+        if from_cache:
+            ae_model.encoder = ae_model.quant_conv = None
+            cloob.model.image_encoder = None
         self.ae_model = ae_model.requires_grad_(False).eval()
         self.cloob = cloob.requires_grad_(False).eval()
         self.model = DiffusionModel(base_channels, channel_multipliers, autoencoder_scale)
@@ -48,10 +79,17 @@ class LightningDiffusion(pl.LightningModule):
         self.lr = lr
         self.ema_decay_at = ema_decay_at
         self.seed = seed
+        self.grad_clip = grad_clip
+        self.accumulate = accumulate_grad_batches
+        self.max_bad_steps = max_bad_steps
         self.record = dict(record or {}, base_channels=base_channels,
                            channel_multipliers=list(channel_multipliers),
                            autoencoder_scale=float(autoencoder_scale))
         self.skipped_images = 0
+        self.skipped_steps = 0
+        self.bad_steps_in_a_row = 0
+        self.micro_batches = 0
+        self.examples_seen = self.files_tried = 0
         self.rng = None
 
     def train(self, mode=True):
@@ -67,8 +105,10 @@ class LightningDiffusion(pl.LightningModule):
 
     def configure_optimizers(self):
         # The fused kernel updates every parameter in one pass (3.4x faster optimizer steps
-        # than the default on a 2-core CPU for the tiny test model).
-        fused = self.device.type in ('cuda', 'cpu') or None
+        # than the default on a 2-core CPU for the tiny test model). 16-bit training keeps
+        # the plain kernel: the fused one unscales inside step(), after clipping would run.
+        fp16 = getattr(self.trainer.precision_plugin, 'scaler', None) is not None
+        fused = (self.device.type in ('cuda', 'cpu') and not fp16) or None
         return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.01,
                                  fused=fused)
 
@@ -79,31 +119,108 @@ class LightningDiffusion(pl.LightningModule):
                 group['lr'] = self.lr
 
     def training_step(self, batch, batch_idx):
-        self.skipped_images += batch['skipped']
+        self.skipped_images += batch.get('skipped', 0)
         self.log('train/skipped_images', float(self.skipped_images), reduce_fx='sum',
                  sync_dist=True)
-        images = batch['images']
-        if images.shape[0] == 0:
+        n = batch_size_of(batch)
+        self.check_for_data(n, n + batch.get('skipped', 0))
+        if n:
+            loss = self.v_loss(batch)
+            self.log('train/loss', loss, prog_bar=True)
+        else:
             # Every file of this batch was unreadable. A zero loss that still reaches every
             # weight keeps this rank in step with the others' gradient all-reduce under DDP.
-            return sum(p.sum() for p in self.model.parameters()) * 0.0
-        loss = self.v_loss(images)
-        self.log('train/loss', loss, prog_bar=True)
-        return loss
+            loss = sum(p.sum() for p in self.model.parameters()) * 0.0
+        self.micro_batches += 1
+        stepping = self.micro_batches % self.accumulate == 0
+        sync = nullcontext() if stepping else self.trainer.strategy.block_backward_sync()
+        with sync:
+            self.manual_backward(loss / self.accumulate)
+        if stepping:
+            self.optimizer_step_or_skip()
 
-    def v_loss(self, images):
-        """The v-objective on the latents of `images`, conditioned on their CLOOB embeddings."""
-        with torch.no_grad():
-            x0 = latents.encode(self.ae_model, images, self.model.autoencoder_scale)
-            cond = self.cloob.embed_images(images)
-        t = self.rng.draw(images.shape[0])[:, 0].to(self.device)
+    def v_loss(self, batch):
+        """The v-objective on a batch of images or of cached latents."""
+        x0, cond = self.latents_and_conditions(batch)
+        t = self.rng.draw(x0.shape[0])[:, 0].to(self.device)
         return v_objective(self.model, x0, cond, t)
 
-    def optimizer_step(self, *args, **kwargs):
-        super().optimizer_step(*args, **kwargs)
-        ema_update(self.model, self.model_ema, ema_decay(self.global_step, self.ema_decay_at))
+    @torch.no_grad()
+    def latents_and_conditions(self, batch):
+        """Scaled posterior samples and CLOOB image embeddings of a batch."""
+        if 'images' in batch:
+            images = batch['images']
+            posterior = self.ae_model.encode(images * 2 - 1)
+            mean, std = posterior.mean, posterior.std
+            cond = self.cloob.embed_images(images)
+        else:
+            mean, std = batch['mean'].float(), batch['std'].float()
+            cond = batch['embed'].float()
+        return posterior_sample(mean, std, self.model.autoencoder_scale), cond
+
+    def optimizer_step_or_skip(self):
+        """Steps the optimizer and the EMA, unless the gradients are not finite (or all zero:
+        no rank had a readable image). Gradients are already all-reduced here, so every
+        rank reaches the same decision without talking to the others."""
+        optimizer = self.optimizers()
+        scaler = getattr(self.trainer.precision_plugin, 'scaler', None)
+        norm = grad_norm(self.model)
+        if scaler is None and not (torch.isfinite(norm) and norm > 0):
+            optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(norm):
+                self.count_bad_step()
+            return
+        step = self.global_step
+        self.finite_grads = True
+        optimizer.step()  # 16-bit: the GradScaler itself skips a non-finite step
+        optimizer.zero_grad(set_to_none=True)
+        if not self.finite_grads:
+            self.count_bad_step()
+            return
+        self.bad_steps_in_a_row = 0
+        ema_update(self.model, self.model_ema, ema_decay(step, self.ema_decay_at))
+
+    def on_before_optimizer_step(self, optimizer):
+        # Gradients are unscaled here in 16-bit training, so clipping sees their true norm.
+        if self.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        else:
+            norm = grad_norm(self.model)
+        self.finite_grads = bool(torch.isfinite(norm))
+
+    def count_bad_step(self):
+        self.skipped_steps += 1
+        self.bad_steps_in_a_row += 1
+        self.log('train/skipped_steps', float(self.skipped_steps))
+        if self.bad_steps_in_a_row >= self.max_bad_steps:
+            written = getattr(self.trainer.strategy.checkpoint_io, 'last_written', None)
+            good = written or self.trainer.ckpt_path or 'none was written'
+            raise RunError(f'the loss or the gradients were not finite for {self.bad_steps_in_a_row} '
+                           f'steps in a row (at step {self.global_step}); the last good checkpoint '
+                           f'is {good}. Resume from it with a lower --lr or --fprecision 32.')
+
+    def check_for_data(self, good, tried):
+        """Stops the run when the first NO_DATA_BATCHES batches (all ranks together) held no
+        readable image: a list of paths that do not exist trains on nothing."""
+        if self.examples_seen is None:
+            return
+        self.examples_seen += good
+        self.files_tried += tried
+        epoch_done = self.trainer.num_training_batches == self.micro_batches + 1
+        if self.micro_batches + 1 < NO_DATA_BATCHES and not epoch_done:
+            return
+        counts = torch.tensor([self.examples_seen, self.files_tried], device=self.device)
+        seen, tried = (int(c) for c in self.trainer.strategy.reduce(counts, reduce_op='sum'))
+        self.examples_seen = None  # checked once
+        if not seen:
+            raise RunError(f'none of the first {tried} training files could be read; check '
+                           'that the data set is mounted and that the list holds image paths.')
 
     def on_save_checkpoint(self, checkpoint):
+        for name in ('model', 'model_ema'):
+            if not all(torch.isfinite(p).all() for p in getattr(self, name).parameters()):
+                raise RunError(f'the {name} weights hold non-finite values at step '
+                               f'{self.global_step}; not writing a checkpoint of them.')
         state = checkpoint['state_dict']
         for key in [k for k in state if k.startswith(tuple(f'{m}.' for m in FROZEN))]:
             del state[key]
@@ -120,14 +237,29 @@ class LightningDiffusion(pl.LightningModule):
         # So does the autoencoder scale: --autoencoder-scale is required, and wins.
         for name in ('model', 'model_ema'):
             state[f'{name}.autoencoder_scale'] = getattr(self, name).autoencoder_scale.clone()
+        count_steps_as_manual(checkpoint)
 
 
-class InterruptCheckpoint(pl.callbacks.ModelCheckpoint):
-    """Checkpoints every N steps, and also when the run is stopped with Ctrl-C, so that
-    stopping loses nothing. Other exceptions save nothing: under DDP they may hit one rank
-    only, and the collective save would then hang instead of failing.
-    """
+def grad_norm(model):
+    """The total 2-norm of a model's gradients (inf or nan if any is)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    return torch.nn.utils.get_total_norm(grads)
 
-    def on_exception(self, trainer, module, exception):
-        if isinstance(exception, KeyboardInterrupt):
-            super().on_exception(trainer, module, exception)
+
+AUTOMATIC = 'epoch_loop.automatic_optimization.optim_progress'
+MANUAL = 'epoch_loop.manual_optimization.optim_step_progress'
+
+
+def count_steps_as_manual(checkpoint):
+    """Checkpoints of the original script and of earlier ccld versions count their steps
+    in Lightning's automatic-optimisation progress; this module optimises manually and
+    counts them in the manual one, so the count moves over (else a resume restarts at 0)."""
+    loop = checkpoint.get('loops', {}).get('fit_loop')
+    if not loop or AUTOMATIC not in loop:
+        return
+    steps = loop[AUTOMATIC]['optimizer']['step']
+    manual = loop.setdefault(MANUAL, copy.deepcopy(steps))
+    if manual['total']['completed'] == 0:
+        loop[MANUAL] = copy.deepcopy(steps)

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ccld.errors import UserError
+from ccld.files import sha256
 
 CONFIG_DIR = Path(__file__).parent / 'pretrained_configs'
 
@@ -35,14 +36,6 @@ def _read_json(path):
             return json.load(f)
     except (OSError, ValueError) as err:
         raise UserError(f'cannot read CLOOB config {path}: {err}')
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fetch(url, f):
@@ -67,7 +60,7 @@ def download_checkpoint(config, cache_dir=None):
     cache_dir = Path(cache_dir or Path(torch.hub.get_dir()) / 'checkpoints')
     path = cache_dir / filename
     if path.exists():
-        if _sha256(path) == expected:
+        if sha256(path) == expected:
             return path
         path.unlink(missing_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,119 @@
+"""Checkpoints that are never half-written, never overwrite good work and never claim a
+save that failed; and finding the one to resume from.
+
+- Every checkpoint is written to a temp file beside its name, synced and renamed.
+- A write that fails (disk full, read-only) is reported at once, keeps every older
+  checkpoint (nothing is pruned until a write succeeds again) and fails the run at the end.
+- `step=N.ckpt` every --checkpoint-every steps (optionally only the newest --keep-last),
+  `last.ckpt` with it, every --checkpoint-minutes and at the end, and both when a stop
+  signal ends the run.
+"""
+
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from lightning_fabric.plugins import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from .files import atomic_write, remove_stale_temps
+from .signals import StopRequested
+
+STEP_NAME = '{step:08d}'  # files are step=00001234.ckpt
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes checkpoints atomically beside their final name and reads them safely.
+
+    A failed write is reported and remembered, never raised mid-run: under DDP only rank
+    zero writes, so raising there would leave the other ranks waiting for it forever.
+    """
+
+    def __init__(self, prog='ccld'):
+        super().__init__()
+        self.prog = prog
+        self.failures = []        # (path, reason) of every failed write
+        self.last_written = None  # the newest checkpoint that was written whole
+        self.failed_since_last_write = False
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path) as f:
+                torch.save(checkpoint, f)
+        except OSError as e:
+            reason = e.strerror or str(e)
+            self.failures.append((path, reason))
+            self.failed_since_last_write = True
+            print(f'{self.prog}: error: could not write the checkpoint {path} ({reason}); the '
+                  'older checkpoints are kept, and the run will exit with an error.',
+                  file=sys.stderr, flush=True)
+            return
+        self.last_written = path
+        self.failed_since_last_write = False
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        from .checkpoints import safe_load
+        return safe_load(path)
+
+    def remove_checkpoint(self, path):
+        # Pruning after a failed write would leave fewer good checkpoints than asked for.
+        if not self.failed_since_last_write:
+            super().remove_checkpoint(path)
+
+
+class Checkpoints(ModelCheckpoint):
+    """step=N.ckpt every `every` steps (the newest `keep_last`, or all), last.ckpt beside
+    each, and both when a stop signal ends the run. Other exceptions save nothing: under
+    DDP they may hit one rank only, and a collective save would then hang."""
+
+    def __init__(self, dirpath, every, keep_last=None):
+        pruning = dict(monitor='step', mode='max', save_top_k=keep_last) if keep_last else \
+            dict(save_top_k=-1)
+        super().__init__(dirpath=dirpath, filename=STEP_NAME, every_n_train_steps=every,
+                         save_last=True, save_on_exception=True, enable_version_counter=False,
+                         **pruning)
+
+    def on_exception(self, trainer, module, exception):
+        if isinstance(exception, StopRequested):
+            super().on_exception(trainer, module, exception)
+
+    def on_train_end(self, trainer, module):
+        # last.ckpt holds the final step, also when it was not a checkpoint step.
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class TimedLastCheckpoint(ModelCheckpoint):
+    """last.ckpt every `minutes` of training, so that a kill -9 loses at most that much."""
+
+    def __init__(self, dirpath, minutes):
+        super().__init__(dirpath=dirpath, train_time_interval=timedelta(minutes=minutes),
+                         save_top_k=0, save_last=True, enable_version_counter=False)
+
+
+def checkpoint_files(directory):
+    """The checkpoints in `directory`, newest first. Writes are renamed into place whole,
+    so a file's modification time is when its save finished."""
+    files = [p for p in Path(directory).glob('*.ckpt') if p.is_file()]
+    return sorted(files, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def newest_good_checkpoint(directory, read):
+    """The newest checkpoint in `directory` that `read` accepts (it raises for bad ones),
+    with a warning for each one skipped; None when there is none. Stale temp files from
+    a killed save are removed first."""
+    import warnings
+
+    from .errors import UserError
+    if not Path(directory).is_dir():
+        return None, None
+    remove_stale_temps(directory)
+    for path in checkpoint_files(directory):
+        try:
+            return path, read(path)
+        except UserError as e:
+            warnings.warn(f'--resume-from auto: skipping {path}: {e}')
+    return None, None
