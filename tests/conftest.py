@@ -1,4 +1,5 @@
 import math
+import os
 import zlib
 from pathlib import Path
 
@@ -6,6 +7,12 @@ import pytest
 import torch
 
 FIXTURES = Path(__file__).parent / 'fixtures'
+
+# The tests run tiny models, for which one intra-op thread is about as fast as two on a
+# quiet machine; on a loaded one, OpenMP threads spinning against each other make a tiny
+# U-Net forward ~100x slower. The CLI subprocesses inherit the variable.
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+torch.set_num_threads(int(os.environ['OMP_NUM_THREADS']))
 
 
 def fill_value(name, shape):

@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 
+from ccld.cloob import load_cloob
 from ccld.errors import UserError
 from cloob_training import model_pt
 from cloob_training.pretrained import resolve_checkpoint
@@ -73,6 +74,32 @@ def test_golden_embeddings(golden, tmp_path):
         text_embeds = model.text_encoder(tokens)
     torch.testing.assert_close(image_embeds, golden['image_embeds'], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(text_embeds, golden['text_embeds'], rtol=1e-5, atol=1e-6)
+
+
+# SPEC 3: the published CLOOB normalisation, written out here, not read from the model.
+CLOOB_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+CLOOB_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+
+
+def test_embedder_gives_the_golden_embeddings(golden, tmp_path):
+    """What training conditions on and sample.py guides with: images in [0, 1] are
+    normalised before the encoder; prompts are tokenised."""
+    cloob = load_cloob(str(write_filled_checkpoint(golden['config'], tmp_path / 'golden.pkl')))
+    with torch.no_grad():
+        torch.testing.assert_close(cloob.embed_images(golden['images']), golden['image_embeds'],
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cloob.embed_texts(golden['texts']), golden['text_embeds'],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_embedder_resizes_bicubic_then_normalizes(golden, tmp_path):
+    cloob = load_cloob(str(write_filled_checkpoint(golden['config'], tmp_path / 'golden.pkl')))
+    images = torch.rand(2, 3, 48, 48)
+    resized = torch.nn.functional.interpolate(images, (32, 32), mode='bicubic',
+                                              align_corners=False)
+    with torch.no_grad():
+        expected = cloob.model.image_encoder((resized - CLOOB_MEAN) / CLOOB_STD)
+        torch.testing.assert_close(cloob.embed_images(images), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_attention_masks_query_rows_only():

@@ -1,7 +1,7 @@
 """compute_ae_scale.py and ccld.scale on a tiny autoencoder and a few dozen small images."""
 
+import copy
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +14,7 @@ from torchvision.transforms import functional as TF
 
 import compute_ae_scale
 import tiny
-from ccld.autoencoder import load_autoencoder
+from ccld.autoencoder import load_autoencoder, read_config, save_autoencoder
 from ccld.errors import UserError
 from ccld.scale import estimate_scale
 
@@ -33,7 +33,15 @@ def assets(tmp_path_factory):
     with torch.no_grad():  # latent means x10: a scale far from 1 (and from its square)
         autoencoder.quant_conv.weight[:4] *= 10
         autoencoder.quant_conv.bias[:4] *= 10
+    # Latent means x100: the posterior noise then moves the scale by ~0.04%, a missing
+    # [-1, 1] mapping of the images by ~2%.
+    amplified = copy.deepcopy(autoencoder)
+    with torch.no_grad():
+        amplified.quant_conv.weight[:4] *= 10
+        amplified.quant_conv.bias[:4] *= 10
+    save_autoencoder(amplified, read_config(f'{name}.yaml'), d / 'amplified')
     return SimpleNamespace(dir=d, name=name, autoencoder=autoencoder, paths=paths, bad=bad,
+                           amplified=amplified, amplified_name=str(d / 'amplified'),
                            list=tiny.write_path_list(paths[:20] + bad, d / 'train.txt'))
 
 
@@ -41,17 +49,37 @@ def scale(assets, paths, **kwargs):
     return estimate_scale(assets.autoencoder, paths, image_size=SIZE, progress=False, **kwargs)
 
 
-def test_matches_an_independent_computation(assets):
-    """sqrt(mean over batches of var(latent samples)); the batches and the latent samples
-    differ between the two, so they agree only within sampling noise."""
-    result = scale(assets, assets.paths, batches=2, batch_size=16)
-    assert (result.images, result.batches, result.skipped) == (32, 2, 0)
-    images = torch.stack([TF.to_tensor(Image.open(p).convert('RGB')) for p in assets.paths])
+def load_images(paths):
+    return torch.stack([TF.to_tensor(Image.open(p).convert('RGB')) for p in paths])
+
+
+def closed_form_scale(autoencoder, images, mapped=True):
+    """SPEC 5 for one batch, in closed form: latent samples mean + std * eps have expected
+    variance E[mean^2 + std^2] - E[mean]^2 over their n elements (n / (n - 1) of it for
+    the unbiased estimate). Returns its square root and the relative standard deviation
+    that the sampling noise gives the estimate."""
     with torch.no_grad():
-        variances = [assets.autoencoder.encode(batch * 2 - 1).sample().var()
-                     for batch in images.split(16)]
-    expected = math.sqrt(sum(variances) / len(variances))
-    assert result.scale == pytest.approx(expected, rel=0.02)
+        moments = autoencoder.quant_conv(autoencoder.encoder(images * 2 - 1 if mapped else images))
+    mean, logvar = moments.double().chunk(2, dim=1)
+    std = logvar.clamp(-30, 20).div(2).exp()
+    n = mean.numel()
+    var = ((mean ** 2 + std ** 2).mean() - mean.mean() ** 2) * n / (n - 1)
+    var_sd = (4 * ((mean - mean.mean()) ** 2 * std ** 2).sum() + 2 * (std ** 4).sum()).sqrt() / n
+    return var.sqrt().item(), (var_sd / var / 2).item()
+
+
+def test_matches_an_independent_computation(assets):
+    """One batch of every image: the estimate is the closed form up to sampling noise,
+    with a tolerance far below what a missing [-1, 1] mapping of the images shifts."""
+    result = estimate_scale(assets.amplified, assets.paths, batches=1, batch_size=32,
+                            image_size=SIZE, progress=False)
+    assert (result.images, result.batches, result.skipped) == (32, 1, 0)
+    images = load_images(assets.paths)
+    expected, noise = closed_form_scale(assets.amplified, images)
+    tolerance = 6 * noise
+    unmapped, _ = closed_form_scale(assets.amplified, images, mapped=False)
+    assert abs(unmapped / expected - 1) > 3 * tolerance  # the test can see that mistake
+    assert result.scale == pytest.approx(expected, rel=tolerance)
 
 
 def test_same_seed_same_scale(assets):
@@ -108,11 +136,15 @@ def test_cli_user_errors(assets, capsys, argv, message):
 
 def test_cli_prints_the_scale_and_the_flag_from_any_directory(assets, tmp_path):
     run = subprocess.run(
-        [sys.executable, str(ROOT / 'compute_ae_scale.py'), str(Path(assets.name).resolve()),
-         str(assets.list), '--batches', '2', '--batch-size', '8', '--image-size', str(SIZE),
-         '--num-workers', '2'], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        [sys.executable, str(ROOT / 'compute_ae_scale.py'),
+         str(Path(assets.amplified_name).resolve()), str(assets.list), '--batches', '1',
+         '--batch-size', '22', '--image-size', str(SIZE), '--num-workers', '2'],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     value = run.stdout.strip()
-    assert float(value) > 0 and '\n' not in value
+    assert '\n' not in value
+    # One batch: the list's 20 readable images.
+    expected, noise = closed_form_scale(assets.amplified, load_images(assets.paths[:20]))
+    assert float(value) == pytest.approx(expected, rel=6 * noise)
     assert f'--autoencoder-scale {value}\n' in run.stderr
     assert 'Traceback' not in run.stderr

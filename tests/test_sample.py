@@ -1,5 +1,6 @@
 """sample.py and ccld.generate on tiny random models written through the real formats."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -13,10 +14,9 @@ from PIL import Image
 
 import sample
 import tiny
-from ccld import generate, latents
+from ccld import generate
 from ccld.autoencoder import load_autoencoder
 from ccld.cloob import load_cloob
-from ccld.data import image_transform, load_image
 from ccld.errors import UserError
 from ccld.schedule import sampling_timesteps, t_to_alpha_sigma
 
@@ -64,6 +64,54 @@ def pixels(path):
     return np.asarray(Image.open(path))
 
 
+def decode_by_hand(autoencoder, z, scale):
+    """SPEC 4: decoder(post_quant_conv(z * scale)), from [-1, 1] to 8-bit pixels [n, H, W, 3]."""
+    with torch.no_grad():
+        images = autoencoder.decoder(autoencoder.post_quant_conv(z * scale))
+    images = ((images + 1) / 2).clamp(0, 1).mul(255).round().byte()
+    return images.permute(0, 2, 3, 1).numpy()
+
+
+def assert_pixels_close(a, b):
+    """8-bit images equal up to one level of rounding."""
+    assert a.shape == b.shape
+    diff = np.abs(a.astype(int) - b.astype(int))
+    worst = int(diff.max())
+    assert worst <= 1, f'{(diff > 1).mean():.1%} of the pixels differ, by up to {worst}'
+
+
+class SampleSpy:
+    """Wraps generate.sample_latents: remembers the noise each batch starts from and the
+    latents it ends with."""
+
+    def __init__(self, monkeypatch):
+        self.starts, self.ends = [], []
+        self.sample_latents = generate.sample_latents
+        monkeypatch.setattr(generate, 'sample_latents', self)
+
+    def __call__(self, model_fn, x, *args, **kwargs):
+        out = self.sample_latents(model_fn, x, *args, **kwargs)
+        self.starts.append(x.clone())
+        self.ends.append(out.clone())
+        return out
+
+    def take(self):
+        starts, ends = torch.cat(self.starts), torch.cat(self.ends)
+        self.starts, self.ends = [], []
+        return starts, ends
+
+
+def seeded_noise(seed, n, side=8):
+    """The original's noise: torch.manual_seed(seed), then one draw for all n latents."""
+    torch.manual_seed(seed)
+    return torch.randn([n, 4, side, side])
+
+
+# SPEC 3: CLOOB's published normalisation, written out here.
+CLOOB_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+CLOOB_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+
+
 class Recorder:
     """A v model that predicts 0 and remembers every (x, t) it is called with."""
 
@@ -89,14 +137,23 @@ def test_parse_prompt(prompt, expected):
     assert generate.parse_prompt(prompt, 3.0) == expected
 
 
-def test_embed_prompts_keeps_order_and_weights(assets, models):
-    image = load_image(assets.images[0])
+def test_embed_prompts_keeps_order_and_weights(models):
+    """Texts, then image prompts; an image prompt is resized (shorter side, Lanczos) and
+    center-cropped to CLOOB's size as training images are, then CLOOB-normalised."""
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)  # 50 x 40: resized to 40 x 32, then 4 columns cropped
     embeds, weights = generate.embed_prompts(models.cloob, [('a fox', 2.0), ('a hen', -1.0)],
                                              [(image, 0.5)])
     assert embeds.shape == (3, 512) and weights == [2.0, -1.0, 0.5]
-    torch.testing.assert_close(embeds[:2], models.cloob.embed_texts(['a fox', 'a hen']))
-    crop = image_transform(models.cloob.image_size)(image)[None]
-    torch.testing.assert_close(embeds[2:], models.cloob.embed_images(crop))
+    clip = models.cloob.model
+    assert clip.config['image_encoder']['image_size'] == 32
+    crop = np.asarray(image.resize((40, 32), Image.LANCZOS).crop((4, 0, 36, 32)))
+    crop = torch.from_numpy(crop / np.float32(255)).permute(2, 0, 1)
+    with torch.no_grad():
+        texts = clip.text_encoder(clip.tokenize(['a fox', 'a hen']))
+        images = clip.image_encoder(((crop - CLOOB_MEAN) / CLOOB_STD)[None])
+    torch.testing.assert_close(embeds[:2], texts)
+    torch.testing.assert_close(embeds[2:], images)
 
 
 def test_guided_model_fn_mixes_weighted_predictions(assets):
@@ -112,15 +169,20 @@ def test_guided_model_fn_mixes_weighted_predictions(assets):
 
 @pytest.mark.parametrize('method', generate.METHODS)
 def test_every_method_samples_reproducibly(assets, models, method):
+    """The seed alone fixes the images (the stochastic samplers draw from the seeded
+    stream too), another seed gives others, and the samples of a batch differ."""
     embeds = models.cloob.embed_texts(['a fox'])
     model_fn = generate.guided_model_fn(assets.ema, embeds, [3.0])
-    run = lambda: torch.cat(list(generate.generate(  # noqa: E731
-        model_fn, models.autoencoder, SCALE, 2, 64, method=method, steps=3, eta=0.5,
-        seed=3, progress=False)))
-    images = run()
+    run = lambda seed: torch.cat(list(generate.generate(  # noqa: E731
+        model_fn, models.autoencoder, SCALE, 2, 64, method=method, steps=2, eta=0.5,
+        seed=seed, progress=False)))
+    images = run(3)
     assert images.shape == (2, 3, 64, 64)
-    assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
-    torch.testing.assert_close(run(), images, rtol=0, atol=0)
+    torch.testing.assert_close(run(3), images, rtol=0, atol=0)
+    other_seed = (run(4) - images).abs().amax().item()
+    assert other_seed > 0.01, f'seeds 3 and 4 give images that differ by {other_seed}'
+    in_batch = (images[0] - images[1]).abs().amax().item()
+    assert in_batch > 0.01, f'the two samples of a batch differ by {in_batch}'
 
 
 def test_noise_is_the_originals_whatever_the_batch_size(models):
@@ -135,16 +197,23 @@ def test_noise_is_the_originals_whatever_the_batch_size(models):
 
 
 def test_init_starts_from_the_noised_image(models):
+    """x = alpha x0 + sigma noise at the first timestep <= strength, where x0 is the init
+    image's latent: encoder(init * 2 - 1) / scale (SPEC 2). The autoencoder's posterior
+    is made sharp (log-variance -30), so its sample is its mean."""
+    autoencoder = copy.deepcopy(models.autoencoder)
+    with torch.no_grad():
+        autoencoder.quant_conv.weight[4:] = 0
+        autoencoder.quant_conv.bias[4:] = -30
     init, strength, steps, seed = torch.rand(3, 64, 64), 0.5, 10, 7
     recorder = Recorder()
-    list(generate.generate(recorder, models.autoencoder, SCALE, 2, 64, method='ddim',
+    list(generate.generate(recorder, autoencoder, SCALE, 2, 64, method='ddim',
                            steps=steps, seed=seed, init=init, strength=strength,
                            progress=False))
     ts = sampling_timesteps(steps)
     ts = ts[ts <= strength]
-    torch.manual_seed(seed)
-    noise = torch.randn([2, 4, 8, 8])
-    x0 = latents.encode(models.autoencoder, init[None], SCALE)
+    noise = seeded_noise(seed, 2)
+    with torch.no_grad():
+        x0 = autoencoder.quant_conv(autoencoder.encoder(init[None] * 2 - 1))[:, :4] / SCALE
     alpha, sigma = t_to_alpha_sigma(ts[0])
     torch.testing.assert_close(recorder.calls[0][0], x0 * alpha + noise * sigma)
     assert [t[0].item() for _, t in recorder.calls] == ts.tolist()
@@ -184,7 +253,9 @@ def test_width_flags_override_but_must_fit(assets):
         generate.load_model(assets.bare, base_channels=32, channel_multipliers=[4, 4, 8, 8])
 
 
-def test_cli_writes_images_grid_and_metadata_and_reads_the_scale(assets, tmp_path):
+def test_cli_writes_images_grid_and_metadata_and_reads_the_scale(assets, models, tmp_path,
+                                                                monkeypatch):
+    spy = SampleSpy(monkeypatch)
     out = tmp_path / 'out'
     argv = base_args(assets, 'a fox:2', 'a hen', '--images', f'{assets.images[0]}:0.5', '-n', '3',
                      '--batch-size', '2', '--grid-cols', '2', '--output-dir', str(out),
@@ -201,13 +272,43 @@ def test_cli_writes_images_grid_and_metadata_and_reads_the_scale(assets, tmp_pat
     assert 'index' not in Image.open(out / 'fox_grid.png').text
     grid = pixels(out / 'fox_grid.png')
     assert np.array_equal(grid[64:, :64], pixels(out / 'fox_00002.png'))
+    # Sampling starts from the --seed noise; the PNGs are the latents decoded at the scale
+    # the checkpoint stores.
+    noise, ends = spy.take()
+    torch.testing.assert_close(noise, seeded_noise(4, 3), rtol=0, atol=0)
+    expected = decode_by_hand(models.autoencoder, ends, SCALE)
+    for i in range(3):
+        assert_pixels_close(pixels(out / f'fox_{i:05}.png'), expected[i])
 
-    # The same run with --autoencoder-scale decodes differently, and says so.
+    # The same run with --autoencoder-scale decodes at that scale, and says so.
     assert run_sample([*argv, '--output-dir', str(tmp_path / 'scaled'),
                        '--autoencoder-scale', '3']) == 0
     scaled = tmp_path / 'scaled' / 'fox_00000.png'
     assert float(Image.open(scaled).text['autoencoder_scale']) == 3.0
+    _, ends = spy.take()
+    assert_pixels_close(pixels(scaled), decode_by_hand(models.autoencoder, ends, 3.0)[0])
     assert not np.array_equal(pixels(scaled), pixels(out / 'fox_00000.png'))
+
+    # Another --seed, other noise and other images.
+    assert run_sample([*argv, '--output-dir', str(tmp_path / 'seed5'), '--seed', '5',
+                       '-n', '1']) == 0
+    noise, _ = spy.take()
+    torch.testing.assert_close(noise, seeded_noise(5, 1), rtol=0, atol=0)
+    other = pixels(tmp_path / 'seed5' / 'fox_00000.png').astype(int)
+    assert np.abs(other - pixels(out / 'fox_00000.png')).max() > 10
+
+
+def test_cli_samples_at_the_image_size_the_checkpoint_records(assets, tmp_path):
+    """A ccld checkpoint records the training image size; without --size it is the output's."""
+    ckpt = tiny.save_ccld_checkpoint(tmp_path / 'run128.ckpt', assets.ema, assets.ema,
+                                     {'image_size': 128})
+    argv = base_args(assets, '--checkpoint', str(ckpt), '--method', 'ddim', '--steps', '1',
+                     '--output-dir', str(tmp_path / 'out'))
+    i = argv.index('--size')
+    del argv[i:i + 2]
+    assert run_sample(argv) == 0
+    with Image.open(tmp_path / 'out' / 'out_00000.png') as image:
+        assert image.size == (128, 128) and image.text['size'] == '128'
 
 
 def test_cli_init_image(assets, tmp_path):

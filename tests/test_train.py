@@ -391,28 +391,46 @@ def test_script_error_is_one_line_from_any_directory(assets, tmp_path):
 
 DDP_DRIVER = '''
 import sys, torch
+import ccld.training
 import train_latent_diffusion
 from ccld import train
+seen, v_objective = [], ccld.training.v_objective
+
+def spy(model, x0, cond, t):  # the latents and timesteps of each step of this rank
+    seen.append({"x0": x0.detach().clone(), "t": t.detach().clone()})
+    return v_objective(model, x0, cond, t)
+
+ccld.training.v_objective = spy
 args = train_latent_diffusion.parser().parse_args(sys.argv[2:])
 trainer, module = train.run(train.validate(args))
 torch.save({"model": module.model.state_dict(), "model_ema": module.model_ema.state_dict(),
-            "step": trainer.global_step, "world_size": trainer.world_size},
+            "step": trainer.global_step, "world_size": trainer.world_size, "seen": seen},
            f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
 '''
 
 
 def test_two_process_cpu_ddp_keeps_both_ranks_identical(assets, tmp_path):
+    """Both ranks end with the same weights, having trained on different images at
+    different timesteps (each rank has its own Sobol sequence)."""
     driver = tmp_path / 'driver.py'
     driver.write_text(DDP_DRIVER)
     argv = train_args(assets, tmp_path / 'out', '--num-gpus', '2', '--batch-size', '2',
                       '--max-steps', '3', '--demo-every', '1000')
+    # The driver lives outside the checkout: it must import this checkout's code.
+    path = [str(ROOT), str(ROOT / 'latent-diffusion'), os.environ.get('PYTHONPATH', '')]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
     result = subprocess.run([sys.executable, str(driver), str(tmp_path), *argv], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+                            env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [load(tmp_path / f'rank{r}.pt') for r in (0, 1)]
     assert [(r['step'], r['world_size']) for r in ranks] == [(3, 2), (3, 2)]
     for name in ('model', 'model_ema'):
         assert_same_tensors(ranks[0][name], ranks[1][name])
+    assert [len(r['seen']) for r in ranks] == [3, 3]
+    for step, (a, b) in enumerate(zip(ranks[0]['seen'], ranks[1]['seen'])):
+        assert a['x0'].shape == b['x0'].shape == (2, 4, 8, 8)
+        assert not torch.equal(a['x0'], b['x0']), f'step {step}: both ranks had the same latents'
+        assert not torch.equal(a['t'], b['t']), f'step {step}: both ranks drew timesteps {a["t"]}'
     assert (tmp_path / 'out' / 'checkpoints' / 'last.ckpt').is_file()
     assert len(list((tmp_path / 'out' / 'demos').iterdir())) == 1  # rank zero only
 
@@ -449,3 +467,47 @@ def test_the_readme_demo_runs_offline_from_any_directory(tmp_path):
 def test_the_modules_are_importable_from_the_script_as_in_the_original():
     assert train_latent_diffusion.LightningDiffusion is LightningDiffusion
     assert train_latent_diffusion.DiffusionModel is DiffusionModel
+
+
+def test_grad_clip_limits_the_update(assets, tmp_path, at_train_start):
+    """AdamW's first step moves each weight by lr * g / (|g| + 1e-8) besides the weight
+    decay: ~lr unclipped, under lr / 10^4 with the gradient norm clipped to 1e-12 (the
+    bound allows for float32 rounding)."""
+    lr, weight_decay = 3e-5, 0.01
+    _, module = train(train_args(assets, tmp_path, '--max-steps', '1', '--lr', str(lr),
+                                 '--grad-clip', '1e-12', '--demo-every', '1000'))
+    worst = 0.0
+    for name, after in module.model.named_parameters():
+        before = at_train_start['model'][name].double()
+        adam_step = before * (1 - lr * weight_decay) - after.detach().double()
+        worst = max(worst, adam_step.abs().max().item() / lr)
+    assert worst < 0.01, f'the first step moved a weight by {worst:.3g} lr'
+
+
+def test_ema_decay_at_sets_when_the_average_slows_to_0_9999(first_run, assets, tmp_path,
+                                                            at_train_start):
+    """SPEC 2: past step 20000 the EMA decays by 0.999 until --ema-decay-at, then by 0.9999.
+    Resumed at step 20010 with --ema-decay-at 20005 and an EMA far from the model, one
+    step gives EMA = 0.9999 EMA_before + 0.0001 model_after (0.999 would be visibly off),
+    and the EMA's buffers are the model's."""
+    ours = load(first_run.out / 'checkpoints' / 'step=00000002.ckpt')
+    torch.manual_seed(5)
+    far = DiffusionModel(64, [1, 1, 1, 1], SCALE).state_dict()
+    state = {**{f'model.{k}': v for k, v in sub_state(ours['state_dict'], 'model.').items()},
+             **{f'model_ema.{k}': v for k, v in far.items()}}
+    original = tmp_path / 'original.ckpt'  # a checkpoint of the original script, at step 20010
+    torch.save({'epoch': 0, 'global_step': 20010, 'pytorch-lightning_version': '1.5.10',
+                'state_dict': state, 'callbacks': {}, 'optimizer_states': ours['optimizer_states'],
+                'lr_schedulers': [], 'scale_factor': SCALE}, original)
+    _, module = train(train_args(assets, tmp_path / 'out', '--resume-from', str(original),
+                                 '--max-steps', '20011', '--ema-decay-at', '20005'))
+    assert at_train_start['step'] == 20010
+    ema = dict(module.model_ema.named_parameters())
+    off = {0.9999: 0.0, 0.999: 0.0}
+    for name, model in module.model.named_parameters():
+        before, after = at_train_start['model_ema'][name].double(), ema[name].double()
+        for decay in off:
+            expected = decay * before + (1 - decay) * model.detach().double()
+            off[decay] = max(off[decay], (after - expected).abs().max().item())
+    assert off[0.9999] < 1e-6 and off[0.999] > 1e-5, off
+    assert_same_tensors(dict(module.model_ema.named_buffers()), dict(module.model.named_buffers()))

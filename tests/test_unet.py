@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -71,13 +73,34 @@ def test_infer_widths_recovers_the_architecture(base, mults):
 
 
 def test_zero_embedding_is_the_unconditional_input():
-    """normalize() must keep a zero embedding at zero rather than producing NaN."""
+    """SPEC 1: normalize keeps a zero embedding at zero (no NaN), so the mapping network
+    sees exact zeros in its place: the same output as the forward pass written out with
+    zeros. Any nonzero embedding, however small, is scaled to norm sqrt(512) and changes
+    the output."""
     torch.manual_seed(0)
     model = DiffusionModel(64, [1, 1, 1, 1]).eval()
-    x, t = torch.randn(1, 4, 8, 8), torch.tensor([0.5])
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.5, 0.2])
+    seen = []
+    hook = model.mapping.register_forward_hook(lambda m, args, out: seen.append(args[0]))
     with torch.no_grad():
-        v = model(x, t, torch.zeros(1, 512))
-    assert torch.isfinite(v).all()
+        v = model(x, t, torch.zeros(2, 512))
+        hook.remove()
+        assert torch.isfinite(v).all()
+        assert seen[0].shape == (2, 512 + 128)
+        assert torch.equal(seen[0][:, :512], torch.zeros(2, 512))
+
+        def fourier(embed, t):
+            f = 2 * math.pi * t[:, None] @ embed.weight.T
+            return torch.cat([f.cos(), f.sin()], dim=1)
+        mapping_in = torch.cat([torch.zeros(2, 512), fourier(model.mapping_timestep_embed, t)], 1)
+        cond = model.mapping(mapping_in)
+        planes = fourier(model.timestep_embed, t)[:, :, None, None].expand(2, 16, 8, 8)
+        torch.testing.assert_close(v, model.net(torch.cat([x, planes], 1), cond))
+
+        embed = torch.randn(2, 512)
+        v_small = model(x, t, 1e-6 * embed)
+        torch.testing.assert_close(v_small, model(x, t, embed))
+        assert (v_small - v).abs().amax() > 1e-2, (v_small - v).abs().amax()
 
 
 def test_weights_are_initialised_scaled_by_sqrt_half():

@@ -1,0 +1,45 @@
+"""Demo grids while training are drawn with the EMA model (SPEC 2 and 5)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import tiny
+from ccld.autoencoder import load_autoencoder
+from ccld.cloob import load_cloob
+from ccld.demo import DemoCallback
+
+
+@pytest.fixture(scope='module')
+def frozen(tmp_path_factory):
+    d = tmp_path_factory.mktemp('demo')
+    return SimpleNamespace(autoencoder=load_autoencoder(tiny.tiny_autoencoder(d)),
+                           cloob=load_cloob(str(tiny.tiny_cloob(d))))
+
+
+def test_demo_grid_is_drawn_with_the_ema_weights(frozen, tmp_path):
+    """The trained weights are noisier than their average; the grid must show the
+    average, the model that is exported. Here the trained model refuses to run."""
+    trained = tiny.tiny_diffusion(seed=1, autoencoder_scale=1.5)
+    ema = tiny.tiny_diffusion(seed=0, autoencoder_scale=1.5)
+
+    def trained_forward(*args, **kwargs):
+        raise AssertionError('the demo grid was drawn with the trained weights (module.model)')
+    trained.forward = trained_forward
+    ema_batches, ema_forward = [], ema.forward
+
+    def ema_spy(x, *args, **kwargs):
+        ema_batches.append(x.shape[0])
+        return ema_forward(x, *args, **kwargs)
+    ema.forward = ema_spy
+
+    module = SimpleNamespace(model=trained, model_ema=ema, ae_model=frozen.autoencoder,
+                             cloob=frozen.cloob, device=torch.device('cpu'))
+    callback = DemoCallback(['a red circle', 'a blue square'], every=1, out_dir=tmp_path,
+                            steps=2, latent_size=8)
+    callback.render_and_log(SimpleNamespace(loggers=[]), module, step=3)
+    assert ema_batches
+    with Image.open(tmp_path / 'demo_00000003.png') as grid:
+        assert grid.size == (2 * 64, 64)
