@@ -48,7 +48,8 @@ def parser():
     p.add_argument('--vqgan-model', help='autoencoder NAME, for NAME.yaml + NAME.ckpt')
     p.add_argument('--autoencoder-scale', type=cli.positive_float,
                    help='latent scale of the autoencoder (see compute_ae_scale.py)')
-    p.add_argument('--train-set', help='text file with one image path per line')
+    p.add_argument('--train-set', help='text file with one image path per line, or webdataset '
+                   'tar shards (data/{00000..01023}.tar, or a directory of .tar files)')
     p.add_argument('--checkpoint-every', type=cli.positive_int, default=50000)
     p.add_argument('--resume-from', help='a ccld checkpoint, a checkpoint of the original '
                    'script, a released model state dict to finetune, or "auto": the newest good '
@@ -66,6 +67,9 @@ def parser():
     p.add_argument('--channel-multipliers', type=cli.multipliers, default=[4, 4, 8, 8])
     p.add_argument('--ema-decay-at', type=cli.positive_int, default=200000)
     # Added.
+    p.add_argument('--train-latents', metavar='DIR',
+                   help='train from a latent cache made by precompute_latents.py, instead of '
+                   '--train-set')
     p.add_argument('--num-nodes', type=cli.positive_int, default=1)
     p.add_argument('--accelerator', default='auto', choices=['auto', 'cpu', 'gpu', 'cuda', 'mps'])
     p.add_argument('--strategy', default='auto',
@@ -87,6 +91,9 @@ def parser():
     p.add_argument('--signal', default='SIGUSR1', choices=sorted(SIGNALS),
                    help='a warning signal that, like SIGTERM and SIGINT, saves a checkpoint and '
                    'stops the run (SLURM: sbatch --signal=USR1@120)')
+    p.add_argument('--peak-tflops', type=cli.positive_float,
+                   help='the device\'s peak TFLOP/s at the training precision, for the FLOP '
+                   'utilisation in the logs (default: known for A100, H100, H200, L40S, 4090...)')
     p.add_argument('--max-bad-steps', type=cli.positive_int, default=50,
                    help='stop after this many steps in a row with a non-finite loss or gradient')
     return p

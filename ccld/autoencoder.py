@@ -66,6 +66,22 @@ def build_autoencoder(config: dict) -> AutoencoderKL:
     return AutoencoderKL(**{"lossconfig": None, **params})
 
 
+def weights_path(name) -> Path:
+    """NAME.ckpt, or NAME.safetensors when only that exists."""
+    safetensors = Path(f"{name}.safetensors")
+    if safetensors.is_file() and not Path(f"{name}.ckpt").is_file():
+        return safetensors
+    return Path(f"{name}.ckpt")
+
+
+def describe(name) -> dict:
+    """What identifies an autoencoder NAME in records: its files and its weights' sha256."""
+    from ccld.files import sha256
+    weights = weights_path(name)
+    return {"name": str(name), "config": str(Path(f"{name}.yaml").resolve()),
+            "checkpoint": str(weights.resolve()), "sha256": sha256(weights)}
+
+
 def load_autoencoder(name=None, *, config=None, checkpoint=None,
                      device="cpu") -> AutoencoderKL:
     """A frozen autoencoder in eval mode from NAME (NAME.yaml + NAME.ckpt) or explicit paths.
@@ -75,10 +91,7 @@ def load_autoencoder(name=None, *, config=None, checkpoint=None,
     """
     if name is not None:
         config = config if config is not None else f"{name}.yaml"
-        if checkpoint is None:
-            safetensors = Path(f"{name}.safetensors")
-            use_safetensors = safetensors.is_file() and not Path(f"{name}.ckpt").is_file()
-            checkpoint = safetensors if use_safetensors else f"{name}.ckpt"
+        checkpoint = checkpoint if checkpoint is not None else weights_path(name)
     if config is None or checkpoint is None:
         raise UserError("no autoencoder given; pass NAME (for NAME.yaml + NAME.ckpt) "
                         "or both a config and a checkpoint path")

@@ -1,5 +1,7 @@
 """Loading a frozen CLOOB and embedding images and prompts into its shared space."""
 
+from pathlib import Path
+
 from torch import nn
 from torch.nn import functional as F
 
@@ -28,6 +30,18 @@ class CLOOBEmbedder(nn.Module):
     def embed_texts(self, texts):
         device = next(self.parameters()).device
         return self.model.text_encoder(self.model.tokenize(texts).to(device)).float()
+
+
+def describe(checkpoint):
+    """What identifies a CLOOB checkpoint in records: its name and its file's sha256. A
+    pretrained name's file is checked against the sha256 in its released file name."""
+    if checkpoint in pretrained.list_configs():
+        url = pretrained.get_config(checkpoint)['url']
+        digest = Path(url.rsplit('/', 1)[-1]).stem.rpartition('-')[2]
+    else:
+        from .files import sha256
+        digest = sha256(checkpoint)
+    return {'name': str(checkpoint), 'sha256': digest}
 
 
 def load_cloob(checkpoint, device='cpu'):

@@ -13,6 +13,8 @@ from torchvision import transforms
 from .errors import UserError
 
 PATHS_CHECKED = 20  # how many paths of a list must include one that exists
+UNREADABLE = 'unreadable'  # what a dataset yields for an image it could not read (not None:
+#                           webdataset drops those, and batches must count what they lost)
 
 
 def read_text_lines(path, what):
@@ -84,7 +86,7 @@ def load_image(path):
 
 
 class ImagePathDataset(data.Dataset):
-    """Images from a list of paths; an unreadable one yields None and a warning."""
+    """(path, image) from a list of paths; an unreadable one gives UNREADABLE and a warning."""
 
     def __init__(self, paths, image_size=256):
         self.paths = list(paths)
@@ -96,20 +98,21 @@ class ImagePathDataset(data.Dataset):
     def __getitem__(self, index):
         path = self.paths[index]
         try:
-            return self.transform(load_image(path))
+            return path, self.transform(load_image(path))
         except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
             warnings.warn(f'skipping unreadable image {path}: {type(e).__name__}: {e}')
-            return None
+            return path, UNREADABLE
 
 
 def collate_skipping_bad(batch):
-    """Stacks the good images; reports how many were skipped.
+    """(key, image) pairs -> the good images stacked, their keys, and how many were skipped.
 
-    Returns {'images': [n, 3, H, W], 'skipped': int}; n may be 0.
+    Returns {'images': [n, 3, H, W], 'keys': n keys, 'skipped': int}; n may be 0.
     """
-    good = [item for item in batch if item is not None]
-    images = torch.stack(good) if good else torch.empty(0)
-    return {'images': images, 'skipped': len(batch) - len(good)}
+    good = [(key, image) for key, image in batch if isinstance(image, torch.Tensor)]
+    images = torch.stack([image for _, image in good]) if good else torch.empty(0)
+    return {'images': images, 'keys': [key for key, _ in good],
+            'skipped': len(batch) - len(good)}
 
 
 def make_loader(paths, image_size, batch_size, num_workers, shuffle=True, seed=None,

@@ -8,6 +8,7 @@ at any moment leaves the old file or the new one, never half of one.
 import contextlib
 import hashlib
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -23,8 +24,10 @@ def sha256(path):
     return h.hexdigest()
 
 
-def _temp_name(path):
-    # Host and pid in the name: several processes (DDP ranks, nodes) may write one directory.
+def temp_name(path):
+    """A hidden name beside `path` for writing it. Host and pid are in the name: several
+    processes (DDP ranks, nodes) may write one directory, and stale ones are found by it."""
+    path = Path(path)
     return path.parent / f'.{path.name}{TEMP_MARK}{socket.gethostname()}-{os.getpid()}'
 
 
@@ -45,7 +48,7 @@ def atomic_write(path, mode='wb'):
     On any error the temp file is removed and `path` keeps its old content.
     """
     path = Path(path)
-    tmp = _temp_name(path)
+    tmp = temp_name(path)
     try:
         with open(tmp, mode) as f:
             yield f
@@ -59,9 +62,9 @@ def atomic_write(path, mode='wb'):
 
 
 def remove_stale_temps(directory):
-    """Deletes temp files that this host's dead processes left in `directory` (after a kill -9).
-
-    Temp files of live processes, or of other hosts, are left alone. Returns the paths removed.
+    """Deletes temp files and directories that this host's dead processes left in
+    `directory` (after a kill -9). Those of live processes, or of other hosts, are left
+    alone. Returns the paths removed.
     """
     host = socket.gethostname()
     removed = []
@@ -70,7 +73,10 @@ def remove_stale_temps(directory):
         owner_host, _, pid = owner.rpartition('-')
         if owner_host != host or not pid.isdigit() or _alive(int(pid)):
             continue
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed
 

@@ -15,7 +15,7 @@ import torch
 
 from .errors import RunError, UserError
 
-REQUIRED = ['vqgan_model', 'autoencoder_scale', 'train_set', 'demo_prompts']
+REQUIRED = ['vqgan_model', 'autoencoder_scale', 'demo_prompts']
 BYTES_PER_PARAMETER = 16  # a checkpoint holds the model, its EMA and two Adam moments in fp32
 
 
@@ -30,37 +30,36 @@ def read_prompts(path):
 def validate(args):
     """Checks every argument before any model is loaded; raises UserError naming the flag.
 
-    Adds the parsed train paths and prompts and the --resume-from checkpoint to `args`,
-    and, on the first process of a run, takes the output directory's lock.
+    Adds the training data (`source` or `cache`), the prompts and the --resume-from
+    checkpoint to `args`, and, on the first process of a run, takes the output
+    directory's lock.
     """
-    from cloob_training.pretrained import list_configs
-
-    from .data import check_some_exist, read_path_list
+    from .sources import Source
 
     for name in REQUIRED:
         if getattr(args, name) is None:
             raise UserError(f'--{name.replace("_", "-")} is required.')
+    if args.train_set is None and args.train_latents is None:
+        raise UserError('--train-set is required (or --train-latents DIR, a latent cache made by '
+                        'precompute_latents.py).')
+    if args.train_set is not None and args.train_latents is not None:
+        raise UserError('pass --train-set or --train-latents, not both.')
     widths = [args.base_channels * m for m in args.channel_multipliers]
     if any(w % 64 for w in widths):
         raise UserError(f'--base-channels {args.base_channels} with --channel-multipliers '
                         f'{",".join(map(str, args.channel_multipliers))} gives widths '
                         f'{",".join(map(str, widths))}; each must be a multiple of 64 '
                         '(one attention head per 64 channels).')
-    if args.image_size % 64:
-        raise UserError(f'--image-size {args.image_size} must be a multiple of 64 (the latents '
-                        'are 1/8 of it and the U-Net halves them three times).')
-    for suffixes in (['.yaml'], ['.ckpt', '.safetensors']):
-        if not any(Path(args.vqgan_model + s).is_file() for s in suffixes):
-            raise UserError(f'--vqgan-model: {args.vqgan_model}{suffixes[0]} does not exist '
-                            '(NAME means NAME.yaml + NAME.ckpt).')
-    if args.cloob_checkpoint not in list_configs() and not Path(args.cloob_checkpoint).is_file():
-        raise UserError(f'--cloob-checkpoint: {args.cloob_checkpoint} is neither a file nor a '
-                        f'pretrained name ({", ".join(list_configs())}).')
-    try:
-        args.train_paths = read_path_list(args.train_set)
-        check_some_exist(args.train_paths, args.train_set)
-    except UserError as e:
-        raise UserError(f'--train-set: {e}') from None
+    check_image_size(args.image_size)
+    check_frozen_model_files(args.vqgan_model, args.cloob_checkpoint)
+    args.source = args.cache = None
+    if args.train_set is not None:
+        try:
+            args.source = Source(args.train_set)
+        except UserError as e:
+            raise UserError(f'--train-set: {e}') from None
+    else:
+        args.cache = read_cache(args)
     args.prompts = read_prompts(args.demo_prompts)
     check_devices(args.accelerator, args.devices)
     args.resume = None
@@ -72,6 +71,40 @@ def validate(args):
     if args.resume_from == 'auto':
         resume_from_newest(args)
     return args
+
+
+def check_image_size(image_size):
+    if image_size % 64:
+        raise UserError(f'--image-size {image_size} must be a multiple of 64 (the latents '
+                        'are 1/8 of it and the U-Net halves them three times).')
+
+
+def check_frozen_model_files(vqgan_model, cloob_checkpoint):
+    from cloob_training.pretrained import list_configs
+    for suffixes in (['.yaml'], ['.ckpt', '.safetensors']):
+        if not any(Path(vqgan_model + s).is_file() for s in suffixes):
+            raise UserError(f'--vqgan-model: {vqgan_model}{suffixes[0]} does not exist '
+                            '(NAME means NAME.yaml + NAME.ckpt).')
+    if cloob_checkpoint not in list_configs() and not Path(cloob_checkpoint).is_file():
+        raise UserError(f'--cloob-checkpoint: {cloob_checkpoint} is neither a file nor a '
+                        f'pretrained name ({", ".join(list_configs())}).')
+
+
+def read_cache(args):
+    """The --train-latents manifest, checked (on the first process: the others are started
+    by it) to be made with this autoencoder, image size and CLOOB."""
+    from . import cache
+    from .autoencoder import describe as describe_autoencoder
+    from .cloob import describe as describe_cloob
+    try:
+        manifest = cache.read_manifest(args.train_latents)
+    except UserError as e:
+        raise UserError(f'--train-latents: {e}') from None
+    if is_first_process():
+        ours = {'autoencoder': describe_autoencoder(args.vqgan_model),
+                'image_size': args.image_size, 'cloob': describe_cloob(args.cloob_checkpoint)}
+        cache.check_matches(manifest, ours, args.train_latents)
+    return manifest
 
 
 def check_devices(accelerator, devices):
@@ -184,7 +217,7 @@ def make_logger(args, output_dir):
     from pytorch_lightning.loggers import CSVLogger, WandbLogger
     if args.wandb_project:
         config = {k: v for k, v in vars(args).items()
-                  if k not in ('train_paths', 'resume', 'lock', 'prompts')}
+                  if k not in ('source', 'cache', 'resume', 'lock', 'prompts')}
         logger = WandbLogger(project=args.wandb_project, save_dir=str(output_dir),
                              log_model=False, config=config)
         where = f'wandb project {args.wandb_project}'
@@ -217,6 +250,88 @@ def init_loader_worker(worker_id):
     pl_worker_init_function(worker_id)
 
 
+class TrainData:
+    """Builds the training loader once the processes are up (litdata and the tar
+    splitter need each process's rank): a path list, tar shards, or a latent cache."""
+
+    def __init__(self, args, seed):
+        self.args, self.seed = args, seed
+
+    def __call__(self, trainer):
+        from .cache import make_cache_loader
+        from .data import make_loader
+        from .sources import make_tar_loader
+        args = self.args
+        if args.cache is not None:
+            return make_cache_loader(args.train_latents, args.batch_size, args.num_workers,
+                                     self.seed, init_loader_worker)
+        if args.source.is_tar:
+            return make_tar_loader(args.source.urls, args.image_size, args.batch_size,
+                                   args.num_workers, self.seed, trainer.global_rank,
+                                   trainer.world_size, init_loader_worker)
+        return make_loader(args.source.paths, args.image_size, args.batch_size,
+                           args.num_workers, worker_init_fn=init_loader_worker)
+
+    def describe(self):
+        args = self.args
+        if args.cache is not None:
+            return f'{args.cache["images"]} cached latents from {args.train_latents}'
+        if args.source.is_tar:
+            return f'{len(args.source.urls)} tar shards of images'
+        return f'{len(args.source.paths)} images'
+
+    def known_size(self):
+        args = self.args
+        if args.cache is not None:
+            return args.cache['images']
+        return args.source.known_images
+
+
+def load_frozen_models(args):
+    from .autoencoder import load_autoencoder
+    from .cloob import load_cloob
+    ae_model = load_autoencoder(args.vqgan_model)
+    if ae_model.embed_dim != 4:
+        raise UserError(f'--vqgan-model: {args.vqgan_model} has {ae_model.embed_dim} latent '
+                        'channels; the diffusion model needs a KL f=8 autoencoder with 4.')
+    cloob = load_cloob(args.cloob_checkpoint)
+    if cloob.embed_dim != 512:
+        raise UserError(f'--cloob-checkpoint: embeddings are {cloob.embed_dim}-d; the diffusion '
+                        'model needs 512.')
+    return ae_model, cloob
+
+
+def start_from(module, args, base, mults):
+    """Loads a finetune's weights into `module`; returns the checkpoint Lightning resumes
+    from (None for a fresh run or a finetune)."""
+    from pytorch_lightning.utilities import rank_zero_info
+    resume = args.resume
+    if resume is None:
+        return None
+    ckpt_path = None
+    if resume.kind == 'bare':
+        module.model.load_state_dict(resume.model, strict=True)
+        module.model_ema.load_state_dict(resume.model, strict=True)
+        for m in (module.model, module.model_ema):
+            m.autoencoder_scale.fill_(args.autoencoder_scale)
+        rank_zero_info(f'--resume-from {args.resume_from}: {resume.description}; '
+                       'finetuning from its weights at step 0 with a fresh optimizer.')
+    else:
+        ckpt_path = args.resume_from
+        step = resume.raw.get('global_step', '?')
+        rank_zero_info(f'--resume-from {args.resume_from}: {resume.description}; resuming '
+                       f'at step {step} with its optimizer state and EMA, lr {args.lr}.')
+    if resume.autoencoder_scale is not None and \
+            not math.isclose(resume.autoencoder_scale, args.autoencoder_scale, rel_tol=1e-6):
+        rank_zero_info(f'note: the checkpoint was trained with autoencoder scale '
+                       f'{resume.autoencoder_scale:g}; using --autoencoder-scale '
+                       f'{args.autoencoder_scale:g}.')
+    if [base, mults] != [args.base_channels, args.channel_multipliers]:
+        rank_zero_info(f'note: using the checkpoint\'s widths: base channels {base}, '
+                       f'multipliers {",".join(map(str, mults))}.')
+    return ckpt_path
+
+
 def run(args):
     try:
         return _run(args)
@@ -229,13 +344,11 @@ def _run(args):
     import pytorch_lightning as pl
     from pytorch_lightning.utilities import rank_zero_info
 
-    from .autoencoder import load_autoencoder
     from .checkpointing import AtomicCheckpointIO, Checkpoints, TimedLastCheckpoint
-    from .cloob import load_cloob
-    from .data import make_loader
     from .demo import DemoCallback
     from .signals import StopOnSignal, StopRequested
-    from .training import LightningDiffusion
+    from .throughput import Throughput
+    from .training import LightningDiffusion, LoaderModule
     from .unet import infer_widths
 
     # The frozen models are meant to stay in eval mode.
@@ -243,6 +356,10 @@ def _run(args):
     warnings.filterwarnings('ignore', message='.*isinstance\\(treespec, LeafSpec\\)')
     # The loader reshuffles on resume; the order of a random shuffle need not be restored.
     warnings.filterwarnings('ignore', message=".*dataloader is not resumable")
+    # Checkpoints hold the state after the step they are named after, as meant.
+    warnings.filterwarnings('ignore', message='.*no pre-optimization state was saved')
+    # litdata splits its stream across loader workers itself.
+    warnings.filterwarnings('ignore', message='.*`IterableDataset` has `__len__` defined')
     logging.getLogger('pytorch_lightning.utilities.rank_zero').addFilter(_not_an_advert)
     output_dir = Path(args.output_dir)
     seed = args.seed
@@ -250,50 +367,21 @@ def _run(args):
         seed = int(os.environ.get('PL_GLOBAL_SEED', random.randrange(2 ** 31)))
     pl.seed_everything(seed, workers=True, verbose=False)
 
-    resume = args.resume
     base, mults = args.base_channels, args.channel_multipliers
-    if resume is not None:
-        base, mults = infer_widths(resume.model, mults)
-
-    ae_model = load_autoencoder(args.vqgan_model)
-    if ae_model.embed_dim != 4:
-        raise UserError(f'--vqgan-model: {args.vqgan_model} has {ae_model.embed_dim} latent '
-                        'channels; the diffusion model needs a KL f=8 autoencoder with 4.')
-    cloob = load_cloob(args.cloob_checkpoint)
-    if cloob.embed_dim != 512:
-        raise UserError(f'--cloob-checkpoint: embeddings are {cloob.embed_dim}-d; the diffusion '
-                        'model needs 512.')
-
+    if args.resume is not None:
+        base, mults = infer_widths(args.resume.model, mults)
+    ae_model, cloob = load_frozen_models(args)
     record = {'autoencoder': args.vqgan_model, 'cloob_checkpoint': args.cloob_checkpoint,
               'image_size': args.image_size}
     module = LightningDiffusion(ae_model, cloob, base, mults, args.autoencoder_scale, args.lr,
                                 args.ema_decay_at, record, seed, grad_clip=args.grad_clip,
                                 accumulate_grad_batches=args.accumulate_grad_batches,
-                                max_bad_steps=args.max_bad_steps)
+                                max_bad_steps=args.max_bad_steps,
+                                from_cache=args.cache is not None,
+                                even_epochs=args.source is not None and args.source.is_tar)
+    ckpt_path = start_from(module, args, base, mults)
 
-    ckpt_path = None
-    if resume is not None:
-        if resume.kind == 'bare':
-            module.model.load_state_dict(resume.model, strict=True)
-            module.model_ema.load_state_dict(resume.model, strict=True)
-            for m in (module.model, module.model_ema):
-                m.autoencoder_scale.fill_(args.autoencoder_scale)
-            rank_zero_info(f'--resume-from {args.resume_from}: {resume.description}; '
-                           'finetuning from its weights at step 0 with a fresh optimizer.')
-        else:
-            ckpt_path = args.resume_from
-            step = resume.raw.get('global_step', '?')
-            rank_zero_info(f'--resume-from {args.resume_from}: {resume.description}; resuming '
-                           f'at step {step} with its optimizer state and EMA, lr {args.lr}.')
-        if resume.autoencoder_scale is not None and \
-                not math.isclose(resume.autoencoder_scale, args.autoencoder_scale, rel_tol=1e-6):
-            rank_zero_info(f'note: the checkpoint was trained with autoencoder scale '
-                           f'{resume.autoencoder_scale:g}; using --autoencoder-scale '
-                           f'{args.autoencoder_scale:g}.')
-        if [base, mults] != [args.base_channels, args.channel_multipliers]:
-            rank_zero_info(f'note: using the checkpoint\'s widths: base channels {base}, '
-                           f'multipliers {",".join(map(str, mults))}.')
-
+    data = TrainData(args, seed)
     logger, where = make_logger(args, output_dir)
     checkpoint_dir = output_dir / 'checkpoints'
     checkpoint_io = AtomicCheckpointIO(prog='train_latent_diffusion.py')
@@ -301,8 +389,10 @@ def _run(args):
     demo = DemoCallback(args.prompts, args.demo_every, output_dir / 'demos',
                         steps=args.demo_steps, latent_size=args.image_size // 8, seed=seed)
     callbacks = [checkpoints, TimedLastCheckpoint(checkpoint_dir, args.checkpoint_minutes), demo,
-                 StopOnSignal(signal.Signals[args.signal])]
-    steps_per_epoch = len(args.train_paths) // args.batch_size
+                 StopOnSignal(signal.Signals[args.signal]),
+                 Throughput(args.image_size // 8, args.peak_tflops)]
+    known = data.known_size()
+    steps_per_epoch = known // (args.batch_size * args.devices * args.num_nodes) if known else 50
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
         strategy=strategy_for(args), precision=args.fprecision, plugins=[checkpoint_io],
@@ -310,13 +400,10 @@ def _run(args):
         default_root_dir=str(output_dir),
         log_every_n_steps=max(1, min(50, args.demo_every, steps_per_epoch)),
     )
-    rank_zero_info(f'Training on {len(args.train_paths)} images; checkpoints in '
-                   f'{checkpoint_dir}, demo grids in {output_dir / "demos"}, '
-                   f'logs to {where}. Seed {seed}.')
-    loader = make_loader(args.train_paths, args.image_size, args.batch_size, args.num_workers,
-                         worker_init_fn=init_loader_worker)
+    rank_zero_info(f'Training on {data.describe()}; checkpoints in {checkpoint_dir}, demo '
+                   f'grids in {output_dir / "demos"}, logs to {where}. Seed {seed}.')
     try:
-        trainer.fit(module, loader, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=LoaderModule(data), ckpt_path=ckpt_path)
     except StopRequested as stop:
         if trainer.is_global_zero:
             saved = checkpoint_io.last_written or 'nothing (the save failed)'

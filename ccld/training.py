@@ -47,6 +47,20 @@ def posterior_sample(mean, std, scale):
     return (mean + std * torch.randn_like(mean)) / scale
 
 
+@torch.no_grad()
+def latents_and_conditions(batch, ae_model, cloob, scale):
+    """Scaled posterior samples and CLOOB image embeddings of a batch of images (encoded
+    here, as the original did every step) or of cached means, stds and embeddings."""
+    if 'images' in batch:
+        images = batch['images']
+        posterior = ae_model.encode(images * 2 - 1)
+        mean, std = posterior.mean, posterior.std
+        cond = cloob.embed_images(images)
+    else:
+        mean, std, cond = batch['mean'].float(), batch['std'].float(), batch['embed'].float()
+    return posterior_sample(mean, std, scale), cond
+
+
 def batch_size_of(batch):
     """The number of usable examples in a batch of images or of cached latents."""
     return len(batch['images'] if 'images' in batch else batch['mean'])
@@ -61,12 +75,15 @@ class LightningDiffusion(pl.LightningModule):
     skipped outright: no optimizer update, no EMA update, and no step counted.
     With `from_cache`, the autoencoder's encoder and CLOOB's image tower are dropped: the
     cache holds what they would compute, and their memory goes to the U-Net.
+    With `even_epochs` (streamed data, whose ranks' shares differ in length), every rank
+    ends its epoch after the batch on which the first one ran out; a rank that stopped
+    while the others went on would leave them waiting in a gradient all-reduce forever.
     """
 
     def __init__(self, ae_model, cloob, base_channels=128, channel_multipliers=(4, 4, 8, 8),
                  autoencoder_scale=1.0, lr=3e-5, ema_decay_at=200_000, record=None,
                  seed=0, grad_clip=None, accumulate_grad_batches=1, max_bad_steps=50,
-                 from_cache=False):
+                 from_cache=False, even_epochs=False):
         super().__init__()
         self.automatic_optimization = False
         if from_cache:
@@ -82,6 +99,8 @@ class LightningDiffusion(pl.LightningModule):
         self.grad_clip = grad_clip
         self.accumulate = accumulate_grad_batches
         self.max_bad_steps = max_bad_steps
+        self.even_epochs = even_epochs
+        self.end_epoch = False
         self.record = dict(record or {}, base_channels=base_channels,
                            channel_multipliers=list(channel_multipliers),
                            autoencoder_scale=float(autoencoder_scale))
@@ -118,6 +137,18 @@ class LightningDiffusion(pl.LightningModule):
             for group in optimizer.param_groups:
                 group['lr'] = self.lr
 
+    def on_train_epoch_start(self):
+        self.end_epoch = False
+
+    def on_train_batch_start(self, batch, batch_idx):
+        return -1 if self.end_epoch else None  # -1: Lightning ends the epoch here
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.even_epochs:
+            last = self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+            flag = torch.tensor([int(last)], device=self.device)
+            self.end_epoch = bool(self.trainer.strategy.reduce(flag, reduce_op='max'))
+
     def training_step(self, batch, batch_idx):
         self.skipped_images += batch.get('skipped', 0)
         self.log('train/skipped_images', float(self.skipped_images), reduce_fx='sum',
@@ -141,22 +172,10 @@ class LightningDiffusion(pl.LightningModule):
 
     def v_loss(self, batch):
         """The v-objective on a batch of images or of cached latents."""
-        x0, cond = self.latents_and_conditions(batch)
+        x0, cond = latents_and_conditions(batch, self.ae_model, self.cloob,
+                                          self.model.autoencoder_scale)
         t = self.rng.draw(x0.shape[0])[:, 0].to(self.device)
         return v_objective(self.model, x0, cond, t)
-
-    @torch.no_grad()
-    def latents_and_conditions(self, batch):
-        """Scaled posterior samples and CLOOB image embeddings of a batch."""
-        if 'images' in batch:
-            images = batch['images']
-            posterior = self.ae_model.encode(images * 2 - 1)
-            mean, std = posterior.mean, posterior.std
-            cond = self.cloob.embed_images(images)
-        else:
-            mean, std = batch['mean'].float(), batch['std'].float()
-            cond = batch['embed'].float()
-        return posterior_sample(mean, std, self.model.autoencoder_scale), cond
 
     def optimizer_step_or_skip(self):
         """Steps the optimizer and the EMA, unless the gradients are not finite (or all zero:
@@ -238,6 +257,18 @@ class LightningDiffusion(pl.LightningModule):
         for name in ('model', 'model_ema'):
             state[f'{name}.autoencoder_scale'] = getattr(self, name).autoencoder_scale.clone()
         count_steps_as_manual(checkpoint)
+
+
+class LoaderModule(pl.LightningDataModule):
+    """Asks `make_loader(trainer)` for the training loader inside each process Lightning
+    starts, once it knows its rank (which litdata and the tar splitter need)."""
+
+    def __init__(self, make_loader):
+        super().__init__()
+        self.make_loader = make_loader
+
+    def train_dataloader(self):
+        return self.make_loader(self.trainer)
 
 
 def grad_norm(model):

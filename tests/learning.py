@@ -57,6 +57,24 @@ def direct_batches(data, embeds, batch=BATCH, seed=0):
         yield data[pick], embeds[pick]
 
 
+def cached_batches(root, data, embeds, batch=BATCH, seed=0, copies=32, std=0.02):
+    """Endless batches of (latents, conditions) read back from a latent cache holding
+    `copies` records of each latent with posterior spread `std`, as training reads it."""
+    from ccld import cache
+    from ccld.training import latents_and_conditions
+    records = [{'key': cache.encode_key(f'{k}-{i}'), 'mean': data[k].half(),
+                'std': torch.full_like(data[k], std).half(), 'embed': embeds[k].half()}
+               for i in range(copies) for k in range(len(data))]
+    stats = cache.PartStats()
+    stats.add(data, torch.full_like(data, std))
+    cache.write_part(root, 0, records, 0, stats)
+    cache.finalize(root, 1, {'source': 'the learning problem'})
+    loader = cache.make_cache_loader(root, batch, num_workers=0, seed=seed)
+    while True:
+        for b in loader:
+            yield latents_and_conditions(b, None, None, 1.0)
+
+
 def train(batches, steps=STEPS, lr=LR, seed=0):
     """Trains a DiffusionModel with the training module's objective and EMA on (x0, cond)
     batches; returns the model, its EMA copy, the losses and the dropout count."""

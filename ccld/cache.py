@@ -1,0 +1,221 @@
+"""The latent cache: every training image's KL posterior (mean and std, fp16) and CLOOB
+image embedding, computed once by precompute_latents.py instead of every epoch.
+
+Layout of a cache directory:
+    ccld_cache.json         the manifest: what made the cache, counts, the scale. Written
+                            last: a directory without it is not a finished cache.
+    index.json              litdata's index of every chunk below (written with it)
+    parts/part-NNNNNN/      one part per unit of the source (a slice of the path list or
+                            one tar shard): litdata chunks + part.json (counts and sums)
+    plan.json               the settings the parts are made with, so that a rerun that
+                            would mix other settings into them is refused
+
+Each part is written in a hidden temp directory and renamed into place whole, so a kill
+at any moment leaves it finished or absent. Reading goes through litdata, which shuffles
+chunks and items per epoch and gives every rank the same number of batches.
+"""
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import RunError, UserError
+from .files import atomic_write, fsync_dir, temp_name
+
+MANIFEST = 'ccld_cache.json'
+PLAN = 'plan.json'
+FORMAT = 'ccld-latent-cache'
+FORMAT_VERSION = 1
+CHUNK_BYTES = '64MB'
+
+
+def software_version():
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version('ccld')
+    except PackageNotFoundError:
+        return 'unknown'
+
+
+def part_dir(root, unit):
+    return Path(root) / 'parts' / f'part-{unit:06d}'
+
+
+def part_done(root, unit):
+    return (part_dir(root, unit) / 'part.json').is_file()
+
+
+def read_json(path, what):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f'cannot read {what} {path} ({e}).') from None
+
+
+def write_json(path, value):
+    with atomic_write(path, 'w') as f:
+        json.dump(value, f, indent=1)
+
+
+class PartStats:
+    """Sums over a part's latents, from which the autoencoder scale follows exactly.
+
+    For a posterior N(mean, std^2), E[z] = mean and E[z^2] = mean^2 + std^2, so the
+    variance of latent samples over the whole set needs no samples at all.
+    """
+
+    def __init__(self, elements=0, total=0.0, total_sq=0.0):
+        self.elements, self.total, self.total_sq = elements, total, total_sq
+
+    def add(self, mean, std):
+        mean, std = mean.double(), std.double()
+        self.elements += mean.numel()
+        self.total += mean.sum().item()
+        self.total_sq += (mean.square() + std.square()).sum().item()
+
+    def merge(self, other):
+        return PartStats(self.elements + other.elements, self.total + other.total,
+                         self.total_sq + other.total_sq)
+
+    def scale(self):
+        """sqrt of the variance of latent samples: compute_ae_scale.py's statistic."""
+        mean = self.total / self.elements
+        return math.sqrt(self.total_sq / self.elements - mean ** 2)
+
+
+def write_part(root, unit, records, skipped, stats):
+    """Writes one part whole: litdata chunks of `records` (dicts of key, mean, std, embed)
+    and part.json, in a temp directory that is renamed into place when complete."""
+    from litdata import complete_dataset
+    from litdata.streaming.writer import BinaryWriter
+    final = part_dir(root, unit)
+    tmp = temp_name(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    chunks, config = [], None
+    if records:
+        writer = BinaryWriter(str(tmp), chunk_bytes=CHUNK_BYTES)
+        for i, record in enumerate(records):
+            writer[i] = record
+        writer.done()
+        complete_dataset(str(tmp))
+        index = json.loads((tmp / 'index.json').read_text())
+        chunks, config = index['chunks'], index['config']
+    summary = {'unit': unit, 'images': len(records), 'skipped': skipped,
+               'elements': stats.elements, 'sum': stats.total, 'sum_sq': stats.total_sq,
+               'chunks': chunks, 'config': config}
+    write_json(tmp / 'part.json', summary)
+    for path in tmp.iterdir():
+        with open(path, 'rb') as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    return summary
+
+
+def finalize(root, units, settings):
+    """Joins the parts' indexes into one and writes the manifest; returns the manifest.
+
+    RunError if a part is missing (a rank did not finish) or no image was readable.
+    """
+    root = Path(root)
+    parts, chunks, config = [], [], None
+    for unit in range(units):
+        if not part_done(root, unit):
+            raise RunError(f'part {unit} of {root} is missing; rerun the same command to '
+                           'finish the cache.')
+        part = read_json(part_dir(root, unit) / 'part.json', 'cache part')
+        parts.append(part)
+        prefix = part_dir(root, unit).relative_to(root).as_posix()
+        chunks += [dict(c, filename=f'{prefix}/{c["filename"]}') for c in part['chunks']]
+        config = config or part['config']
+    images = sum(p['images'] for p in parts)
+    skipped = sum(p['skipped'] for p in parts)
+    if not images:
+        raise RunError(f'none of the {skipped} images of {settings["source"]} could be read; '
+                       'check that the data set is mounted and the list holds image paths.')
+    stats = PartStats()
+    for p in parts:
+        stats = stats.merge(PartStats(p['elements'], p['sum'], p['sum_sq']))
+    write_json(root / 'index.json', {'chunks': chunks, 'config': config})
+    manifest = dict(settings, format=FORMAT, format_version=FORMAT_VERSION,
+                    software=f'ccld {software_version()}', images=images, skipped=skipped,
+                    parts=units, autoencoder_scale=stats.scale())
+    write_json(root / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(root):
+    """The manifest of a finished cache; UserError for anything else."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f'{root} does not exist; make a latent cache there with '
+                        'precompute_latents.py.')
+    if not (root / MANIFEST).is_file():
+        what = 'an unfinished latent cache' if (root / PLAN).is_file() else 'not a latent cache'
+        raise UserError(f'{root} is {what} (no {MANIFEST}); run precompute_latents.py to '
+                        'finish it (rerunning the same command resumes).')
+    manifest = read_json(root / MANIFEST, 'cache manifest')
+    if manifest.get('format') != FORMAT or manifest.get('format_version') != FORMAT_VERSION:
+        raise UserError(f'{root / MANIFEST} is not a ccld latent cache of format version '
+                        f'{FORMAT_VERSION}; make the cache again with this version.')
+    return manifest
+
+
+MATCHED = {  # setting -> (its flag in training, how to show it)
+    'autoencoder': ('--vqgan-model', lambda s: f'{s["name"]} (sha256 {s["sha256"][:12]})'),
+    'image_size': ('--image-size', str),
+    'cloob': ('--cloob-checkpoint', lambda s: f'{s["name"]} (sha256 {s["sha256"][:12]})'),
+}
+
+
+def check_matches(manifest, settings, root):
+    """UserError naming both sides when the cache was made with another autoencoder,
+    image size or CLOOB than training is given. Files are compared by content."""
+    for key, (flag, show) in MATCHED.items():
+        ours, theirs = settings[key], manifest[key]
+        same = ours['sha256'] == theirs['sha256'] if isinstance(ours, dict) else ours == theirs
+        if not same:
+            raise UserError(f'--train-latents {root} was made with {key.replace("_", " ")} '
+                            f'{show(theirs)}, but {flag} gives {show(ours)}; pass the same '
+                            'one, or make a cache for this one.')
+
+
+def encode_key(key):
+    """Keys are stored as bytes: litdata would store a str naming an existing file as that
+    file's content (an image path would become the image)."""
+    return key.encode('utf-8', 'surrogateescape')
+
+
+def decode_key(key):
+    return bytes(key).decode('utf-8', 'surrogateescape')  # litdata gives a memoryview
+
+
+def collate_records(records):
+    """Cache records -> a batch {'mean', 'std', 'embed', 'keys', 'skipped'}."""
+    batch = {name: torch.stack([r[name] for r in records]) for name in ('mean', 'std', 'embed')}
+    return dict(batch, keys=[decode_key(r['key']) for r in records], skipped=0)
+
+
+def make_cache_loader(root, batch_size, num_workers, seed, worker_init_fn=None):
+    """A litdata loader over a finished cache, for the current rank.
+
+    Call it once the process group is up (from a train_dataloader hook): litdata reads
+    the rank when the dataset is made. It reshuffles chunks and the items within them
+    every epoch, and under DDP drops the last world_size * batch_size - 1 items at most
+    (a different few each epoch) so every rank runs the same number of steps.
+    """
+    from litdata import StreamingDataLoader, StreamingDataset
+
+    # A full shuffle inside each chunk, items decoded one by one: litdata's default
+    # window decodes 256 records at a time, 100x slower for records this small.
+    dataset = StreamingDataset(str(root), shuffle=True, seed=seed, item_shuffle_window=0,
+                               batch_decode=0)
+    return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                               collate_fn=collate_records, worker_init_fn=worker_init_fn,
+                               pin_memory=torch.cuda.is_available(),
+                               persistent_workers=num_workers > 0)

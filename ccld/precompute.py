@@ -1,0 +1,172 @@
+"""What precompute_latents.py does: encode every image of a training set once, through the
+frozen autoencoder and CLOOB, into a latent cache (see cache.py).
+
+The set is cut into units (path-list slices or tar shards); each process encodes the
+units whose number is its rank modulo the world size and writes one part per unit. A
+rerun skips finished parts, so an interrupted run resumes where it stopped, with any
+number of processes.
+"""
+
+import sys
+from collections import defaultdict
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch.utils import data
+from tqdm.auto import tqdm
+
+from . import cache
+from .errors import RunError, UserError
+from .files import remove_stale_temps
+from .sources import transformed
+
+END = None  # the key that marks the end of a unit in the stream of images
+NO_DATA_BATCHES = 20
+
+
+def settings_for(args, source):
+    """What the parts are made with; a rerun must match it, and training checks the first three."""
+    from .autoencoder import describe as describe_autoencoder
+    from .cloob import describe as describe_cloob
+    return {'autoencoder': describe_autoencoder(args.vqgan_model),
+            'cloob': describe_cloob(args.cloob_checkpoint), 'image_size': args.image_size,
+            'source': str(Path(source.spec).resolve()) if not source.is_tar else source.spec,
+            'units': len(source), 'unit_size': source.unit_size}
+
+
+def prepare(root, settings):
+    """Before any process starts encoding: records the plan, or checks that a rerun's
+    settings are those the existing parts were made with, and clears a killed run's
+    temp files."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f'--output: {root} is a file; pass a directory.')
+    try:
+        (root / 'parts').mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f'--output: cannot write in {root} ({e.strerror}).') from None
+    plan_path = root / cache.PLAN
+    if plan_path.is_file():
+        plan = cache.read_json(plan_path, 'cache plan')
+        changed = [k for k in settings if k in ('image_size', 'source', 'units', 'unit_size')
+                   and plan.get(k) != settings[k]]
+        changed += [k for k in ('autoencoder', 'cloob')
+                    if plan.get(k, {}).get('sha256') != settings[k]['sha256']]
+        if changed:
+            raise UserError(f'--output: {root} holds a cache made with other settings '
+                            f'({", ".join(changed)} differ); pass a new --output, or the '
+                            'same settings to resume it.')
+    else:
+        cache.write_json(plan_path, settings)
+    remove_stale_temps(root / 'parts')
+
+
+class UnitImages(data.IterableDataset):
+    """(unit, key, image tensor or None) for every image of the given units, each unit
+    followed by (unit, END, None); each loader worker takes its own units. (END is None,
+    not a sentinel object: items are pickled on their way from the workers.)"""
+
+    def __init__(self, source, units, image_size):
+        super().__init__()
+        self.source, self.units, self.image_size = source, list(units), image_size
+
+    def __iter__(self):
+        info = data.get_worker_info()
+        units = self.units if info is None else self.units[info.id::info.num_workers]
+        for unit in units:
+            for key, image in transformed(self.source.items(unit), self.image_size):
+                yield unit, key, image
+            yield unit, END, None
+
+
+@torch.inference_mode()
+def encode(ae_model, cloob, images):
+    """Images in [0, 1] -> posterior means and stds (fp32) and CLOOB embeddings, as
+    training computes them."""
+    posterior = ae_model.encode(images * 2 - 1)
+    return posterior.mean, posterior.std, cloob.embed_images(images)
+
+
+class Part:
+    """A unit's records while it is being encoded."""
+
+    def __init__(self):
+        self.records, self.skipped, self.stats = [], 0, cache.PartStats()
+
+
+def encode_units(source, units, root, ae_model, cloob, image_size, batch_size, num_workers,
+                 device, progress=True):
+    """Encodes `units` of `source` and writes a part for each; returns images encoded."""
+    from .train import init_loader_worker
+    loader = data.DataLoader(UnitImages(source, units, image_size), batch_size=batch_size,
+                             num_workers=num_workers, collate_fn=list,
+                             worker_init_fn=init_loader_worker if num_workers else None)
+    sizes = [source.unit_size_of(u) for u in units]
+    known = None not in sizes
+    bar = tqdm(total=sum(sizes) if known else len(units), unit='img' if known else 'part',
+               disable=not progress, desc='encoding')
+    parts, encoded, tried, batches = defaultdict(Part), 0, 0, 0
+    for batch in loader:
+        good = [(unit, key, image) for unit, key, image in batch if image is not None]
+        if good:
+            images = torch.stack([image for _, _, image in good]).to(device)
+            means, stds, embeds = encode(ae_model, cloob, images)
+            for (unit, key, _), mean, std, embed in zip(good, means, stds, embeds):
+                part = parts[unit]
+                part.stats.add(mean, std)
+                part.records.append({'key': cache.encode_key(key), 'mean': mean.half().cpu(),
+                                     'std': std.half().cpu(), 'embed': embed.half().cpu()})
+        for unit, key, image in batch:
+            if key is END:
+                part = parts.pop(unit)
+                cache.write_part(root, unit, part.records, part.skipped, part.stats)
+                bar.update(0 if known else 1)
+            elif image is None:
+                parts[unit].skipped += 1
+        images_in_batch = sum(key is not END for _, key, _ in batch)
+        encoded, tried, batches = encoded + len(good), tried + images_in_batch, batches + 1
+        if known:
+            bar.update(images_in_batch)
+        bar.set_postfix(images=encoded, refresh=False)
+        if batches == NO_DATA_BATCHES and not encoded:
+            raise RunError(f'none of the first {tried} images of {source.spec} could be read; '
+                           'check that the data set is mounted and the list holds image paths.')
+    bar.close()
+    return encoded
+
+
+def run(args, source):
+    """Launches the processes, encodes this one's share, and (rank zero) finishes the cache."""
+    from lightning_fabric import Fabric
+    from lightning_fabric.strategies import DDPStrategy
+
+    from .autoencoder import load_autoencoder
+    from .cloob import load_cloob
+    from .train import is_first_process
+
+    root = Path(args.output)
+    settings = settings_for(args, source)
+    if is_first_process():
+        prepare(root, settings)
+    processes = args.num_gpus * args.num_nodes
+    # Ranks finish their shares at different times; the wait for the slowest is long.
+    strategy = DDPStrategy(timeout=timedelta(days=2)) if processes > 1 else 'auto'
+    fabric = Fabric(accelerator='cpu' if args.device.type == 'cpu' else 'cuda',
+                    devices=args.num_gpus, num_nodes=args.num_nodes, strategy=strategy)
+    fabric.launch()
+    rank, world = fabric.global_rank, fabric.world_size
+    units = [u for u in range(rank, len(source), world) if not cache.part_done(root, u)]
+    done = len(range(rank, len(source), world)) - len(units)
+    if rank == 0:
+        print(f'{len(source)} parts of {source.spec} on {world} process(es); this one has '
+              f'{len(units)} to encode ({done} already done).', file=sys.stderr, flush=True)
+    if units:
+        ae_model = load_autoencoder(args.vqgan_model, device=fabric.device)
+        cloob = load_cloob(args.cloob_checkpoint, fabric.device)
+        encode_units(source, units, root, ae_model, cloob, args.image_size, args.batch_size,
+                     args.num_workers, fabric.device, progress=rank == 0)
+    fabric.barrier()
+    if rank != 0:
+        return None
+    return cache.finalize(root, len(source), settings)

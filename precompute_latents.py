@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Encodes a training set once into a latent cache, so that training skips the frozen
+autoencoder and CLOOB: train with --train-latents DIR instead of --train-set.
+
+    python3 precompute_latents.py --train-set train.txt --vqgan-model kl_f8 \\
+        --cloob-checkpoint cloob_laion_400m_vit_b_16_16_epochs --output latents/
+
+Rerun the same command after an interruption: finished parts are kept. It prints the
+autoencoder scale of the whole set and the --autoencoder-scale flag to train with.
+"""
+
+import json
+import sys
+
+from ccld import cli
+
+PROG = 'precompute_latents.py'
+
+
+def parser():
+    p = cli.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0])
+    p.add_argument('--train-set', required=True,
+                   help='text file with one image path per line, or webdataset tar shards '
+                   '(data/{00000..01023}.tar, a directory of .tar files)')
+    p.add_argument('--vqgan-model', required=True,
+                   help='autoencoder NAME, for NAME.yaml + NAME.ckpt')
+    p.add_argument('--cloob-checkpoint', default='cloob_laion_400m_vit_b_16_16_epochs',
+                   help='pretrained CLOOB name, or a .pkl file')
+    p.add_argument('--output', required=True, help='the cache directory')
+    p.add_argument('--image-size', type=cli.positive_int, default=256,
+                   help='the size training will use')
+    p.add_argument('--batch-size', type=cli.positive_int, default=64, help='per process')
+    p.add_argument('--num-workers', type=cli.non_negative_int, default=8,
+                   help='image loading processes per process')
+    p.add_argument('--device', type=cli.device, help='default: cuda if available, else cpu')
+    p.add_argument('--num-gpus', '--devices', dest='num_gpus', type=cli.positive_int, default=1,
+                   help='processes per node (GPUs, or CPU processes with --device cpu)')
+    p.add_argument('--num-nodes', type=cli.positive_int, default=1)
+    p.add_argument('--shard-size', type=cli.positive_int, default=10_000,
+                   help='images of a path list per cache part (tar shards make one part each)')
+    p.add_argument('--json', action='store_true', help='print the manifest as JSON at the end')
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    from pathlib import Path
+
+    from ccld import precompute
+    from ccld.errors import UserError
+    from ccld.sources import Source
+    from ccld.train import check_devices, check_frozen_model_files, check_image_size
+
+    args.device = args.device or cli.default_device()
+    check_image_size(args.image_size)
+    check_frozen_model_files(args.vqgan_model, args.cloob_checkpoint)
+    if args.device.type == 'cuda':
+        check_devices('gpu', args.num_gpus)
+    try:
+        source = Source(args.train_set, args.shard_size)
+    except UserError as e:
+        raise UserError(f'--train-set: {e}') from None
+    manifest = precompute.run(args, source)
+    if manifest is None:  # not rank zero
+        return
+    flag = f'--autoencoder-scale {manifest["autoencoder_scale"]:.6g}'
+    print(f'{manifest["images"]} images cached in {Path(args.output)}, {manifest["skipped"]} '
+          f'unreadable skipped. Their autoencoder scale; train with:\n  {flag} '
+          f'--train-latents {args.output}', file=sys.stderr)
+    print(json.dumps(manifest, indent=1) if args.json else f'{manifest["autoencoder_scale"]:.6g}')
+
+
+if __name__ == '__main__':
+    cli.run(main, PROG)

@@ -1,0 +1,286 @@
+"""The latent cache: precompute_latents.py and training with --train-latents, on tiny
+models written through the real formats."""
+
+import hashlib
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import precompute_latents
+import tiny
+import train_latent_diffusion
+from ccld import cache
+from ccld.autoencoder import load_autoencoder
+from ccld.cloob import load_cloob
+from ccld.data import image_transform, load_image
+from ccld.training import latents_and_conditions, v_objective
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = 64
+N = 16
+
+
+def subprocess_env():
+    """Processes started from a temp dir import this checkout's code, one thread each."""
+    path = [str(ROOT), str(ROOT / 'latent-diffusion'), os.environ.get('PYTHONPATH', '')]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
+
+
+def write_tar_shards(images, folder, per_shard):
+    """img2dataset's layout: NNNNN.tar holding KEY.jpg, KEY.txt and KEY.json per sample."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in range(len(images) // per_shard):
+        with tarfile.open(folder / f'{shard:05}.tar', 'w') as tar:
+            for i in range(shard * per_shard, (shard + 1) * per_shard):
+                jpeg = io.BytesIO()
+                Image.open(images[i]).convert('RGB').save(jpeg, 'JPEG', quality=95)
+                for ext, data in (('jpg', jpeg.getvalue()), ('txt', b'a caption'),
+                                  ('json', json.dumps({'key': f'{i:09}'}).encode())):
+                    info = tarfile.TarInfo(f'{i:09}.{ext}')
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
+@pytest.fixture(scope='module')
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp('cache')
+    paths = tiny.make_images(d / 'images', n=N, size=SIZE)
+    (d / 'bad.png').write_text('not an image')
+    (d / 'prompts.txt').write_text('a red circle\na blue square\n')
+    return SimpleNamespace(
+        dir=d, paths=[str(p) for p in paths],
+        train=tiny.write_path_list([*paths[:7], d / 'bad.png', *paths[7:]], d / 'train.txt'),
+        tars=write_tar_shards(paths, d / 'shards', per_shard=4),
+        autoencoder=tiny.tiny_autoencoder(d), cloob=str(tiny.tiny_cloob(d)),
+        other_autoencoder=tiny.make_tiny_autoencoder(d / 'other_ae', seed=1),
+        other_cloob=str(tiny.make_tiny_cloob(d / 'other_cloob.pkl', seed=1)),
+        prompts=d / 'prompts.txt')
+
+
+def precompute_args(assets, out, *extra):
+    return ['--train-set', str(assets.train), '--vqgan-model', assets.autoencoder,
+            '--cloob-checkpoint', assets.cloob, '--output', str(out), '--image-size', str(SIZE),
+            '--batch-size', '4', '--num-workers', '0', '--device', 'cpu', '--shard-size', '5',
+            *extra]
+
+
+@pytest.fixture(scope='module')
+def cached(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp('made') / 'latents'
+    assert tiny.exit_code(precompute_latents.main, 'precompute_latents.py',
+                          precompute_args(assets, out)) == 0
+    return out
+
+
+def records(root):
+    """Every record of a finished cache, by key."""
+    from litdata import StreamingDataset
+    dataset = StreamingDataset(str(root))
+    found = [dataset[i] for i in range(len(dataset))]
+    by_key = {cache.decode_key(r['key']): r for r in found}
+    assert len(by_key) == len(found), 'a key is in the cache twice'
+    return by_key
+
+
+@pytest.fixture(scope='module')
+def models(assets):
+    return SimpleNamespace(ae=load_autoencoder(assets.autoencoder), cloob=load_cloob(assets.cloob))
+
+
+def direct(models, paths):
+    """Posterior means and stds and CLOOB embeddings computed here, image by image."""
+    images = torch.stack([image_transform(SIZE)(load_image(p)) for p in paths])
+    with torch.no_grad():
+        moments = models.ae.quant_conv(models.ae.encoder(images * 2 - 1))
+        mean, logvar = moments.chunk(2, dim=1)
+        return images, mean, logvar.clamp(-30, 20).mul(0.5).exp(), models.cloob.embed_images(images)
+
+
+def test_the_cache_holds_every_readable_image_once_with_its_posterior_and_embedding(
+        assets, cached, models):
+    found = records(cached)
+    assert sorted(found) == sorted(assets.paths)
+    _, mean, std, embed = direct(models, assets.paths)
+    for i, path in enumerate(assets.paths):
+        record = found[path]
+        assert record['mean'].dtype == record['std'].dtype == torch.float16
+        torch.testing.assert_close(record['mean'].float(), mean[i], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(record['std'].float(), std[i], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(record['embed'].float(), embed[i], rtol=1e-3, atol=1e-3)
+
+
+def test_the_manifest_records_what_made_the_cache_and_the_scale(assets, cached, models):
+    manifest = json.loads((cached / cache.MANIFEST).read_text())
+    weights = Path(assets.autoencoder + '.ckpt').read_bytes()
+    assert manifest['autoencoder']['sha256'] == hashlib.sha256(weights).hexdigest()
+    assert manifest['cloob']['sha256'] == hashlib.sha256(Path(assets.cloob).read_bytes()).hexdigest()
+    assert (manifest['image_size'], manifest['images'], manifest['skipped']) == (SIZE, N, 1)
+    assert manifest['parts'] == 4 and manifest['software'].startswith('ccld ')
+    # compute_ae_scale.py's statistic over every image, from the posteriors in closed form:
+    # var(z) = E[mean^2 + std^2] - E[mean]^2.
+    _, mean, std, _ = direct(models, assets.paths)
+    mean, std = mean.double(), std.double()
+    expected = math.sqrt((mean ** 2 + std ** 2).mean() - mean.mean() ** 2)
+    assert manifest['autoencoder_scale'] == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_loss_from_the_cache_is_the_loss_from_the_images(assets, cached, models):
+    found = records(cached)
+    paths = assets.paths[:4]
+    images = direct(models, paths)[0]
+    batch = {name: torch.stack([found[p][name] for p in paths]) for name in ('mean', 'std', 'embed')}
+    model = tiny.tiny_diffusion()
+    t = torch.tensor([0.1, 0.4, 0.7, 0.95])
+    losses = []
+    for source in ({'images': images}, batch):
+        torch.manual_seed(5)  # the same draws: posterior noise, dropout, diffusion noise
+        x0, cond = latents_and_conditions(source, models.ae, models.cloob, 1.5)
+        losses.append(v_objective(model, x0, cond, t).item())
+    assert losses[0] == pytest.approx(losses[1], rel=2e-3), losses
+
+
+def train_args(assets, latents, out, *extra):
+    return ['--train-latents', str(latents), '--vqgan-model', assets.autoencoder,
+            '--autoencoder-scale', '1.5', '--cloob-checkpoint', assets.cloob,
+            '--demo-prompts', str(assets.prompts), '--output-dir', str(out),
+            '--accelerator', 'cpu', '--num-workers', '0', '--batch-size', '4',
+            '--base-channels', '64', '--channel-multipliers', '1,1,1,1', '--image-size', str(SIZE),
+            '--max-steps', '2', '--checkpoint-every', '2', '--demo-every', '1000',
+            '--demo-steps', '2', '--seed', '0', *extra]
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--vqgan-model', '{other_ae}'], 'was made with autoencoder {ae}'),
+    (['--image-size', '128'], 'was made with image size 64, but --image-size gives 128'),
+    (['--cloob-checkpoint', '{other_cloob}'], 'was made with cloob {cloob}'),
+])
+def test_a_cache_made_with_other_models_or_size_is_refused(assets, cached, tmp_path, capsys,
+                                                           monkeypatch, extra, message):
+    def refuse(*args, **kwargs):
+        raise AssertionError('a model was loaded before the cache was checked')
+    monkeypatch.setattr('ccld.autoencoder.load_autoencoder', refuse)
+    monkeypatch.setattr('ccld.cloob.load_cloob', refuse)
+    fill = lambda s: s.format(other_ae=assets.other_autoencoder, ae=assets.autoencoder,  # noqa: E731
+                              other_cloob=assets.other_cloob, cloob=assets.cloob)
+    argv = train_args(assets, cached, tmp_path / 'out', *map(fill, extra))
+    assert tiny.exit_code(train_latent_diffusion.main, 'train', argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fill(message) in err[0], err
+    assert '--train-latents' in err[0]
+
+
+def test_an_unfinished_cache_is_refused(assets, tmp_path, capsys):
+    (tmp_path / 'latents').mkdir()
+    (tmp_path / 'latents' / cache.PLAN).write_text('{}')
+    argv = train_args(assets, tmp_path / 'latents', tmp_path / 'out')
+    assert tiny.exit_code(train_latent_diffusion.main, 'train', argv) == 2
+    err = capsys.readouterr().err
+    assert 'is an unfinished latent cache' in err and 'rerunning the same command resumes' in err
+
+
+def test_training_from_the_cache_leaves_the_encoder_and_image_tower_out(assets, cached, tmp_path):
+    from ccld import train
+    args = train.validate(train_latent_diffusion.parser().parse_args(
+        train_args(assets, cached, tmp_path)))
+    trainer, module = train.run(args)
+    assert trainer.global_step == 2
+    assert module.ae_model.encoder is None and module.cloob.model.image_encoder is None
+    assert (tmp_path / 'checkpoints' / 'last.ckpt').is_file()
+
+
+def test_a_rerun_with_other_settings_into_the_same_cache_is_refused(assets, cached, capsys):
+    argv = precompute_args(assets, cached, '--vqgan-model', assets.other_autoencoder)
+    assert tiny.exit_code(precompute_latents.main, 'precompute_latents.py', argv) == 2
+    assert 'holds a cache made with other settings (autoencoder differ)' in capsys.readouterr().err
+
+
+def test_killed_precompute_resumes_on_two_processes_to_the_same_cache(assets, cached, tmp_path):
+    """kill -9 mid-run leaves no half part a reader accepts; the same command with two
+    processes finishes it, each image once, with the content of a one-process run."""
+    out = tmp_path / 'latents'
+    argv = [sys.executable, str(ROOT / 'precompute_latents.py'),
+            *precompute_args(assets, out, '--shard-size', '1')]
+    process = subprocess.Popen(argv, cwd=tmp_path, env=subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.glob('parts/part-*/part.json')) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(list(out.glob('parts/part-*/part.json')))
+    assert 0 < done < N + 1 and not (out / cache.MANIFEST).exists()
+    with pytest.raises(Exception, match='unfinished latent cache'):
+        cache.read_manifest(out)
+
+    result = subprocess.run([*argv, '--num-gpus', '2'], cwd=tmp_path, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'on 2 process(es); this one has' in result.stderr
+    assert not list(out.glob('parts/.*'))  # no temp part left behind
+    ours, reference = records(out), records(cached)
+    assert sorted(ours) == sorted(reference)
+    for key in ours:  # equal up to fp16 rounding (images were encoded in other batches)
+        for name in ('mean', 'std', 'embed'):
+            torch.testing.assert_close(ours[key][name], reference[key][name])
+    manifest = cache.read_manifest(out)
+    assert (manifest['images'], manifest['skipped'], manifest['parts']) == (N, 1, N + 1)
+    assert manifest['autoencoder_scale'] == pytest.approx(
+        cache.read_manifest(cached)['autoencoder_scale'], rel=1e-6)
+
+
+EPOCHS_DRIVER = '''
+import sys, torch
+import ccld.training
+import train_latent_diffusion
+from ccld import train
+seen, training_step = [], ccld.training.LightningDiffusion.training_step
+
+def spy(self, batch, batch_idx):  # the keys of each batch of this rank, by epoch
+    seen.append((self.current_epoch, list(batch["keys"])))
+    return training_step(self, batch, batch_idx)
+
+ccld.training.LightningDiffusion.training_step = spy
+args = train_latent_diffusion.parser().parse_args(sys.argv[2:])
+trainer, module = train.run(train.validate(args))
+torch.save(seen, f"{sys.argv[1]}/seen{trainer.global_rank}.pt")
+'''
+
+
+@pytest.mark.parametrize('data', ['tar shards', 'cache'])
+def test_two_ranks_with_two_workers_see_every_sample_once_per_epoch(assets, tmp_path, data):
+    """4 tar shards of 4 images, or their cache: each of 2 ranks x 2 workers has a shard
+    per epoch, 2 batches of 2, so 2 epochs are 8 steps."""
+    if data == 'cache':
+        latents = tmp_path / 'latents'
+        assert tiny.exit_code(precompute_latents.main, 'precompute_latents.py', precompute_args(
+            assets, latents, '--train-set', str(assets.tars))) == 0
+        input_flags = ['--train-latents', str(latents)]
+    else:
+        input_flags = ['--train-set', str(assets.tars)]
+    driver = tmp_path / 'driver.py'
+    driver.write_text(EPOCHS_DRIVER)
+    argv = train_args(assets, 'unused', tmp_path / 'out', '--num-gpus', '2', '--batch-size', '2',
+                      '--num-workers', '2', '--max-steps', '8', '--checkpoint-every', '100')
+    argv[:2] = input_flags
+    result = subprocess.run([sys.executable, str(driver), str(tmp_path), *argv], cwd=tmp_path,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [torch.load(tmp_path / f'seen{r}.pt') for r in (0, 1)]
+    assert [len(s) for s in seen] == [8, 8]
+    for epoch in (0, 1):
+        keys = [k for s in seen for e, batch in s if e == epoch for k in batch]
+        assert sorted(k.rpartition(':')[2] for k in keys) == [f'{i:09}' for i in range(N)], \
+            (epoch, keys)
