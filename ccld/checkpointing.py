@@ -10,9 +10,10 @@ save that failed; and finding the one to resume from.
 """
 
 import sys
-from datetime import timedelta
+import time
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -42,7 +43,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_write(path) as f:
-                torch.save(checkpoint, f)
+                save(checkpoint, f)
         except OSError as e:
             reason = e.strerror or str(e)
             self.failures.append((path, reason))
@@ -62,6 +63,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # Pruning after a failed write would leave fewer good checkpoints than asked for.
         if not self.failed_since_last_write:
             super().remove_checkpoint(path)
+
+
+class _KeepsWriteErrors:
+    """A file that remembers why a write failed: torch.save reports a failed write to a
+    file object only as 'unexpected pos', without the cause (disk full, file too large)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def save(obj, f):
+    """torch.save to an open file; a failed write raises its OSError."""
+    recording = _KeepsWriteErrors(f)
+    try:
+        torch.save(obj, recording)
+    except RuntimeError:
+        if recording.error is None:
+            raise
+        raise recording.error from None
 
 
 class Checkpoints(ModelCheckpoint):
@@ -86,12 +116,27 @@ class Checkpoints(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-class TimedLastCheckpoint(ModelCheckpoint):
-    """last.ckpt every `minutes` of training, so that a kill -9 loses at most that much."""
+class TimedLastCheckpoint(pl.Callback):
+    """last.ckpt every `minutes` of training, so that a kill -9 loses at most that much.
 
-    def __init__(self, dirpath, minutes):
-        super().__init__(dirpath=dirpath, train_time_interval=timedelta(minutes=minutes),
-                         save_top_k=0, save_last=True, enable_version_counter=False)
+    (Lightning's ModelCheckpoint ignores its time interval under manual optimisation.)
+    Ranks' clocks differ a little: all of them save when any one finds the time is up.
+    """
+
+    def __init__(self, path, minutes):
+        self.path, self.seconds = Path(path), minutes * 60
+
+    def on_train_start(self, trainer, module):
+        self.last = time.monotonic()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        due = time.monotonic() - self.last >= self.seconds
+        if trainer.world_size > 1:
+            flag = torch.tensor([int(due)], device=module.device)
+            due = bool(trainer.strategy.reduce(flag, reduce_op='max'))
+        if due:
+            trainer.save_checkpoint(self.path)
+            self.last = time.monotonic()
 
 
 def checkpoint_files(directory):

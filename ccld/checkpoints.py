@@ -9,6 +9,7 @@
 """
 
 import pickle
+import re
 from dataclasses import dataclass
 from typing import Optional
 from pathlib import Path
@@ -41,15 +42,14 @@ class DiffusionCheckpoint:
 
 def _legacy_globals():
     """What checkpoints of the original script (Lightning 1.5) may pickle besides tensors
-    and plain containers: hyperparameters as an AttributeDict or argparse.Namespace, and
-    callback states keyed by callback class. Classes named here are only rebuilt as data
-    (no code of the file runs); anything else in a checkpoint is refused."""
+    and plain containers: hyperparameters as an AttributeDict (read back as a plain dict:
+    the safe unpickler fills no dict subclass) or argparse.Namespace, and callback states
+    keyed by callback class. They are only rebuilt as data, no code of the file runs;
+    anything else in a checkpoint is refused."""
     import argparse
 
     from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.utilities.parsing import AttributeDict
-    return [argparse.Namespace, AttributeDict,
-            (AttributeDict, 'pytorch_lightning.utilities.parsing.AttributeDict'),
+    return [argparse.Namespace, (dict, 'pytorch_lightning.utilities.parsing.AttributeDict'),
             (ModelCheckpoint, 'pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint')]
 
 
@@ -64,11 +64,12 @@ def safe_load(path, mmap=True):
         with torch.serialization.safe_globals(_legacy_globals()):
             return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        what = str(e).split('\n\n')[-1].strip().splitlines()[0] if str(e).strip() else ''
-        if 'Unsupported global' in str(e) or 'weights_only' in str(e):
+        found = re.search(r'WeightsUnpickler error: *(.+?)(\.\s|$)', str(e), re.S)
+        if found:
+            what = ' '.join(found.group(1).split())
             raise UserError(f'{path} holds objects other than weights ({what}); ccld loads '
                             'checkpoints without running code in them, so it is refused.') from None
-        raise UserError(f'{path}: cannot read it as a PyTorch checkpoint ({what or e}).') from None
+        raise UserError(f'{path}: cannot read it as a PyTorch checkpoint ({e}).') from None
     except Exception as e:  # noqa: BLE001 - truncated, not a zip or pickle, wrong format...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f'{path}: cannot read it as a PyTorch checkpoint ({reason}); it may be '

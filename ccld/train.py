@@ -388,8 +388,8 @@ def _run(args):
     checkpoints = Checkpoints(checkpoint_dir, args.checkpoint_every, args.keep_last)
     demo = DemoCallback(args.prompts, args.demo_every, output_dir / 'demos',
                         steps=args.demo_steps, latent_size=args.image_size // 8, seed=seed)
-    callbacks = [checkpoints, TimedLastCheckpoint(checkpoint_dir, args.checkpoint_minutes), demo,
-                 StopOnSignal(signal.Signals[args.signal]),
+    callbacks = [checkpoints, demo, StopOnSignal(signal.Signals[args.signal]),
+                 TimedLastCheckpoint(checkpoint_dir / 'last.ckpt', args.checkpoint_minutes),
                  Throughput(args.image_size // 8, args.peak_tflops)]
     known = data.known_size()
     steps_per_epoch = known // (args.batch_size * args.devices * args.num_nodes) if known else 50

@@ -11,6 +11,7 @@ from contextlib import nullcontext
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.nn import functional as F
 
 from .ema import ema_decay, ema_update
@@ -110,6 +111,7 @@ class LightningDiffusion(pl.LightningModule):
         self.micro_batches = 0
         self.examples_seen = self.files_tried = 0
         self.rng = None
+        self.saved_random = None
 
     def train(self, mode=True):
         super().train(mode)
@@ -137,10 +139,35 @@ class LightningDiffusion(pl.LightningModule):
             for group in optimizer.param_groups:
                 group['lr'] = self.lr
 
+    def random_state(self):
+        """This rank's random state: torch's generators, and how far its timestep sequence
+        has gone. Saved with checkpoints, so a resumed run draws what an uninterrupted one
+        would have."""
+        state = {'torch': torch.get_rng_state(), 'sobol': int(self.rng.num_generated)}
+        if self.device.type == 'cuda':
+            state['cuda'] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def restore_random(self, states):
+        if len(states) != self.trainer.world_size:
+            rank_zero_warn(f'the checkpoint holds the random state of {len(states)} processes '
+                           f'and this run has {self.trainer.world_size}; drawing afresh.')
+            return
+        state = states[self.global_rank]
+        torch.set_rng_state(state['torch'])
+        if 'cuda' in state and self.device.type == 'cuda':
+            torch.cuda.set_rng_state(state['cuda'], self.device)
+        self.rng.reset()
+        self.rng.fast_forward(state['sobol'])
+
     def on_train_epoch_start(self):
         self.end_epoch = False
 
     def on_train_batch_start(self, batch, batch_idx):
+        if self.saved_random is not None:
+            # Restored here, not earlier: making the loader's iterator draws a seed.
+            self.restore_random(self.saved_random)
+            self.saved_random = None
         return -1 if self.end_epoch else None  # -1: Lightning ends the epoch here
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -244,6 +271,7 @@ class LightningDiffusion(pl.LightningModule):
         for key in [k for k in state if k.startswith(tuple(f'{m}.' for m in FROZEN))]:
             del state[key]
         checkpoint['ccld'] = dict(self.record)
+        checkpoint['ccld_random'] = gather_objects(self.random_state())
 
     def on_load_checkpoint(self, checkpoint):
         # Frozen weights come from the files given on the command line, not the checkpoint.
@@ -257,6 +285,7 @@ class LightningDiffusion(pl.LightningModule):
         for name in ('model', 'model_ema'):
             state[f'{name}.autoencoder_scale'] = getattr(self, name).autoencoder_scale.clone()
         count_steps_as_manual(checkpoint)
+        self.saved_random = checkpoint.get('ccld_random')
 
 
 class LoaderModule(pl.LightningDataModule):
@@ -269,6 +298,16 @@ class LoaderModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         return self.make_loader(self.trainer)
+
+
+def gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...]: every rank calls this at the same point."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def grad_norm(model):
