@@ -63,7 +63,8 @@ def write_litdata(records, root):
     for part in parts:  # what precompute sums as it encodes; not part of the writing
         s = cache.PartStats()
         for r in part:
-            s.add(r['mean'], r['std'])
+            total, total_sq = cache.latent_sums(r['mean'][None], r['std'][None])
+            s.add(r['mean'].numel(), total.item(), total_sq.item())
         stats.append(s)
     start = perf_counter()
     for unit, (part, s) in enumerate(zip(parts, stats)):

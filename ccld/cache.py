@@ -71,20 +71,21 @@ class PartStats:
     def __init__(self, elements=0, total=0.0, total_sq=0.0):
         self.elements, self.total, self.total_sq = elements, total, total_sq
 
-    def add(self, mean, std):
-        mean, std = mean.double(), std.double()
-        self.elements += mean.numel()
-        self.total += mean.sum().item()
-        self.total_sq += (mean.square() + std.square()).sum().item()
-
-    def merge(self, other):
-        return PartStats(self.elements + other.elements, self.total + other.total,
-                         self.total_sq + other.total_sq)
+    def add(self, elements, total, total_sq):
+        self.elements += elements
+        self.total += total
+        self.total_sq += total_sq
 
     def scale(self):
         """sqrt of the variance of latent samples: compute_ae_scale.py's statistic."""
         mean = self.total / self.elements
         return math.sqrt(self.total_sq / self.elements - mean ** 2)
+
+
+def latent_sums(mean, std):
+    """Per example [n]: sum of the means and sum of mean^2 + std^2, in float64."""
+    mean, std = mean.double().flatten(1), std.double().flatten(1)
+    return mean.sum(1), (mean.square() + std.square()).sum(1)
 
 
 def write_part(root, unit, records, skipped, stats):
@@ -140,7 +141,7 @@ def finalize(root, units, settings):
                        'check that the data set is mounted and the list holds image paths.')
     stats = PartStats()
     for p in parts:
-        stats = stats.merge(PartStats(p['elements'], p['sum'], p['sum_sq']))
+        stats.add(p['elements'], p['sum'], p['sum_sq'])
     write_json(root / 'index.json', {'chunks': chunks, 'config': config})
     manifest = dict(settings, format=FORMAT, format_version=FORMAT_VERSION,
                     software=f'ccld {software_version()}', images=images, skipped=skipped,

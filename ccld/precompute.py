@@ -112,11 +112,14 @@ def encode_units(source, units, root, ae_model, cloob, image_size, batch_size, n
         if good:
             images = torch.stack([image for _, _, image in good]).to(device)
             means, stds, embeds = encode(ae_model, cloob, images)
-            for (unit, key, _), mean, std, embed in zip(good, means, stds, embeds):
+            # One copy to the CPU per batch: per-image copies would sync the GPU each time.
+            totals, totals_sq = (t.cpu() for t in cache.latent_sums(means, stds))
+            means, stds, embeds = (t.half().cpu() for t in (means, stds, embeds))
+            for i, (unit, key, _) in enumerate(good):
                 part = parts[unit]
-                part.stats.add(mean, std)
-                part.records.append({'key': cache.encode_key(key), 'mean': mean.half().cpu(),
-                                     'std': std.half().cpu(), 'embed': embed.half().cpu()})
+                part.stats.add(means[i].numel(), totals[i].item(), totals_sq[i].item())
+                part.records.append({'key': cache.encode_key(key), 'mean': means[i],
+                                     'std': stds[i], 'embed': embeds[i]})
         for unit, key, image in batch:
             if key is END:
                 part = parts.pop(unit)
