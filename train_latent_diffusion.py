@@ -94,6 +94,19 @@ def parser():
     p.add_argument('--peak-tflops', type=cli.positive_float,
                    help='the device\'s peak TFLOP/s at the training precision, for the FLOP '
                    'utilisation in the logs (default: known for A100, H100, H200, L40S, 4090...)')
+    # Speed; none changes what a checkpoint holds.
+    p.add_argument('--compile', action='store_true',
+                   help='torch.compile the U-Net (minutes of compiling at the start)')
+    p.add_argument('--channels-last', action='store_true',
+                   help='keep the U-Net\'s activations channels-last (NHWC)')
+    p.add_argument('--tf32', action=argparse.BooleanOptionalAction,
+                   help='TF32 matrix maths on Ampere and later GPUs (default: torch\'s, for '
+                   'convolutions only)')
+    p.add_argument('--gradient-checkpointing', action='store_true',
+                   help='recompute each U-Net block\'s activations in the backward pass: less '
+                   'memory (bigger batches), about a third more compute')
+    p.add_argument('--prefetch-factor', type=cli.positive_int, default=2,
+                   help='batches each loader worker prepares ahead')
     p.add_argument('--max-bad-steps', type=cli.positive_int, default=50,
                    help='stop after this many steps in a row with a non-finite loss or gradient')
     return p

@@ -202,7 +202,8 @@ def collate_records(records):
     return dict(batch, keys=[decode_key(r['key']) for r in records], skipped=0)
 
 
-def make_cache_loader(root, batch_size, num_workers, seed, worker_init_fn=None):
+def make_cache_loader(root, batch_size, num_workers, seed, worker_init_fn=None,
+                      prefetch_factor=2):
     """A litdata loader over a finished cache, for the current rank.
 
     Call it once the process group is up (from a train_dataloader hook): litdata reads
@@ -219,4 +220,5 @@ def make_cache_loader(root, batch_size, num_workers, seed, worker_init_fn=None):
     return StreamingDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                collate_fn=collate_records, worker_init_fn=worker_init_fn,
                                pin_memory=torch.cuda.is_available(),
+                               prefetch_factor=prefetch_factor if num_workers else None,
                                persistent_workers=num_workers > 0)

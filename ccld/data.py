@@ -116,7 +116,7 @@ def collate_skipping_bad(batch):
 
 
 def make_loader(paths, image_size, batch_size, num_workers, shuffle=True, seed=None,
-                drop_last=True, worker_init_fn=None):
+                drop_last=True, worker_init_fn=None, prefetch_factor=2):
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return data.DataLoader(
         ImagePathDataset(paths, image_size),
@@ -129,4 +129,5 @@ def make_loader(paths, image_size, batch_size, num_workers, shuffle=True, seed=N
         pin_memory=torch.cuda.is_available(),
         generator=generator,
         worker_init_fn=worker_init_fn,
+        prefetch_factor=prefetch_factor if num_workers else None,
     )

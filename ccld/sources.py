@@ -163,9 +163,10 @@ def decode_sample(sample, transform):
 
 
 def make_tar_loader(urls, image_size, batch_size, num_workers, seed, rank, world_size,
-                    worker_init_fn=None):
+                    worker_init_fn=None, prefetch_factor=2):
     """A loader of already batched tar images (batch_size=None: the workers batch)."""
     dataset = TarImages(urls, image_size, batch_size, seed, rank, world_size)
     return data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                            persistent_workers=num_workers > 0,
+                           prefetch_factor=prefetch_factor if num_workers else None,
                            pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init_fn)

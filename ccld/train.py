@@ -264,11 +264,11 @@ class TrainData:
         args = self.args
         if args.cache is not None:
             return make_cache_loader(args.train_latents, args.batch_size, args.num_workers,
-                                     self.seed, init_loader_worker)
+                                     self.seed, init_loader_worker, args.prefetch_factor)
         if args.source.is_tar:
             return make_tar_loader(args.source.urls, args.image_size, args.batch_size,
                                    args.num_workers, self.seed, trainer.global_rank,
-                                   trainer.world_size, init_loader_worker)
+                                   trainer.world_size, init_loader_worker, args.prefetch_factor)
         return make_loader(args.source.paths, args.image_size, args.batch_size,
                            args.num_workers, worker_init_fn=init_loader_worker)
 
@@ -378,7 +378,11 @@ def _run(args):
                                 accumulate_grad_batches=args.accumulate_grad_batches,
                                 max_bad_steps=args.max_bad_steps,
                                 from_cache=args.cache is not None,
-                                even_epochs=args.source is not None and args.source.is_tar)
+                                even_epochs=args.source is not None and args.source.is_tar,
+                                compile=args.compile, channels_last=args.channels_last,
+                                gradient_checkpointing=args.gradient_checkpointing)
+    if args.tf32 is not None:  # (default: torch's, TF32 for convolutions but not matmuls)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     ckpt_path = start_from(module, args, base, mults)
 
     data = TrainData(args, seed)

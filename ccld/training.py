@@ -20,6 +20,7 @@ from .schedule import t_to_alpha_sigma
 from .unet import DiffusionModel
 
 FROZEN = ('ae_model', 'cloob')
+COMPILE_BACKEND = 'inductor'
 COND_DROPOUT = 0.2
 NO_DATA_BATCHES = 20  # stop a run whose first batches hold no readable image
 
@@ -84,7 +85,8 @@ class LightningDiffusion(pl.LightningModule):
     def __init__(self, ae_model, cloob, base_channels=128, channel_multipliers=(4, 4, 8, 8),
                  autoencoder_scale=1.0, lr=3e-5, ema_decay_at=200_000, record=None,
                  seed=0, grad_clip=None, accumulate_grad_batches=1, max_bad_steps=50,
-                 from_cache=False, even_epochs=False):
+                 from_cache=False, even_epochs=False, compile=False, channels_last=False,
+                 gradient_checkpointing=False):
         super().__init__()
         self.automatic_optimization = False
         if from_cache:
@@ -94,6 +96,14 @@ class LightningDiffusion(pl.LightningModule):
         self.cloob = cloob.requires_grad_(False).eval()
         self.model = DiffusionModel(base_channels, channel_multipliers, autoencoder_scale)
         self.model_ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        # Speed options change how the trained model runs, never its weights' names or
+        # format: Module.compile works in place (no _orig_mod. keys), and the EMA copy,
+        # which the demo grids use, stays a plain module.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
+        self.model.set_gradient_checkpointing(gradient_checkpointing)
+        if compile:
+            self.model.compile(backend=COMPILE_BACKEND)
         self.lr = lr
         self.ema_decay_at = ema_decay_at
         self.seed = seed
@@ -201,6 +211,7 @@ class LightningDiffusion(pl.LightningModule):
         """The v-objective on a batch of images or of cached latents."""
         x0, cond = latents_and_conditions(batch, self.ae_model, self.cloob,
                                           self.model.autoencoder_scale)
+        x0 = x0.contiguous(memory_format=self.memory_format)
         t = self.rng.draw(x0.shape[0])[:, 0].to(self.device)
         return v_objective(self.model, x0, cond, t)
 

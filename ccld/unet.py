@@ -12,6 +12,7 @@ from functools import reduce
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 CLIP_EMBED_DIM = 512
 LATENT_CHANNELS = 4  # a KL f=8 autoencoder's z
@@ -20,6 +21,19 @@ COND_DIM = 1024
 
 class Conditioned(nn.Module):
     """Marker for layers whose forward takes the conditioning vector as well."""
+
+
+class Block(nn.Module):
+    """A U-Net block whose activations can be recomputed during the backward pass
+    instead of kept from the forward (gradient checkpointing: less memory, ~1/3 more
+    compute). Off unless DiffusionModel.set_gradient_checkpointing turns it on."""
+
+    checkpointing = False
+
+    def __call__(self, *args):
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(super().__call__, *args, use_reentrant=False)
+        return super().__call__(*args)
 
 
 class CondSequential(nn.Sequential, Conditioned):
@@ -70,7 +84,7 @@ class Modulation(Conditioned):
         return torch.addcmul(shifts[..., None, None], x, scales[..., None, None] + 1)
 
 
-class ResModConvBlock(Conditioned):
+class ResModConvBlock(Block, Conditioned):
     def __init__(self, c_in, c_mid, c_out, is_last=False):
         super().__init__()
         tail = [nn.Identity(), nn.Identity(), nn.Identity()] if is_last else [
@@ -89,7 +103,7 @@ class ResModConvBlock(Conditioned):
         return self.main(x, cond) + self.skip(x)
 
 
-class SelfAttention2d(nn.Module):
+class SelfAttention2d(Block):
     def __init__(self, c_in, n_head):
         super().__init__()
         assert c_in % n_head == 0
@@ -208,6 +222,12 @@ class DiffusionModel(nn.Module):
         with torch.no_grad():
             for param in [*self.mapping.parameters(), *self.net.parameters()]:
                 param.mul_(0.5 ** 0.5)
+
+    def set_gradient_checkpointing(self, enabled=True):
+        for module in self.modules():
+            if isinstance(module, Block):
+                module.checkpointing = enabled
+        return self
 
     def forward(self, x, t, clip_embed):
         clip_embed = F.normalize(clip_embed, dim=-1) * clip_embed.shape[-1] ** 0.5
