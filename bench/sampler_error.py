@@ -26,7 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / 'tests')]
 import closed_form  # noqa: E402
 import learning  # noqa: E402
 from ccld.guidance import cfg_model_fn  # noqa: E402
-from ccld.sampling import sample_latents  # noqa: E402
+from ccld.sampling import PREVIEW, sample_latents  # noqa: E402
 from ccld.schedule import SCHEDULES, sampling_timesteps  # noqa: E402
 
 METHODS = ('ddim', 'plms', 'prk', 'pie', 'plms2', 'iplms', 'dpmpp_2m')  # ddpm is stochastic
@@ -197,6 +197,9 @@ def main():
     calls = cheaper_than_default(results)[preview]
     print(f'preview (at most half the calls; at least as close as PLMS-50 on '
           f'{", ".join(calls[1]) or "no problem"}): {describe(preview, results)}')
+    documented = tuple(PREVIEW[k] for k in ('method', 'schedule', 'steps'))
+    print('ccld.sampling.PREVIEW: ' + ('the same' if documented == preview else
+                                       f'{documented}, which differs: update it'))
     print(f'\n{time.time() - begin:.0f} s', file=sys.stderr)
 
 

@@ -225,6 +225,10 @@ SAMPLERS = {
     'dpmpp_2m': dpmpp_2m_sample,
 }
 METHODS = ('ddpm', 'ddim', *SAMPLERS)
+# Half the model calls of the default (PLMS, 50 steps: 59), chosen by
+# bench/sampler_error.py: closer than the default to the exact ODE solution with a trained
+# network, further (but within ~5e-3 RMS) on closed-form data; see BENCHMARKS.md.
+PREVIEW = {'method': 'plms2', 'schedule': 'karras', 'steps': 25}
 
 
 def sample_latents(model_fn, x, steps, method, eta=0.0, progress=True):
