@@ -50,8 +50,13 @@ def parser():
     p.add_argument('--method', default='plms', choices=generate.METHODS, help='sampler')
     p.add_argument('-n', type=cli.positive_int, default=4, help='number of images')
     p.add_argument('--seed', type=cli.seed, default=0, help='random seed')
-    p.add_argument('--steps', type=cli.positive_int, default=50, help='sampling steps')
+    p.add_argument('--steps', type=cli.positive_int, default=50,
+                   help='sampling steps, one model call each (prk: 4; pie: 2; plms: 4 for '
+                   'the first 3)')
     # Added.
+    p.add_argument('--schedule', default='spliced', choices=list(generate.SCHEDULES),
+                   help="timesteps: the original's spliced DDPM/cosine, or Karras et al.'s "
+                   "(sigma 80 to 0.03, rho 7)")
     p.add_argument('--autoencoder-scale', type=cli.positive_float,
                    help='override the latent scale stored in the checkpoint')
     p.add_argument('--size', type=cli.positive_int,
@@ -74,7 +79,7 @@ def main(argv=None):
     if args.strength is not None and args.init is None:
         raise UserError('--strength needs --init IMAGE.')
     strength = (args.strength or DEFAULT_STRENGTH) if args.init else 1.0
-    generate.check_settings(args.method, args.eta, strength)
+    generate.check_settings(args.method, args.eta, strength, args.schedule)
     if args.eta and args.method != 'ddim':
         warnings.warn(f'--eta applies to --method ddim only; {args.method} ignores it.')
     device = args.device or cli.default_device()
@@ -102,14 +107,14 @@ def main(argv=None):
     metadata = {
         'prompts': json.dumps(texts), 'image_prompts': json.dumps(image_prompts),
         'seed': args.seed, 'n': args.n, 'method': args.method, 'steps': args.steps,
-        'eta': args.eta, 'cond_scale': args.cond_scale, 'autoencoder_scale': scale,
-        'size': size, 'checkpoint': Path(args.checkpoint).name,
+        'schedule': args.schedule, 'eta': args.eta, 'cond_scale': args.cond_scale,
+        'autoencoder_scale': scale, 'size': size, 'checkpoint': Path(args.checkpoint).name,
         **({'init': args.init, 'strength': strength} if init is not None else {}),
     }
     batches = generate.generate(
         generate.guided_model_fn(model, embeds, weights), autoencoder, scale, args.n, size,
-        method=args.method, steps=args.steps, eta=args.eta, seed=args.seed,
-        batch_size=args.batch_size,
+        method=args.method, steps=args.steps, schedule=args.schedule, eta=args.eta,
+        seed=args.seed, batch_size=args.batch_size,
         init=image_transform(size)(init) if init is not None else None,
         strength=strength, device=device)
     paths = generate.write_samples(batches, args.output_dir, args.prefix, metadata,

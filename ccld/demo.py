@@ -8,7 +8,7 @@ import torch
 
 from . import images, latents
 from .guidance import cfg_model_fn
-from .sampling import plms_sample
+from .sampling import sample_latents
 from .schedule import sampling_timesteps
 from .unet import LATENT_CHANNELS
 
@@ -16,14 +16,18 @@ GRID_COLS = 4
 
 
 @torch.no_grad()
-def render(model, ae_model, text_embeds, latent_shape, steps=50, cond_scale=3.0, seed=0):
-    """One PLMS sample per prompt embedding, guided at `cond_scale`; images in [0, 1]."""
+def render(model, ae_model, text_embeds, latent_shape, steps=50, cond_scale=3.0, seed=0,
+           method='plms', schedule='spliced'):
+    """One sample per prompt embedding, guided at `cond_scale`; images in [0, 1].
+
+    The original drew them with PLMS, 50 steps on the spliced schedule (the defaults).
+    """
     device = text_embeds.device
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn([text_embeds.shape[0], *latent_shape], generator=generator).to(device)
     model_fn = cfg_model_fn(model, text_embeds[None], [cond_scale])
-    out = plms_sample(lambda x, t: model_fn(x, t), x, sampling_timesteps(steps, device), {},
-                      progress=False)
+    out = sample_latents(model_fn, x, sampling_timesteps(steps, device, schedule), method,
+                         progress=False)
     return latents.decode(ae_model, out, model.autoencoder_scale)
 
 
@@ -39,11 +43,14 @@ class DemoCallback(pl.Callback):
     change the training random stream.
     """
 
-    def __init__(self, prompts, every, out_dir, steps=50, latent_size=32, seed=0):
+    def __init__(self, prompts, every, out_dir, steps=50, latent_size=32, seed=0,
+                 method='plms', schedule='spliced'):
         self.prompts = list(prompts)
         self.every = every
         self.out_dir = Path(out_dir)
         self.steps = steps
+        self.method = method
+        self.schedule = schedule
         self.latent_size = latent_size
         self.seed = seed
         self.last_step = None
@@ -64,7 +71,8 @@ class DemoCallback(pl.Callback):
                 self.text_embeds = module.cloob.embed_texts(self.prompts)
             shape = [LATENT_CHANNELS, self.latent_size, self.latent_size]
             samples = render(module.model_ema, module.ae_model, self.text_embeds, shape,
-                             self.steps, seed=self.seed)
+                             self.steps, seed=self.seed, method=self.method,
+                             schedule=self.schedule)
         grid = images.grid(samples, GRID_COLS)
         path = images.save_png(grid, self.out_dir / f'demo_{step:08}.png',
                                {'step': step, 'prompts': '\n'.join(self.prompts)})

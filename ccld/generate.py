@@ -18,11 +18,10 @@ from .data import image_transform, load_image
 from .errors import UserError
 from .guidance import cfg_model_fn
 from .images import grid, save_png
-from .sampling import SAMPLERS, sample
-from .schedule import sampling_timesteps, t_to_alpha_sigma
+from .sampling import METHODS, sample_latents
+from .schedule import SCHEDULES, sampling_timesteps, t_to_alpha_sigma
 from .unet import CLIP_EMBED_DIM, LATENT_CHANNELS
 
-METHODS = ('ddpm', 'ddim', *SAMPLERS)
 UNET_DOWNSAMPLING = 8  # the U-Net halves its input three times
 
 
@@ -102,18 +101,11 @@ def guided_model_fn(model, embeds, weights):
     return cfg_model_fn(model, embeds, weights)
 
 
-def sample_latents(model_fn, x, steps, method, eta=0.0, progress=True):
-    """Runs `method` from x at steps[0] down to clean latents."""
-    if method == 'ddpm':
-        return sample(model_fn, x, steps, 1.0, {}, progress=progress)
-    if method == 'ddim':
-        return sample(model_fn, x, steps, eta, {}, progress=progress)
-    return SAMPLERS[method](model_fn, x, steps, {}, progress=progress)
-
-
-def check_settings(method, eta, strength):
+def check_settings(method, eta, strength, schedule='spliced'):
     if method not in METHODS:
         raise UserError(f'unknown sampling method {method!r}; use one of {", ".join(METHODS)}.')
+    if schedule not in SCHEDULES:
+        raise UserError(f'unknown schedule {schedule!r}; use one of {", ".join(SCHEDULES)}.')
     if not 0 <= eta <= 1:
         raise UserError(f'eta {eta} is outside [0, 1] (0 is deterministic DDIM, 1 is DDPM).')
     if not 0 < strength <= 1:
@@ -122,8 +114,8 @@ def check_settings(method, eta, strength):
 
 @torch.no_grad()
 def generate(model_fn, autoencoder, autoencoder_scale, n, image_size, *, method='plms',
-             steps=50, eta=0.0, seed=0, batch_size=None, init=None, strength=1.0,
-             device='cpu', progress=True):
+             steps=50, schedule='spliced', eta=0.0, seed=0, batch_size=None, init=None,
+             strength=1.0, device='cpu', progress=True):
     """Yields n images [b, 3, image_size, image_size] in [0, 1], batch_size at a time.
 
     The noise of all n is drawn at once, right after torch.manual_seed(seed), as the
@@ -132,9 +124,9 @@ def generate(model_fn, autoencoder, autoencoder_scale, n, image_size, *, method=
     in [0, 1] of the output size), sampling starts from its latent noised to t =
     `strength`, over the timesteps of the `steps`-step schedule that are <= strength.
     """
-    check_settings(method, eta, strength)
+    check_settings(method, eta, strength, schedule)
     shape = latent_shape(autoencoder, image_size)
-    ts = sampling_timesteps(steps, device)
+    ts = sampling_timesteps(steps, device, schedule)
     torch.manual_seed(seed)
     x = torch.randn([n, *shape], device=device)
     if init is not None:

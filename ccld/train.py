@@ -391,7 +391,8 @@ def _run(args):
     checkpoint_io = AtomicCheckpointIO(prog='train_latent_diffusion.py')
     checkpoints = Checkpoints(checkpoint_dir, args.checkpoint_every, args.keep_last)
     demo = DemoCallback(args.prompts, args.demo_every, output_dir / 'demos',
-                        steps=args.demo_steps, latent_size=args.image_size // 8, seed=seed)
+                        steps=args.demo_steps, latent_size=args.image_size // 8, seed=seed,
+                        method=args.demo_method, schedule=args.demo_schedule)
     callbacks = [checkpoints, demo, StopOnSignal(signal.Signals[args.signal]),
                  TimedLastCheckpoint(checkpoint_dir / 'last.ckpt', args.checkpoint_minutes),
                  Throughput(args.image_size // 8, args.peak_tflops)]

@@ -224,11 +224,20 @@ def test_init_starts_from_the_noised_image(models):
     ({'strength': 1.5}, 'outside (0, 1]'),
     ({'method': 'ddim', 'eta': 2.0}, 'outside [0, 1]'),
     ({'method': 'euler'}, 'unknown sampling method'),
+    ({'schedule': 'cosine'}, 'unknown schedule'),
 ])
 def test_generate_refuses_bad_settings(models, settings, message):
     with pytest.raises(UserError, match=message.replace('(', r'\(').replace('[', r'\[')):
         list(generate.generate(Recorder(), models.autoencoder, SCALE, 1, 64, progress=False,
                                **settings))
+
+
+def test_the_schedule_sets_the_timesteps(models):
+    recorder = Recorder()
+    list(generate.generate(recorder, models.autoencoder, SCALE, 1, 64, method='ddim', steps=4,
+                           schedule='karras', progress=False))
+    expected = sampling_timesteps(4, schedule='karras')
+    assert [t[0].item() for _, t in recorder.calls] == expected.tolist()
 
 
 def test_latent_shape_needs_a_multiple_of_64(models):
@@ -267,7 +276,8 @@ def test_cli_writes_images_grid_and_metadata_and_reads_the_scale(assets, models,
     text = Image.open(out / 'fox_00002.png').text
     assert json.loads(text['prompts']) == [['a fox', 2.0], ['a hen', 3.0]]
     assert json.loads(text['image_prompts']) == [[str(assets.images[0]), 0.5]]
-    assert (text['seed'], text['method'], text['steps'], text['index']) == ('4', 'ddim', '2', '2')
+    assert (text['seed'], text['method'], text['steps'], text['schedule'], text['index']) == \
+        ('4', 'ddim', '2', 'spliced', '2')
     assert float(text['cond_scale']) == 3.0 and float(text['autoencoder_scale']) == SCALE
     assert 'index' not in Image.open(out / 'fox_grid.png').text
     grid = pixels(out / 'fox_grid.png')
@@ -336,6 +346,7 @@ def test_cli_init_image(assets, tmp_path):
     (['--steps', '0'], 'argument --steps: must be at least 1, got 0'),
     (['--batch-size', 'two'], "argument --batch-size: expected a whole number, got 'two'"),
     (['--device', 'tpu'], "argument --device: expected cpu, cuda, cuda:N or mps"),
+    (['--schedule', 'cosine'], "argument --schedule: invalid choice: 'cosine'"),
     (['--seed', str(2 ** 64)], 'argument --seed: must be between'),
 ])
 def test_cli_user_errors(assets, capsys, extra, message, tmp_path):
