@@ -79,6 +79,17 @@ def parser():
                    help="auto (ddp with more than one device), ddp, fsdp, deepspeed, ...")
     p.add_argument('--lr', type=cli.positive_float, default=3e-5,
                    help='learning rate, also applied when resuming')
+    p.add_argument('--lr-warmup-steps', type=cli.non_negative_int, default=0,
+                   help='raise the LR linearly from 0 over this many steps')
+    p.add_argument('--lr-schedule', default='constant',
+                   choices=['constant', 'cosine', 'inverse-sqrt'],
+                   help='after the warmup: keep --lr, decay it to --lr-min by --max-steps '
+                   '(cosine), or as 1/sqrt(step)')
+    p.add_argument('--lr-min', type=cli.non_negative_float, default=0.0,
+                   help='the LR the cosine and inverse-sqrt schedules end at')
+    p.add_argument('--random-flip', action='store_true',
+                   help='mirror each training image left to right half of the time (for small '
+                   'finetunes; off, as in the original)')
     p.add_argument('--max-steps', type=cli.positive_int, help='stop after this many steps')
     p.add_argument('--output-dir', default='outputs',
                    help='checkpoints, demo grids and local logs go here')

@@ -97,6 +97,13 @@ def positive_float(text):
     return value
 
 
+def non_negative_float(text):
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be 0 or more, got {value}')
+    return value
+
+
 def multipliers(text):
     """'4,4,8,8' -> [4, 4, 8, 8]; exactly four positive integers."""
     try:

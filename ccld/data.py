@@ -52,11 +52,13 @@ def check_some_exist(paths, source):
                         'from this directory?')
 
 
-def image_transform(image_size):
-    """Shorter side to image_size (Lanczos), center crop, to a [0, 1] tensor."""
+def image_transform(image_size, random_flip=False):
+    """Shorter side to image_size (Lanczos), center crop, to a [0, 1] tensor; with
+    `random_flip`, mirrored left to right half of the time."""
     return transforms.Compose([
         transforms.Resize(image_size, interpolation=transforms.InterpolationMode.LANCZOS),
         transforms.CenterCrop(image_size),
+        *([transforms.RandomHorizontalFlip()] if random_flip else []),
         transforms.ToTensor(),
     ])
 
@@ -88,9 +90,9 @@ def load_image(path):
 class ImagePathDataset(data.Dataset):
     """(path, image) from a list of paths; an unreadable one gives UNREADABLE and a warning."""
 
-    def __init__(self, paths, image_size=256):
+    def __init__(self, paths, image_size=256, random_flip=False):
         self.paths = list(paths)
-        self.transform = image_transform(image_size)
+        self.transform = image_transform(image_size, random_flip)
 
     def __len__(self):
         return len(self.paths)
@@ -116,10 +118,10 @@ def collate_skipping_bad(batch):
 
 
 def make_loader(paths, image_size, batch_size, num_workers, shuffle=True, seed=None,
-                drop_last=True, worker_init_fn=None, prefetch_factor=2):
+                drop_last=True, worker_init_fn=None, prefetch_factor=2, random_flip=False):
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return data.DataLoader(
-        ImagePathDataset(paths, image_size),
+        ImagePathDataset(paths, image_size, random_flip),
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,

@@ -1,6 +1,7 @@
 """Demo grids rendered with the EMA model while training, the run's main diagnostic."""
 
 import html
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -10,6 +11,7 @@ from . import images, latents
 from .guidance import cfg_model_fn
 from .sampling import sample_latents
 from .schedule import sampling_timesteps
+from .score import cloob_scores
 from .unet import LATENT_CHANNELS
 
 GRID_COLS = 4
@@ -37,7 +39,8 @@ def prompts_html(prompts, cols=GRID_COLS):
 
 
 class DemoCallback(pl.Callback):
-    """On the first step and every `every` steps, rank zero renders, saves and logs a grid.
+    """On the first step and every `every` steps, rank zero renders, saves and logs a grid
+    and its CLOOB score (demo/cloob_score: how closely the images follow their prompts).
 
     The demo draws its noise from its own generator inside a forked RNG, so it does not
     change the training random stream.
@@ -73,11 +76,32 @@ class DemoCallback(pl.Callback):
             samples = render(module.model_ema, module.ae_model, self.text_embeds, shape,
                              self.steps, seed=self.seed, method=self.method,
                              schedule=self.schedule)
+            with image_tower(module) as cloob:
+                score = cloob_scores(cloob, samples, self.text_embeds).mean().item()
         grid = images.grid(samples, GRID_COLS)
         path = images.save_png(grid, self.out_dir / f'demo_{step:08}.png',
-                               {'step': step, 'prompts': '\n'.join(self.prompts)})
+                               {'step': step, 'prompts': '\n'.join(self.prompts),
+                                'cloob_score': f'{score:.4f}'})
         for logger in trainer.loggers:
+            logger.log_metrics({'demo/cloob_score': score}, step=step)
             log_grid(logger, path, self.prompts, step)
+
+
+@contextmanager
+def image_tower(module):
+    """The run's CLOOB with its image tower on the module's device. Training from a
+    latent cache keeps the tower on the CPU (the U-Net gets the GPU memory); it visits
+    the device only while the demo is scored."""
+    cloob, spare = module.cloob, module.spare_image_tower
+    if spare is None:
+        yield cloob
+        return
+    cloob.model.image_encoder = spare[0].to(module.device)
+    try:
+        yield cloob
+    finally:
+        cloob.model.image_encoder = None
+        spare[0].to('cpu')
 
 
 def log_grid(logger, path, prompts, step):

@@ -131,7 +131,7 @@ class TarImages(data.IterableDataset):
     one runs out (LightningDiffusion's even_epochs).
     """
 
-    def __init__(self, urls, image_size, batch_size, seed, rank, world_size):
+    def __init__(self, urls, image_size, batch_size, seed, rank, world_size, random_flip=False):
         super().__init__()
         import webdataset as wds
         from .data import collate_skipping_bad
@@ -141,7 +141,8 @@ class TarImages(data.IterableDataset):
             functools.partial(split, index=rank, count=world_size),
             wds.split_by_worker,
             wds.tarfile_to_samples(handler=wds.warn_and_continue),
-            wds.map(functools.partial(decode_sample, transform=image_transform(image_size))),
+            wds.map(functools.partial(decode_sample,
+                                      transform=image_transform(image_size, random_flip))),
             wds.batched(batch_size, collation_fn=collate_skipping_bad),
         )
 
@@ -163,9 +164,9 @@ def decode_sample(sample, transform):
 
 
 def make_tar_loader(urls, image_size, batch_size, num_workers, seed, rank, world_size,
-                    worker_init_fn=None, prefetch_factor=2):
+                    worker_init_fn=None, prefetch_factor=2, random_flip=False):
     """A loader of already batched tar images (batch_size=None: the workers batch)."""
-    dataset = TarImages(urls, image_size, batch_size, seed, rank, world_size)
+    dataset = TarImages(urls, image_size, batch_size, seed, rank, world_size, random_flip)
     return data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                            persistent_workers=num_workers > 0,
                            prefetch_factor=prefetch_factor if num_workers else None,

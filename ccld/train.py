@@ -52,6 +52,10 @@ def validate(args):
                         '(one attention head per 64 channels).')
     check_image_size(args.image_size)
     check_frozen_model_files(args.vqgan_model, args.cloob_checkpoint)
+    check_lr_schedule(args)
+    if args.random_flip and args.train_latents is not None:
+        raise UserError('--random-flip flips images before they are encoded; a latent cache '
+                        'holds them encoded already: train with --train-set to flip.')
     args.source = args.cache = None
     if args.train_set is not None:
         try:
@@ -71,6 +75,13 @@ def validate(args):
     if args.resume_from == 'auto':
         resume_from_newest(args)
     return args
+
+
+def check_lr_schedule(args):
+    if args.lr_schedule == 'cosine' and not args.max_steps:
+        raise UserError('--lr-schedule cosine decays over the run: it needs --max-steps.')
+    if args.lr_min >= args.lr and args.lr_schedule != 'constant':
+        raise UserError(f'--lr-min {args.lr_min:g} must be below --lr {args.lr:g}.')
 
 
 def check_image_size(image_size):
@@ -372,7 +383,10 @@ def _run(args):
         base, mults = infer_widths(args.resume.model, mults)
     ae_model, cloob = load_frozen_models(args)
     record = {'autoencoder': args.vqgan_model, 'cloob_checkpoint': args.cloob_checkpoint,
-              'image_size': args.image_size}
+              'image_size': args.image_size, 'random_flip': args.random_flip}
+    if args.cache is not None:  # the digests it was checked against
+        record.update(autoencoder_sha256=args.cache['autoencoder']['sha256'],
+                      cloob_sha256=args.cache['cloob']['sha256'])
     module = LightningDiffusion(ae_model, cloob, base, mults, args.autoencoder_scale, args.lr,
                                 args.ema_decay_at, record, seed, grad_clip=args.grad_clip,
                                 accumulate_grad_batches=args.accumulate_grad_batches,
@@ -380,7 +394,10 @@ def _run(args):
                                 from_cache=args.cache is not None,
                                 even_epochs=args.source is not None and args.source.is_tar,
                                 compile=args.compile, channels_last=args.channels_last,
-                                gradient_checkpointing=args.gradient_checkpointing)
+                                gradient_checkpointing=args.gradient_checkpointing,
+                                lr_schedule=dict(warmup=args.lr_warmup_steps,
+                                                 schedule=args.lr_schedule,
+                                                 minimum=args.lr_min, total=args.max_steps))
     if args.tf32 is not None:  # (default: torch's, TF32 for convolutions but not matmuls)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     ckpt_path = start_from(module, args, base, mults)

@@ -7,6 +7,7 @@ way the model sees a fresh posterior sample each step.
 """
 
 import copy
+import math
 from contextlib import nullcontext
 
 import pytorch_lightning as pl
@@ -63,6 +64,21 @@ def latents_and_conditions(batch, ae_model, cloob, scale):
     return posterior_sample(mean, std, scale), cond
 
 
+def learning_rate(step, base, warmup=0, schedule='constant', minimum=0.0, total=None):
+    """The LR of optimizer step `step` (from 0): linear from 0 over `warmup` steps, then
+    constant, a cosine decay to `minimum` at step `total`, or an inverse-square-root
+    decay (from the end of the warmup, floored at `minimum`)."""
+    if step < warmup:
+        return base * step / warmup
+    if schedule == 'constant':
+        return base
+    if schedule == 'cosine':
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return minimum + (base - minimum) * 0.5 * (1 + math.cos(math.pi * progress))
+    start = max(warmup, 1)
+    return max(minimum, base * math.sqrt(start / max(step, start)))
+
+
 def batch_size_of(batch):
     """The number of usable examples in a batch of images or of cached latents."""
     return len(batch['images'] if 'images' in batch else batch['mean'])
@@ -75,8 +91,9 @@ class LightningDiffusion(pl.LightningModule):
 
     Optimisation is manual, so that a step whose loss or gradients are not finite can be
     skipped outright: no optimizer update, no EMA update, and no step counted.
-    With `from_cache`, the autoencoder's encoder and CLOOB's image tower are dropped: the
-    cache holds what they would compute, and their memory goes to the U-Net.
+    With `from_cache`, the autoencoder's encoder is dropped and CLOOB's image tower kept
+    off the device: the cache holds what they would compute, and their memory goes to
+    the U-Net.
     With `even_epochs` (streamed data, whose ranks' shares differ in length), every rank
     ends its epoch after the batch on which the first one ran out; a rank that stopped
     while the others went on would leave them waiting in a gradient all-reduce forever.
@@ -86,11 +103,15 @@ class LightningDiffusion(pl.LightningModule):
                  autoencoder_scale=1.0, lr=3e-5, ema_decay_at=200_000, record=None,
                  seed=0, grad_clip=None, accumulate_grad_batches=1, max_bad_steps=50,
                  from_cache=False, even_epochs=False, compile=False, channels_last=False,
-                 gradient_checkpointing=False):
+                 gradient_checkpointing=False, lr_schedule=None):
         super().__init__()
         self.automatic_optimization = False
+        self.spare_image_tower = None
         if from_cache:
             ae_model.encoder = ae_model.quant_conv = None
+            # In a tuple, not a submodule, so that Lightning leaves it on the CPU; the
+            # demo borrows it to score its grids.
+            self.spare_image_tower = (cloob.model.image_encoder,)
             cloob.model.image_encoder = None
         self.ae_model = ae_model.requires_grad_(False).eval()
         self.cloob = cloob.requires_grad_(False).eval()
@@ -105,6 +126,7 @@ class LightningDiffusion(pl.LightningModule):
         if compile:
             self.model.compile(backend=COMPILE_BACKEND)
         self.lr = lr
+        self.lr_schedule = lr_schedule or {}
         self.ema_decay_at = ema_decay_at
         self.seed = seed
         self.grad_clip = grad_clip
@@ -143,11 +165,6 @@ class LightningDiffusion(pl.LightningModule):
         return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.01,
                                  fused=fused)
 
-    def on_train_start(self):
-        # --lr wins over the LR stored in a resumed checkpoint.
-        for optimizer in self.trainer.optimizers:
-            for group in optimizer.param_groups:
-                group['lr'] = self.lr
 
     def random_state(self):
         """This rank's random state: torch's generators, and how far its timestep sequence
@@ -169,6 +186,18 @@ class LightningDiffusion(pl.LightningModule):
             torch.cuda.set_rng_state(state['cuda'], self.device)
         self.rng.reset()
         self.rng.fast_forward(state['sobol'])
+
+    def on_train_start(self):
+        self.set_learning_rate()  # --lr wins over the LR stored in a resumed checkpoint
+
+    def set_learning_rate(self):
+        """Sets the LR of this step; it follows from the step alone, so a resumed run (at
+        any --lr) is on schedule."""
+        lr = learning_rate(self.global_step, self.lr, **self.lr_schedule)
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+        return lr
 
     def on_train_epoch_start(self):
         self.end_epoch = False
@@ -228,6 +257,7 @@ class LightningDiffusion(pl.LightningModule):
                 self.count_bad_step()
             return
         step = self.global_step
+        self.log('train/lr', self.set_learning_rate())
         self.finite_grads = True
         optimizer.step()  # 16-bit: the GradScaler itself skips a non-finite step
         optimizer.zero_grad(set_to_none=True)

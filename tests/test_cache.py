@@ -199,6 +199,12 @@ def test_training_from_the_cache_leaves_the_encoder_and_image_tower_out(assets, 
     assert trainer.global_step == 2
     assert module.ae_model.encoder is None and module.cloob.model.image_encoder is None
     assert (tmp_path / 'checkpoints' / 'last.ckpt').is_file()
+    # The image tower stays off the module (on the CPU), and still scores the demo grid.
+    tower = module.spare_image_tower[0]
+    assert all(p.device.type == 'cpu' for p in tower.parameters())
+    assert tower not in list(module.modules())
+    with open(tmp_path / 'logs' / 'version_0' / 'metrics.csv') as f:
+        assert 'demo/cloob_score' in f.readline()
 
 
 def test_a_rerun_with_other_settings_into_the_same_cache_is_refused(assets, cached, capsys):

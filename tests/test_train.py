@@ -122,7 +122,7 @@ def test_checkpoints_leave_out_the_frozen_models_and_say_how_to_rebuild(first_ru
     saved = load(first_run.out / 'checkpoints' / 'last.ckpt')
     prefixes = {key.split('.')[0] for key in saved['state_dict']}
     assert prefixes == {'model', 'model_ema'}
-    assert saved['ccld'] == {'autoencoder': assets.autoencoder,
+    assert saved['ccld'] == {'autoencoder': assets.autoencoder, 'random_flip': False,
                              'cloob_checkpoint': str(assets.cloob), 'image_size': 64,
                              'base_channels': 64, 'channel_multipliers': [1, 1, 1, 1],
                              'autoencoder_scale': SCALE}
@@ -511,3 +511,87 @@ def test_ema_decay_at_sets_when_the_average_slows_to_0_9999(first_run, assets, t
             off[decay] = max(off[decay], (after - expected).abs().max().item())
     assert off[0.9999] < 1e-6 and off[0.999] > 1e-5, off
     assert_same_tensors(dict(module.model_ema.named_buffers()), dict(module.model.named_buffers()))
+
+
+@pytest.mark.parametrize('step, schedule, expected', [
+    # warmup over 10 steps: linear from 0
+    (0, dict(warmup=10), 0.0), (5, dict(warmup=10), 0.5), (10, dict(warmup=10), 1.0),
+    (1000, dict(warmup=10), 1.0),
+    # cosine from the end of the warmup (step 10) to step 110, down to 0.1
+    (60, dict(warmup=10, schedule='cosine', minimum=0.1, total=110), 0.55),
+    (110, dict(warmup=10, schedule='cosine', minimum=0.1, total=110), 0.1),
+    (35, dict(warmup=10, schedule='cosine', minimum=0.0, total=110), (1 + 2 ** -0.5) / 2),
+    # inverse square root from the end of a 100-step warmup
+    (400, dict(warmup=100, schedule='inverse-sqrt'), 0.5),
+    (10_000, dict(warmup=100, schedule='inverse-sqrt', minimum=0.2), 0.2),
+])
+def test_learning_rate_schedules(step, schedule, expected):
+    from ccld.training import learning_rate
+    assert learning_rate(step, 1.0, **schedule) == pytest.approx(expected)
+
+
+def test_the_lr_warmup_continues_on_resume_and_is_logged(first_run, assets, tmp_path):
+    """A 4-step warmup stopped after 2 steps and resumed: steps 2 and 3 run at 2/4 and
+    3/4 of --lr, as in one run, and train/lr is in the log."""
+    argv = train_args(assets, tmp_path, '--lr-warmup-steps', '4', '--demo-every', '1')
+    train([*argv, '--max-steps', '2'])
+    seen = []
+    step = LightningDiffusion.optimizer_step_or_skip
+
+    def spy(self):
+        step(self)
+        seen.append(self.optimizers().param_groups[0]['lr'])
+    try:
+        LightningDiffusion.optimizer_step_or_skip = spy
+        train([*argv, '--max-steps', '4', '--resume-from', 'auto'])
+    finally:
+        LightningDiffusion.optimizer_step_or_skip = step
+    assert seen == pytest.approx([3e-5 * 2 / 4, 3e-5 * 3 / 4])
+    logged = [float(r['train/lr']) for r in metrics(tmp_path) if r.get('train/lr')]
+    assert logged[:2] == pytest.approx([0.0, 3e-5 / 4])
+
+
+def test_lr_schedule_flags_are_checked(assets, tmp_path, capsys):
+    for extra, message in ((['--lr-schedule', 'cosine', '--max-steps', '0'], 'needs --max-steps'),
+                           (['--lr-schedule', 'cosine', '--lr-min', '1'], 'must be below --lr'),
+                           (['--lr-min', '-1'], 'argument --lr-min: must be 0 or more')):
+        argv = train_args(assets, tmp_path, *extra)
+        if '0' in extra:
+            i = argv.index('--max-steps')
+            del argv[i:i + 2]
+            argv.remove('0')
+        assert run_cli(argv) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_random_flip_mirrors_about_half_the_images_and_is_recorded(assets, tmp_path):
+    from ccld.data import ImagePathDataset
+    picture = Image.new('RGB', (64, 64), (0, 0, 255))
+    picture.paste((255, 0, 0), (0, 0, 32, 64))  # red left half
+    picture.save(tmp_path / 'half.png')
+    dataset = ImagePathDataset([tmp_path / 'half.png'] * 400, 64, random_flip=True)
+    torch.manual_seed(0)
+    flipped = sum(int(dataset[i][1][0, 32, 5] < 0.5) for i in range(len(dataset)))
+    assert 160 < flipped < 240  # binomial(400, 0.5): mean 200, sd 10
+    unflipped = ImagePathDataset([tmp_path / 'half.png'], 64)[0][1]
+    assert unflipped[0, 32, 5] == 1 and unflipped[2, 32, 60] == 1
+    _, module = train(train_args(assets, tmp_path / 'out', '--random-flip', '--max-steps', '1'))
+    assert load(tmp_path / 'out' / 'checkpoints' / 'last.ckpt')['ccld']['random_flip'] is True
+
+
+def test_every_demo_grid_logs_its_cloob_score(first_run):
+    """demo/cloob_score is the mean cosine similarity of each cell's CLOOB image
+    embedding with its prompt's text embedding (8-bit PNG cells: 1e-2 tolerance)."""
+    from torchvision.transforms.functional import to_tensor
+    rows = [r for r in metrics(first_run.out) if r.get('demo/cloob_score')]
+    assert [int(r['step']) for r in rows] == [1, 2, 4]
+    cloob = first_run.module.cloob
+    with Image.open(first_run.out / 'demos' / 'demo_00000004.png') as grid:
+        cells = to_tensor(grid.convert('RGB')).unfold(2, 64, 64).permute(2, 0, 1, 3)
+        assert float(grid.text['cloob_score']) == pytest.approx(float(rows[-1]['demo/cloob_score']),
+                                                                abs=1e-4)
+    with torch.no_grad():
+        images = torch.nn.functional.normalize(cloob.embed_images(cells), dim=-1)
+        texts = torch.nn.functional.normalize(cloob.embed_texts(PROMPTS), dim=-1)
+    expected = (images * texts).sum(-1).mean().item()
+    assert float(rows[-1]['demo/cloob_score']) == pytest.approx(expected, abs=1e-2)
