@@ -53,28 +53,36 @@ def parser():
                    help='latent scale of the autoencoder (see compute_ae_scale.py)')
     p.add_argument('--train-set', help='text file with one image path per line, or webdataset '
                    'tar shards (data/{00000..01023}.tar, or a directory of .tar files)')
-    p.add_argument('--checkpoint-every', type=cli.positive_int, default=50000)
+    p.add_argument('--checkpoint-every', type=cli.positive_int, default=50000,
+                   help='write checkpoints/step=N.ckpt (and last.ckpt) every this many steps')
     p.add_argument('--resume-from', help='a ccld checkpoint, a checkpoint of the original '
                    'script, a released model state dict to finetune, or "auto": the newest good '
                    'checkpoint in --output-dir (a fresh start when there is none)')
     p.add_argument('--demo-prompts', help='text file with one demo prompt per line')
-    p.add_argument('--demo-every', type=cli.positive_int, default=2000)
+    p.add_argument('--demo-every', type=cli.positive_int, default=2000,
+                   help='render a demo grid every this many steps (and on the first)')
     p.add_argument('--wandb-project', help='log to this wandb project (else log locally)')
     p.add_argument('--fprecision', type=precision, default='32',
                    help='16, 32, bf16, or a Lightning precision string')
     p.add_argument('--num-gpus', '--devices', dest='devices', type=cli.positive_int, default=1,
                    help='devices (processes) per node')
-    p.add_argument('--num-workers', type=cli.non_negative_int, default=12)
+    p.add_argument('--num-workers', type=cli.non_negative_int, default=12,
+                   help='data loading processes per device')
     p.add_argument('--batch-size', type=cli.positive_int, default=64, help='per device')
-    p.add_argument('--base-channels', type=cli.positive_int, default=128)
-    p.add_argument('--channel-multipliers', type=cli.multipliers, default=[4, 4, 8, 8])
-    p.add_argument('--ema-decay-at', type=cli.positive_int, default=200000)
+    p.add_argument('--base-channels', type=cli.positive_int, default=128,
+                   help='U-Net width unit (danbooru_cfg: 128; yfcc_cfg: 192)')
+    p.add_argument('--channel-multipliers', type=cli.multipliers, default=[4, 4, 8, 8],
+                   help='widths of the four U-Net levels, as multiples of --base-channels')
+    p.add_argument('--ema-decay-at', type=cli.positive_int, default=200000,
+                   help='the EMA decay goes from 0.999 to 0.9999 at this step')
     # Added.
     p.add_argument('--train-latents', metavar='DIR',
                    help='train from a latent cache made by precompute_latents.py, instead of '
                    '--train-set')
-    p.add_argument('--num-nodes', type=cli.positive_int, default=1)
-    p.add_argument('--accelerator', default='auto', choices=['auto', 'cpu', 'gpu', 'cuda', 'mps'])
+    p.add_argument('--num-nodes', type=cli.positive_int, default=1,
+                   help='machines (start the same command on each, under torchrun or SLURM)')
+    p.add_argument('--accelerator', default='auto', choices=['auto', 'cpu', 'gpu', 'cuda', 'mps'],
+                   help='where to train; auto is the GPU when there is one')
     p.add_argument('--strategy', default='auto',
                    help="auto (ddp with more than one device), ddp, fsdp, deepspeed, ...")
     p.add_argument('--lr', type=cli.positive_float, default=3e-5,
@@ -94,10 +102,13 @@ def parser():
     p.add_argument('--output-dir', default='outputs',
                    help='checkpoints, demo grids and local logs go here')
     p.add_argument('--seed', type=cli.training_seed, default=None, help='random seed (default: random)')
-    p.add_argument('--accumulate-grad-batches', type=cli.positive_int, default=1)
+    p.add_argument('--accumulate-grad-batches', type=cli.positive_int, default=1,
+                   help='batches whose gradients add up to one optimizer step')
     p.add_argument('--grad-clip', type=cli.positive_float, help='clip the gradient norm')
-    p.add_argument('--image-size', type=cli.positive_int, default=256)
-    p.add_argument('--demo-steps', type=cli.positive_int, default=50)
+    p.add_argument('--image-size', type=cli.positive_int, default=256,
+                   help='training image size in pixels (latents are 1/8 of it)')
+    p.add_argument('--demo-steps', type=cli.positive_int, default=50,
+                   help='sampling steps of the demo grids')
     p.add_argument('--demo-method', default='plms', choices=SAMPLING_METHODS,
                    help='sampler of the demo grids (plms2 with --demo-steps 25 --demo-schedule '
                    'karras: half the model calls, see BENCHMARKS.md)')
