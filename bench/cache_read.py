@@ -11,8 +11,7 @@ so they sit in the page cache: this times decoding and loader overhead, not the 
 The 'once' column checks that each key came exactly once in the epoch. Writing litdata
 goes through cache.write_part, which also fsyncs each part; the others do not fsync.
 
-    cd /work/wt-bench && PYTHONPATH=/work/wt-bench:/work/wt-bench/latent-diffusion \
-        /work/main/.venv/bin/python bench/cache_read.py
+    .venv/bin/python bench/cache_read.py     (from the repository root)
 """
 
 import argparse

@@ -11,8 +11,7 @@ The cache is written by the real precompute code (ccld.precompute.encode_units),
 cost per image is reported too, and read back by ccld.cache.make_cache_loader.
 
 CPU check (2 cores, under 5 minutes; prints the step counts it used):
-    cd /work/wt-bench && PYTHONPATH=/work/wt-bench:/work/wt-bench/latent-diffusion \
-        /work/main/.venv/bin/python bench/train_throughput.py
+    .venv/bin/python bench/train_throughput.py     (from the repository root)
 GPU session, danbooru-size U-Net:
     python bench/train_throughput.py --device cuda --batch-size 32 --base-channels 128 \
         --channel-multipliers 4,4,8,8 --precision bf16 --num-workers 8 --steps 10

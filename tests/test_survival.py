@@ -509,3 +509,23 @@ def test_checkpoint_minutes_writes_last_between_step_checkpoints(assets, tmp_pat
                               '0.0001'))
     assert [name for name, _ in written] == ['last.ckpt'] * len(written)
     assert [step for _, step in written][-1] == 3 and len(written) >= 3
+
+
+def test_a_failed_write_elsewhere_is_one_line_naming_the_latest_checkpoint(assets, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Disk full while a demo grid is written, after a checkpoint at step 2."""
+    from ccld import images
+    save_png = images.save_png
+
+    def full_from_step_3(image, path, metadata=None):
+        if metadata and metadata.get('step', 0) >= 3:
+            raise OSError(28, 'No space left on device', str(path))
+        return save_png(image, path, metadata)
+    monkeypatch.setattr(images, 'save_png', full_from_step_3)
+    argv = train_args(assets, tmp_path, '--max-steps', '4', '--checkpoint-every', '2',
+                      '--demo-every', '1')
+    assert tiny.exit_code(train_latent_diffusion.main, 'train', argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f'train: error: {tmp_path / "demos" / "demo_00000003.png"} failed (No space '
+                   f'left on device); the latest checkpoint is '
+                   f'{tmp_path / "checkpoints" / "last.ckpt"}.')
