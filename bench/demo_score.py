@@ -14,9 +14,7 @@ GPU session, danbooru-size U-Net and the original's 16 prompts and 50 steps:
 """
 
 import argparse
-import math
 import sys
-import zlib
 from pathlib import Path
 from time import perf_counter
 
@@ -26,25 +24,10 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / 'latent-diffusion')]
 
-from ccld.autoencoder import KL_F8_CONFIG, build_autoencoder, read_config  # noqa: E402
-from ccld.cloob import CLOOBEmbedder  # noqa: E402
 from ccld.demo import render  # noqa: E402
 from ccld.score import cloob_scores  # noqa: E402
 from ccld.unet import DiffusionModel  # noqa: E402
-from cloob_training import model_pt, pretrained  # noqa: E402
-
-
-def fill(module):
-    """SPEC section 0's deterministic fill, by state-dict key."""
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if tensor.ndim == 0 or not tensor.is_floating_point():
-                continue
-            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-            value = torch.randn(tensor.shape, generator=g)
-            tensor.copy_(value / math.sqrt(math.prod(tensor.shape[1:])) if tensor.ndim >= 2
-                         else 0.1 * value)
-    return module
+from train_throughput import frozen_models  # noqa: E402  (kl-f8 and CLOOB, filled)
 
 
 def main(argv=None):
@@ -60,9 +43,7 @@ def main(argv=None):
     mults = [int(m) for m in args.channel_multipliers.split(',')]
     unet = DiffusionModel(args.base_channels, mults, autoencoder_scale=8.0779).eval()
     unet = unet.requires_grad_(False).to(device)
-    ae = fill(build_autoencoder(read_config(ROOT / KL_F8_CONFIG))).eval().to(device)
-    config = pretrained.get_config('cloob_laion_400m_vit_b_16_16_epochs')
-    cloob = CLOOBEmbedder(fill(model_pt.get_pt_model(config))).to(device)
+    ae, cloob = frozen_models(device)
     text = torch.nn.functional.normalize(torch.randn(args.prompts, 512, device=device), dim=-1)
 
     def timed(fn):
@@ -86,7 +67,7 @@ def main(argv=None):
         render(unet, ae, text, [4, 32, 32], 1, method='ddim')
     one_call = counted.get_total_flops()
     call, decode = two_calls - one_call, 2 * one_call - two_calls
-    calls = args.steps + 9  # PLMS: its first three steps are PRK steps of 4 calls
+    calls = 4 * min(args.steps, 3) + max(args.steps - 3, 0)  # PLMS starts with 3 PRK steps
     render_flops = calls * call + decode
     print(f'{args.prompts} prompts, PLMS {args.steps} steps ({calls} guided U-Net calls), '
           f'U-Net base {args.base_channels} x {args.channel_multipliers}, 256 px, on {device}')
