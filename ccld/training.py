@@ -160,11 +160,9 @@ class LightningDiffusion(pl.LightningModule):
         # The fused kernel updates every parameter in one pass (3.4x faster optimizer steps
         # than the default on a 2-core CPU for the tiny test model). 16-bit training keeps
         # the plain kernel: the fused one unscales inside step(), after clipping would run.
-        fp16 = getattr(self.trainer.precision_plugin, 'scaler', None) is not None
-        fused = (self.device.type in ('cuda', 'cpu') and not fp16) or None
+        fused = (self.device.type in ('cuda', 'cpu') and not self.scaled_gradients) or None
         return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.01,
                                  fused=fused)
-
 
     def random_state(self):
         """This rank's random state: torch's generators, and how far its timestep sequence
@@ -249,31 +247,34 @@ class LightningDiffusion(pl.LightningModule):
         no rank had a readable image). Gradients are already all-reduced here, so every
         rank reaches the same decision without talking to the others."""
         optimizer = self.optimizers()
-        scaler = getattr(self.trainer.precision_plugin, 'scaler', None)
         norm = grad_norm(self.model)
-        if scaler is None and not (torch.isfinite(norm) and norm > 0):
+        finite = bool(torch.isfinite(norm))
+        # 16-bit: gradients are still scaled here; the GradScaler skips a non-finite step
+        # itself (and lowers its scale), so it is given the step.
+        if norm == 0 or not (finite or self.scaled_gradients):
             optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(norm):
+            if not finite:
                 self.count_bad_step()
             return
         step = self.global_step
         self.log('train/lr', self.set_learning_rate())
-        self.finite_grads = True
-        optimizer.step()  # 16-bit: the GradScaler itself skips a non-finite step
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if not self.finite_grads:
+        if not finite:
             self.count_bad_step()
             return
         self.bad_steps_in_a_row = 0
         ema_update(self.model, self.model_ema, ema_decay(step, self.ema_decay_at))
 
+    @property
+    def scaled_gradients(self):
+        return getattr(self.trainer.precision_plugin, 'scaler', None) is not None
+
     def on_before_optimizer_step(self, optimizer):
-        # Gradients are unscaled here in 16-bit training, so clipping sees their true norm.
+        # Called inside optimizer.step(), where 16-bit gradients are unscaled, so that
+        # clipping sees their true norm.
         if self.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        else:
-            norm = grad_norm(self.model)
-        self.finite_grads = bool(torch.isfinite(norm))
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
 
     def count_bad_step(self):
         self.skipped_steps += 1

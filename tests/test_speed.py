@@ -37,7 +37,8 @@ def train_args(assets, out, *extra):
 
 @pytest.mark.parametrize('flags', [
     ['--compile'], ['--channels-last'], ['--tf32'], ['--no-tf32'], ['--gradient-checkpointing'],
-    ['--fprecision', 'bf16'], ['--num-workers', '2', '--prefetch-factor', '4'],
+    ['--fprecision', 'bf16'], ['--fprecision', '16', '--grad-clip', '1'],
+    ['--num-workers', '2', '--prefetch-factor', '4'],
 ])
 def test_each_speed_flag_trains_and_saves_a_checkpoint_a_plain_model_loads(
         assets, tmp_path, monkeypatch, flags):

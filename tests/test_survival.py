@@ -529,3 +529,37 @@ def test_a_failed_write_elsewhere_is_one_line_naming_the_latest_checkpoint(asset
     assert err == (f'train: error: {tmp_path / "demos" / "demo_00000003.png"} failed (No space '
                    f'left on device); the latest checkpoint is '
                    f'{tmp_path / "checkpoints" / "last.ckpt"}.')
+
+
+def test_in_16_bit_the_scaler_skips_a_non_finite_step_and_it_is_counted(assets, monkeypatch):
+    """fp16 mixed precision (here forced onto the CPU with an explicit GradScaler): the
+    scaler skips the step and halves its scale; the EMA does not move; it is counted.
+    (The scaler may also skip the first steps while it finds its scale: those count too.)"""
+    import pytorch_lightning as pl
+    from pytorch_lightning.plugins import MixedPrecision
+
+    from ccld import training
+    from ccld.autoencoder import load_autoencoder
+    from ccld.cloob import load_cloob
+    from ccld.data import make_loader
+    spy, calls = nan_at({1})
+    monkeypatch.setattr(training, 'v_objective', spy)
+    module = training.LightningDiffusion(load_autoencoder(assets.autoencoder),
+                                         load_cloob(assets.cloob), 64, [1, 1, 1, 1], SCALE)
+    emas, scales, skipped = [], [], []
+    step = training.LightningDiffusion.optimizer_step_or_skip
+
+    def record(self):
+        step(self)
+        emas.append({k: v.clone() for k, v in self.model_ema.state_dict().items()})
+        scales.append(self.trainer.precision_plugin.scaler.get_scale())
+        skipped.append(self.skipped_steps)
+    monkeypatch.setattr(training.LightningDiffusion, 'optimizer_step_or_skip', record)
+    trainer = pl.Trainer(accelerator='cpu', max_steps=3, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False,
+                         plugins=[MixedPrecision('16-mixed', 'cpu', torch.amp.GradScaler('cpu'))])
+    trainer.fit(module, make_loader([str(p) for p in assets.paths], 64, 2, 0))
+    assert skipped[1] == skipped[0] + 1 and len(calls) == len(skipped) >= 3
+    assert scales[1] == scales[0] / 2
+    assert_same(emas[0], emas[1])  # the NaN step left the EMA alone
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())
