@@ -552,14 +552,14 @@ def test_the_lr_warmup_continues_on_resume_and_is_logged(first_run, assets, tmp_
 
 
 def test_lr_schedule_flags_are_checked(assets, tmp_path, capsys):
-    for extra, message in ((['--lr-schedule', 'cosine', '--max-steps', '0'], 'needs --max-steps'),
-                           (['--lr-schedule', 'cosine', '--lr-min', '1'], 'must be below --lr'),
-                           (['--lr-min', '-1'], 'argument --lr-min: must be 0 or more')):
-        argv = train_args(assets, tmp_path, *extra)
-        if '0' in extra:
-            i = argv.index('--max-steps')
-            del argv[i:i + 2]
-            argv.remove('0')
+    no_max_steps = train_args(assets, tmp_path, '--lr-schedule', 'cosine')
+    i = no_max_steps.index('--max-steps')
+    del no_max_steps[i:i + 2]
+    for argv, message in ((no_max_steps, 'cosine decays over the run: it needs --max-steps'),
+                          (train_args(assets, tmp_path, '--lr-schedule', 'cosine', '--lr-min',
+                                      '1'), '--lr-min 1 must be below --lr 3e-05'),
+                          (train_args(assets, tmp_path, '--lr-min', '-1'),
+                           'argument --lr-min: must be 0 or more')):
         assert run_cli(argv) == 2
         assert message in capsys.readouterr().err
 
