@@ -10,6 +10,8 @@
 
 import pickle
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass
 from typing import Optional
 from pathlib import Path
@@ -58,12 +60,25 @@ def safe_load(path, mmap=True):
     that the original script's checkpoints hold. Raises UserError for anything unreadable.
 
     mmap: tensors stay in the file until used, so taking a training checkpoint's EMA
-    weights or widths does not read its optimizer state into memory.
+    weights or widths does not read its optimizer state into memory. Only files in
+    torch.save's zip format can be mapped; older ones (and other pickles) are read whole.
     """
+    zipped = zipfile.is_zipfile(path)
+    with open(path, 'rb') as f:
+        pickled = f.read(1) == b'\x80'  # the first opcode of pickle protocols 2 and later
+    if not zipped and not pickled:
+        raise UserError(f'{path}: cannot read it as a PyTorch checkpoint (it is neither '
+                        "torch.save's zip format nor a pickle); it may be truncated or not a "
+                        'checkpoint.')
     try:
-        with torch.serialization.safe_globals(_legacy_globals()):
-            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(_legacy_globals()), warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
+            return torch.load(path, map_location='cpu', weights_only=True,
+                              mmap=mmap and zipped)
     except pickle.UnpicklingError as e:
+        if not zipped and 'Unsupported operand' in str(e):  # a pickle torch.save did not write
+            raise UserError(f'{path} is a plain pickle (a CLOOB .pkl?), not a PyTorch '
+                            'checkpoint; pass a diffusion checkpoint.') from None
         found = re.search(r'WeightsUnpickler error: *(.+?)(\.\s|$)', str(e), re.S)
         if found:
             what = ' '.join(found.group(1).split())
