@@ -48,7 +48,7 @@ def main(argv=None):
         print(f'{args.train_set} lists {len(paths)} images, fewer than {args.batches} batches '
               f'x {args.batch_size} = {wanted}; using all of them.', file=sys.stderr)
     result = estimate_scale(autoencoder, paths, args.batches, args.batch_size, args.image_size,
-                            args.num_workers, device, args.seed)
+                            args.num_workers, device, args.seed, source=args.train_set)
     flag = f'--autoencoder-scale {result.scale:.6g}'
     if result.skipped:
         print(f'skipped {result.skipped} unreadable images.', file=sys.stderr)
