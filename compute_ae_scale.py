@@ -12,9 +12,6 @@ import os
 import sys
 
 from ccld import cli
-from ccld.autoencoder import load_autoencoder
-from ccld.data import read_path_list
-from ccld.scale import estimate_scale
 
 PROG = 'compute_ae_scale.py'
 
@@ -40,6 +37,10 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    from ccld.autoencoder import load_autoencoder
+    from ccld.data import read_path_list
+    from ccld.scale import estimate_scale
+
     paths = read_path_list(args.train_set)
     device = args.device or cli.default_device()
     autoencoder = load_autoencoder(args.vqgan_model, device=device)
