@@ -12,9 +12,6 @@ import os
 import sys
 
 from ccld import cli
-from ccld.autoencoder import load_autoencoder
-from ccld.data import read_path_list
-from ccld.scale import estimate_scale
 
 PROG = 'compute_ae_scale.py'
 
@@ -40,6 +37,10 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    from ccld.autoencoder import load_autoencoder
+    from ccld.data import read_path_list
+    from ccld.scale import estimate_scale
+
     paths = read_path_list(args.train_set)
     device = args.device or cli.default_device()
     autoencoder = load_autoencoder(args.vqgan_model, device=device)
@@ -48,7 +49,7 @@ def main(argv=None):
         print(f'{args.train_set} lists {len(paths)} images, fewer than {args.batches} batches '
               f'x {args.batch_size} = {wanted}; using all of them.', file=sys.stderr)
     result = estimate_scale(autoencoder, paths, args.batches, args.batch_size, args.image_size,
-                            args.num_workers, device, args.seed)
+                            args.num_workers, device, args.seed, source=args.train_set)
     flag = f'--autoencoder-scale {result.scale:.6g}'
     if result.skipped:
         print(f'skipped {result.skipped} unreadable images.', file=sys.stderr)

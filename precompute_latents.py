@@ -35,7 +35,8 @@ def parser():
     p.add_argument('--device', type=cli.device, help='default: cuda if available, else cpu')
     p.add_argument('--num-gpus', '--devices', dest='num_gpus', type=cli.positive_int, default=1,
                    help='processes per node (GPUs, or CPU processes with --device cpu)')
-    p.add_argument('--num-nodes', type=cli.positive_int, default=1)
+    p.add_argument('--num-nodes', type=cli.positive_int, default=1,
+                   help='nodes, each running --num-gpus processes (start the same command on each)')
     p.add_argument('--shard-size', type=cli.positive_int, default=10_000,
                    help='images of a path list per cache part (tar shards make one part each)')
     p.add_argument('--json', action='store_true', help='print the manifest as JSON at the end')

@@ -1,7 +1,8 @@
 """Reading the three kinds of diffusion checkpoint users own.
 
 - 'bare': a released DiffusionModel state dict (yfcc_cfg, danbooru_cfg), .pth/.ckpt
-  or .safetensors.
+  or .safetensors; also a model export (export_model.py), whose record comes from its
+  safetensors metadata.
 - 'original': a Lightning checkpoint written by the original training script
   (state_dict keys model./model_ema./ae_model./cloob., top-level scale_factor).
 - 'ccld': a Lightning checkpoint written by our training script; it carries a 'ccld'
@@ -10,12 +11,15 @@
 
 import pickle
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass
 from typing import Optional
 from pathlib import Path
 
 import torch
 
+from . import export
 from .errors import UserError
 from .unet import DiffusionModel, infer_widths
 
@@ -32,12 +36,13 @@ class DiffusionCheckpoint:
     model: dict            # the trained weights
     model_ema: dict        # the averaged weights (== model for a bare state dict)
     autoencoder_scale: Optional[float]  # None when the checkpoint does not record it
-    record: dict           # what the checkpoint says about itself (ccld kind only)
+    record: dict           # what the checkpoint says about itself (ccld kind and exports)
     raw: dict              # everything that was loaded
 
     @property
     def description(self):
-        return KINDS[self.kind]
+        return 'a ccld model export' if self.record.get('format') == export.FORMAT else \
+            KINDS[self.kind]
 
 
 def _legacy_globals():
@@ -58,12 +63,25 @@ def safe_load(path, mmap=True):
     that the original script's checkpoints hold. Raises UserError for anything unreadable.
 
     mmap: tensors stay in the file until used, so taking a training checkpoint's EMA
-    weights or widths does not read its optimizer state into memory.
+    weights or widths does not read its optimizer state into memory. Only files in
+    torch.save's zip format can be mapped; older ones (and other pickles) are read whole.
     """
+    zipped = zipfile.is_zipfile(path)
+    with open(path, 'rb') as f:
+        pickled = f.read(1) == b'\x80'  # the first opcode of pickle protocols 2 and later
+    if not zipped and not pickled:
+        raise UserError(f'{path}: cannot read it as a PyTorch checkpoint (it is neither '
+                        "torch.save's zip format nor a pickle); it may be truncated or not a "
+                        'checkpoint.')
     try:
-        with torch.serialization.safe_globals(_legacy_globals()):
-            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(_legacy_globals()), warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
+            return torch.load(path, map_location='cpu', weights_only=True,
+                              mmap=mmap and zipped)
     except pickle.UnpicklingError as e:
+        if not zipped and 'Unsupported operand' in str(e):  # a pickle torch.save did not write
+            raise UserError(f'{path} is a plain pickle (a CLOOB .pkl?), not a PyTorch '
+                            'checkpoint; pass a diffusion checkpoint.') from None
         found = re.search(r'WeightsUnpickler error: *(.+?)(\.\s|$)', str(e), re.S)
         if found:
             what = ' '.join(found.group(1).split())
@@ -76,6 +94,26 @@ def safe_load(path, mmap=True):
                         'truncated or not a checkpoint.') from None
 
 
+def read_safetensors(path):
+    """The tensors and the metadata of a .safetensors file; UserError if it is not one."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), 'pt') as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - truncated, not safetensors, bad header...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f'{path}: cannot read it as safetensors ({reason}); it may be '
+                        'truncated or not a safetensors file.') from None
+
+
+def check_weights(state_dict, path):
+    """UserError unless `state_dict` loads into a DiffusionModel: keys and shapes are
+    checked against one built on the meta device, which takes no memory."""
+    with torch.device('meta'), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # loading into meta tensors is a no-op, as meant
+        build_model(state_dict, path=path)
+
+
 def _sub_state(state_dict, prefix):
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
@@ -85,9 +123,12 @@ def read_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f'checkpoint {path} does not exist.')
+    record = {}
     if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
-        obj = load_file(str(path))
+        obj, metadata = read_safetensors(path)
+        record = export.read_record(metadata, path)
+        if record:  # fp16 exports load into the fp32 model
+            obj = {k: v.float() if v.is_floating_point() else v for k, v in obj.items()}
     else:
         obj = safe_load(path)
     if not isinstance(obj, dict):
@@ -104,11 +145,11 @@ def read_checkpoint(path):
         if not model_ema:
             model_ema = model
     elif 'net.0.main.0.weight' in obj:
-        kind, model, model_ema, record = 'bare', obj, obj, {}
-        scale = obj.get('autoencoder_scale')
+        kind, model, model_ema = 'bare', obj, obj
+        scale = record.get('autoencoder_scale', obj.get('autoencoder_scale'))
     else:
         raise UserError(f'{path} holds no diffusion model weights: expected a released state '
-                        'dict or a training checkpoint.')
+                        'dict, a training checkpoint or a model export.')
     scale = float(scale) if scale is not None else None
     return DiffusionCheckpoint(kind, model, model_ema, scale, record, obj)
 

@@ -7,6 +7,11 @@ import warnings
 
 from .errors import RunError, UserError
 
+# ccld.sampling.METHODS and ccld.schedule.SCHEDULES, named here so that --help and usage
+# errors need not import torch (a test checks that they are the library's).
+SAMPLING_METHODS = ('ddpm', 'ddim', 'prk', 'plms', 'pie', 'plms2', 'iplms', 'dpmpp_2m')
+SCHEDULES = ('spliced', 'karras')
+
 
 def run(main, prog):
     """Calls main(); a UserError prints `prog: error: message` and exits with code 2, a

@@ -10,7 +10,10 @@ import hashlib
 import os
 import shutil
 import socket
+import tempfile
 from pathlib import Path
+
+from .errors import UserError
 
 TEMP_MARK = '.tmp-'
 
@@ -59,6 +62,21 @@ def atomic_write(path, mode='wb'):
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def check_writable_dir(path, flag):
+    """Makes directory `path` if needed and checks that a file can be made in it, so that
+    a run fails before its models load rather than at its first write. UserError naming
+    `flag` if not."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f'{flag}: {path} is a file; pass a directory.')
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UserError(f'{flag}: cannot write in {path} ({e.strerror or e}); pass a writable '
+                        'directory.') from None
 
 
 def remove_stale_temps(directory):

@@ -5,8 +5,8 @@ the model's predictions for them, a sampler turns seeded noise (or a noised init
 into latents, and the autoencoder decodes those.
 """
 
-import math
 import urllib.request
+import warnings
 from io import BytesIO
 from pathlib import Path
 
@@ -23,19 +23,6 @@ from .schedule import SCHEDULES, sampling_timesteps, t_to_alpha_sigma
 from .unet import CLIP_EMBED_DIM, LATENT_CHANNELS
 
 UNET_DOWNSAMPLING = 8  # the U-Net halves its input three times
-
-
-def parse_prompt(prompt, default_weight):
-    """'text' or 'text:weight' -> (text, weight).
-
-    Only a trailing ':number' is a weight, so URLs and other colons stay in the text.
-    """
-    text, _, suffix = prompt.rpartition(':')
-    try:
-        weight = float(suffix)
-    except ValueError:
-        return prompt, default_weight
-    return (text, weight) if text and math.isfinite(weight) else (prompt, default_weight)
 
 
 def read_image(source, what='image'):
@@ -144,19 +131,66 @@ def generate(model_fn, autoencoder, autoencoder_scale, n, image_size, *, method=
         yield latents.decode(autoencoder, out, autoencoder_scale)
 
 
-def write_samples(batches, output_dir, prefix='out', metadata=None, grid_cols=None):
-    """Saves each image as PREFIX_00000.png, ... as it arrives, then all as PREFIX_grid.png.
+def sample_path(output_dir, prefix, index):
+    return Path(output_dir) / f'{prefix}_{index:05}.png'
 
-    Every PNG carries `metadata` (and its own index) as text chunks. Returns the paths.
+
+def grid_path(output_dir, prefix):
+    return Path(output_dir) / f'{prefix}_grid.png'
+
+
+def write_samples(batches, output_dir, prefix='out', metadata=None, grid_cols=None, *,
+                  singles=True, grid_too=True, annotate=None):
+    """Saves each image as PREFIX_00000.png, ... as it arrives, then all as PREFIX_grid.png
+    (`singles` and `grid_too` choose which of the two are written).
+
+    Every PNG carries `metadata` as text chunks; a single one also its index and what
+    `annotate(batch)` (a list of dicts, one per image) says of it. Returns the paths.
     """
-    output_dir, metadata = Path(output_dir), metadata or {}
-    images, paths = [], []
+    metadata = metadata or {}
+    images, paths, index = [], [], 0
     for batch in batches:
-        for image in batch.cpu():
-            index = len(images)
-            path = output_dir / f'{prefix}_{index:05}.png'
-            paths.append(save_png(image, path, {**metadata, 'index': index}))
-            images.append(image)
-    grid_path = output_dir / f'{prefix}_grid.png'
-    paths.append(save_png(grid(torch.stack(images), grid_cols), grid_path, metadata))
+        notes = annotate(batch) if annotate else [{}] * len(batch)
+        for image, note in zip(batch.cpu(), notes):
+            if singles:
+                paths.append(save_png(image, sample_path(output_dir, prefix, index),
+                                      {**metadata, 'index': index, **note}))
+            if grid_too:
+                images.append(image)
+            index += 1
+    if grid_too:
+        paths.append(save_png(grid(torch.stack(images), grid_cols),
+                              grid_path(output_dir, prefix), metadata))
     return paths
+
+
+def check_frozen_models(record, autoencoder, cloob_checkpoint, checkpoint):
+    """Warns when a checkpoint's record names another autoencoder or CLOOB than the flags:
+    sampling then runs, but the model sees latents and embeddings it was not trained on.
+
+    Files are compared by content where the record has their sha256 and the file is
+    here, else by name (the last part of the path, so a moved file still matches).
+    """
+    from .autoencoder import describe as describe_autoencoder, weights_path
+    from .cloob import describe as describe_cloob
+    from cloob_training.pretrained import list_configs
+    given = {
+        'autoencoder': ('--autoencoder', autoencoder, weights_path(autoencoder).is_file(),
+                        describe_autoencoder),
+        'cloob_checkpoint': ('--cloob-checkpoint', cloob_checkpoint,
+                             cloob_checkpoint in list_configs() or Path(cloob_checkpoint).is_file(),
+                             describe_cloob),
+    }
+    for key, (flag, name, here, describe) in given.items():
+        recorded, digest = record.get(key), record.get(f'{key}_sha256')
+        if recorded is None:
+            continue
+        if digest and here:
+            same = describe(name)['sha256'] == digest
+        else:
+            same = Path(str(recorded)).name == Path(name).name
+        if not same:
+            what = f'{recorded} (sha256 {digest[:12]})' if digest else recorded
+            warnings.warn(f'{checkpoint} was trained with {key.replace("_", " ")} {what}, but '
+                          f'{flag} gives {name}; pass the one it was trained with, or expect '
+                          'images unlike its training.')

@@ -13,7 +13,9 @@ from tqdm.auto import tqdm
 
 from . import latents
 from .data import make_loader
-from .errors import UserError
+from .errors import RunError
+
+BATCHES_CHECKED = 20  # a run whose first batches hold no readable image stops after these
 
 
 @dataclass
@@ -26,29 +28,33 @@ class ScaleEstimate:
 
 @torch.no_grad()
 def estimate_scale(autoencoder, paths, batches=32, batch_size=64, image_size=256,
-                   num_workers=0, device='cpu', seed=0, progress=True):
+                   num_workers=0, device='cpu', seed=0, progress=True, source='the path list'):
     """Encodes `batches` shuffled batches of `paths` (all of them if there are fewer).
 
     Each batch's variance counts by its number of images, so with full batches this is
     the original's plain mean, and a short last batch or skipped files do not tilt it.
-    Raises UserError if no image could be read.
+    Raises RunError, naming `source`, if the first BATCHES_CHECKED batches (or all of
+    them, if fewer) hold no readable image: a list of wrong paths would otherwise go
+    through every batch to say so.
     """
     device = torch.device(device)
     loader = make_loader(paths, image_size, batch_size, num_workers, shuffle=True, seed=seed,
                          drop_last=False)
     generator = torch.Generator(device).manual_seed(seed)
     n_batches = min(batches, len(loader))
-    var_sum, images, used, skipped = 0.0, 0, 0, 0
-    for batch in tqdm(itertools.islice(loader, n_batches), total=n_batches, unit='batch',
-                      disable=not progress):
+    var_sum, images, used, skipped, seen = 0.0, 0, 0, 0, 0
+    for seen, batch in enumerate(tqdm(itertools.islice(loader, n_batches), total=n_batches,
+                                      unit='batch', disable=not progress), 1):
         skipped += batch['skipped']
-        if not len(batch['images']):
-            continue
-        z = latents.encode(autoencoder, batch['images'].to(device), 1.0, generator)
-        var_sum += z.double().var().item() * len(z)
-        images += len(z)
-        used += 1
+        if len(batch['images']):
+            z = latents.encode(autoencoder, batch['images'].to(device), 1.0, generator)
+            var_sum += z.double().var().item() * len(z)
+            images += len(z)
+            used += 1
+        if not images and seen == BATCHES_CHECKED:
+            break
     if not images:
-        raise UserError(f'none of the {skipped} images could be read; check that the list '
-                        'holds image paths, one a line.')
+        raise RunError(f'none of the {skipped} files tried from {source} ({seen} batch(es)) '
+                       'could be read as an image; check that it lists image paths, one a '
+                       'line, and that the data set is mounted.')
     return ScaleEstimate(math.sqrt(var_sum / images), images, used, skipped)

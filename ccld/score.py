@@ -15,3 +15,12 @@ def cloob_scores(cloob, images, text_embeds):
     image_embeds = cloob.embed_images(images.to(text_embeds.device))
     return (F.normalize(image_embeds.float(), dim=-1) *
             F.normalize(text_embeds.float(), dim=-1)).sum(-1)
+
+
+def prompt_embedding(text_embeds, weights):
+    """One text embedding [d] for k weighted prompts [k, d]: the direction of their
+    weighted mean (for positive weights; a negative weight points away from its prompt,
+    as guidance pushes away from it)."""
+    weights = torch.tensor(weights, dtype=torch.float32, device=text_embeds.device)
+    mean = (weights[:, None] * F.normalize(text_embeds.float(), dim=-1)).sum(0)
+    return F.normalize(mean, dim=0)

@@ -1,5 +1,8 @@
 """Telling the three kinds of diffusion checkpoint apart, and refusing what is not one."""
 
+import pickle
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -19,6 +22,15 @@ def test_bare_state_dict(models, tmp_path):
     ckpt = read_checkpoint(save_bare(models[0], tmp_path / 'released.pth'))
     assert ckpt.kind == 'bare' and ckpt.autoencoder_scale == 2.5
     assert ckpt.model_ema is ckpt.model
+
+
+def test_bare_state_dict_in_the_legacy_format(models, tmp_path):
+    """Files torch.save wrote before its zip format cannot be memory-mapped; they load."""
+    torch.save(models[0].state_dict(), tmp_path / 'old.pth', _use_new_zipfile_serialization=False)
+    ckpt = read_checkpoint(tmp_path / 'old.pth')
+    assert ckpt.kind == 'bare' and ckpt.autoencoder_scale == 2.5
+    assert torch.equal(ckpt.model['net.0.main.0.weight'],
+                       models[0].state_dict()['net.0.main.0.weight'])
 
 
 def test_bare_safetensors(models, tmp_path):
@@ -53,6 +65,18 @@ def test_other_files_are_refused(tmp_path, content):
     torch.save(content, tmp_path / 'other.pt')
     with pytest.raises(UserError, match='other.pt'):
         read_checkpoint(tmp_path / 'other.pt')
+
+
+@pytest.mark.parametrize('content, message', [
+    (pickle.dumps({'params': [1, 2]}), 'is a plain pickle (a CLOOB .pkl?), not a PyTorch'),
+    (b'some notes\n', "neither torch.save's zip format nor a pickle"),
+    (b'', "neither torch.save's zip format nor a pickle"),
+])
+def test_files_torch_save_did_not_write_are_refused_saying_what_they_are(tmp_path, content,
+                                                                         message):
+    (tmp_path / 'model.pth').write_bytes(content)
+    with pytest.raises(UserError, match=re.escape(message)):
+        read_checkpoint(tmp_path / 'model.pth')
 
 
 def test_missing_file_is_refused(tmp_path):

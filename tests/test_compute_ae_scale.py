@@ -15,7 +15,7 @@ from torchvision.transforms import functional as TF
 import compute_ae_scale
 import tiny
 from ccld.autoencoder import load_autoencoder, read_config, save_autoencoder
-from ccld.errors import UserError
+from ccld.errors import RunError
 from ccld.scale import estimate_scale
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +97,7 @@ def test_unreadable_images_are_skipped_and_counted(assets):
     with pytest.warns(UserWarning, match='skipping unreadable image'):
         result = scale(assets, assets.paths[:6] + assets.bad, batches=4, batch_size=4)
     assert (result.images, result.skipped) == (6, 2)
-    with pytest.warns(UserWarning), pytest.raises(UserError, match='none of the 2 images'):
+    with pytest.warns(UserWarning), pytest.raises(RunError, match='none of the 2 files tried'):
         scale(assets, assets.bad, batches=1, batch_size=4)
 
 
@@ -148,3 +148,18 @@ def test_cli_prints_the_scale_and_the_flag_from_any_directory(assets, tmp_path):
     assert float(value) == pytest.approx(expected, rel=6 * noise)
     assert f'--autoencoder-scale {value}\n' in run.stderr
     assert 'Traceback' not in run.stderr
+
+
+def test_a_list_without_readable_images_stops_after_20_batches(assets, tmp_path, capsys):
+    """A list of wrong paths is reported after the first 20 batches, not after all 32."""
+    bad = tiny.write_path_list([assets.bad[i % 2] for i in range(50)], tmp_path / 'bad.txt')
+    argv = [assets.name, str(bad), '--batches', '32', '--batch-size', '2', '--image-size',
+            str(SIZE), '--num-workers', '0', '--device', 'cpu']
+    with pytest.warns(UserWarning, match='skipping unreadable image'):
+        assert run_scale(argv) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f'compute_ae_scale.py: error: none of the 40 files tried from {bad} (20 batch(es)) '
+        'could be read as an image; check that it lists image paths, one a line, and that '
+        'the data set is mounted.')
+    assert 'Traceback' not in err

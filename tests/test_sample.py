@@ -1,9 +1,12 @@
 """sample.py and ccld.generate on tiny random models written through the real formats."""
 
 import copy
+import hashlib
 import json
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +17,7 @@ from PIL import Image
 
 import sample
 import tiny
-from ccld import generate
+from ccld import generate, prompts
 from ccld.autoencoder import load_autoencoder
 from ccld.cloob import load_cloob
 from ccld.errors import UserError
@@ -131,10 +134,37 @@ class Recorder:
     ('a caption: with a colon', ('a caption: with a colon', 3.0)),
     ('https://example.com/fox.png', ('https://example.com/fox.png', 3.0)),
     ('https://example.com:8080/fox.png:2', ('https://example.com:8080/fox.png', 2.0)),
-    (':2', (':2', 3.0)),
+    ('https://example.com:8080/fox.png', ('https://example.com:8080/fox.png', 3.0)),
+    ('meet at 10:30 am', ('meet at 10:30 am', 3.0)),
 ])
 def test_parse_prompt(prompt, expected):
-    assert generate.parse_prompt(prompt, 3.0) == expected
+    assert prompts.parse_prompt(prompt, 3.0) == expected
+
+
+@pytest.mark.parametrize('prompt, message', [
+    ('cat:inf', "the weight inf is not a finite number"),
+    ('cat:-inf', "the weight -inf is not a finite number"),
+    ('cat:nan', "the weight nan is not a finite number"),
+    ('cat:1,5', "the weight '1,5' is not a number"),
+    ('cat:1.5.2', "the weight '1.5.2' is not a number"),
+    (':2', 'has no text'),
+    ('  ', 'has no text'),
+])
+def test_parse_prompt_refuses_what_it_would_have_to_guess(prompt, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        prompts.parse_prompt(prompt, 3.0)
+
+
+@pytest.mark.parametrize('text, expected', [
+    ('A Lighthouse at Dusk!', 'a-lighthouse-at-dusk'),
+    ('café au lait, très chaud', 'cafe-au-lait-tres-chaud'),
+    ('a very long prompt about a lighthouse standing alone at dusk',
+     'a-very-long-prompt-about-a-lighthouse'),  # whole words, at most 40 characters
+    ('x' * 50, 'x' * 40),
+    ('灯台', 'prompt'),
+])
+def test_slug(text, expected):
+    assert prompts.slug(text) == expected
 
 
 def test_embed_prompts_keeps_order_and_weights(models):
@@ -382,3 +412,289 @@ def test_cli_error_is_one_line_without_traceback(assets, tmp_path):
     run = run_process(base_args(assets, '--checkpoint', 'missing.pth'), tmp_path)
     assert run.returncode == 2
     assert run.stderr.strip() == 'sample.py: error: checkpoint missing.pth does not exist.'
+
+
+PROMPTS_FILE = """# lighthouses, and more
+A Lighthouse at Dusk!
+
+storm clouds:1.5
+café au lait, très chaud
+"""
+# (line, text, weight, slug) of each prompt in PROMPTS_FILE
+PROMPT_LINES = [(2, 'A Lighthouse at Dusk!', 3.0, 'a-lighthouse-at-dusk'),
+                (4, 'storm clouds', 1.5, 'storm-clouds'),
+                (5, 'café au lait, très chaud', 3.0, 'cafe-au-lait-tres-chaud')]
+
+
+class CallCounter:
+    """Wraps a function and counts its calls."""
+
+    def __init__(self, monkeypatch, target, name):
+        self.function, self.calls = getattr(target, name), 0
+        monkeypatch.setattr(target, name, self)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.function(*args, **kwargs)
+
+
+def refuse_models(monkeypatch):
+    """Makes loading a diffusion model fail the test: errors must come before it."""
+    def load_model(*args, **kwargs):
+        raise AssertionError('a model was loaded before the error')
+    monkeypatch.setattr(generate, 'load_model', load_model)
+
+
+def test_prompts_file_samples_each_line_with_one_load_of_the_models(assets, tmp_path,
+                                                                    monkeypatch, capsys):
+    import ccld.autoencoder
+    import ccld.cloob
+    loads = [CallCounter(monkeypatch, generate, 'load_model'),
+             CallCounter(monkeypatch, ccld.autoencoder, 'load_autoencoder'),
+             CallCounter(monkeypatch, ccld.cloob, 'load_cloob')]
+    spy = SampleSpy(monkeypatch)
+    prompts_file = tmp_path / 'prompts.txt'
+    prompts_file.write_text(PROMPTS_FILE)
+    argv = base_args(assets, '--prompts-file', str(prompts_file), '-n', '2', '--method', 'ddim',
+                     '--seed', '3', '--output-dir', str(tmp_path / 'out'))
+    assert run_sample(argv) == 0
+    assert [load.calls for load in loads] == [1, 1, 1]
+    expected = sorted(f'{line:05}_{slug}_{end}.png' for line, _, _, slug in PROMPT_LINES
+                      for end in ('00000', '00001', 'grid'))
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == expected
+    for line, text, weight, slug in PROMPT_LINES:
+        with Image.open(tmp_path / 'out' / f'{line:05}_{slug}_00001.png') as image:
+            meta = image.text
+        assert json.loads(meta['prompts']) == [[text, weight]]
+        assert (meta['line'], meta['prompts_file'], meta['index'], meta['seed'],
+                meta['method'], meta['steps']) == (str(line), 'prompts.txt', '1', '3', 'ddim', '2')
+    # Every line starts from the --seed noise, as the command line's prompts would.
+    noise, _ = spy.take()
+    torch.testing.assert_close(noise, seeded_noise(3, 2).repeat(3, 1, 1, 1), rtol=0, atol=0)
+    assert '3/3' in capsys.readouterr().err  # progress: prompts done / total
+
+    # A line gives the images its prompt gives on the command line.
+    argv = base_args(assets, 'storm clouds:1.5', '-n', '2', '--method', 'ddim', '--seed', '3',
+                     '--output-dir', str(tmp_path / 'one'))
+    assert run_sample(argv) == 0
+    for i in range(2):
+        assert np.array_equal(pixels(tmp_path / 'one' / f'out_{i:05}.png'),
+                              pixels(tmp_path / 'out' / f'00004_storm-clouds_{i:05}.png'))
+
+
+@pytest.mark.parametrize('bad, message', [
+    ('a cow:inf', "line 4: prompt 'a cow:inf': the weight inf is not a finite number"),
+    ('a cow:nan', "line 4: prompt 'a cow:nan': the weight nan is not a finite number"),
+    ('a cow:1,5', "line 4: prompt 'a cow:1,5': the weight '1,5' is not a number"),
+    (':2', "line 4: prompt ':2' has no text"),
+])
+def test_a_bad_line_fails_before_any_model_loads(assets, tmp_path, monkeypatch, capsys, bad,
+                                                 message):
+    refuse_models(monkeypatch)
+    prompts_file = tmp_path / 'prompts.txt'
+    prompts_file.write_text(f'a fox\n# a note\na hen:2\n{bad}\na cat\n')
+    argv = base_args(assets, '--prompts-file', str(prompts_file), '--output-dir',
+                     str(tmp_path / 'out'))
+    assert run_sample(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(f'sample.py: error: --prompts-file {prompts_file} {message}')
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'\x00\x01\x02', 'is a binary file'),
+    ('café'.encode('latin-1'), 'is not UTF-8 text'),
+    (b'# only a comment\n\n', 'holds no prompts'),
+])
+def test_an_unusable_prompts_file_is_one_line(assets, tmp_path, monkeypatch, capsys, content,
+                                              message):
+    refuse_models(monkeypatch)
+    (tmp_path / 'prompts.txt').write_bytes(content)
+    argv = base_args(assets, '--prompts-file', str(tmp_path / 'prompts.txt'))
+    assert run_sample(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_prompts_file_and_command_line_prompts_do_not_mix(assets, tmp_path, monkeypatch,
+                                                          capsys):
+    refuse_models(monkeypatch)
+    (tmp_path / 'prompts.txt').write_text('a fox\n')
+    assert run_sample(base_args(assets, 'a hen', '--prompts-file',
+                                str(tmp_path / 'prompts.txt'))) == 2
+    assert 'not both' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('mode, flag, expected', [
+    ('prompts', '--grid-only', ['out_grid.png']),
+    ('prompts', '--no-grid', ['out_00000.png', 'out_00001.png']),
+    ('file', '--grid-only', ['00001_a-fox_grid.png', '00002_a-hen_grid.png']),
+    ('file', '--no-grid', ['00001_a-fox_00000.png', '00001_a-fox_00001.png',
+                           '00002_a-hen_00000.png', '00002_a-hen_00001.png']),
+])
+def test_grid_only_and_no_grid(assets, tmp_path, mode, flag, expected):
+    (tmp_path / 'prompts.txt').write_text('a fox\na hen\n')
+    source = ['a fox'] if mode == 'prompts' else ['--prompts-file', str(tmp_path / 'prompts.txt')]
+    argv = base_args(assets, *source, '-n', '2', '--method', 'ddim', flag, '--output-dir',
+                     str(tmp_path / 'out'))
+    assert run_sample(argv) == 0
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == expected
+    if flag == '--grid-only':
+        with Image.open(tmp_path / 'out' / expected[0]) as grid:
+            assert grid.size == (128, 64) and grid.text['seed'] == '0'
+
+
+def test_grid_only_and_no_grid_exclude_each_other(assets, capsys):
+    assert run_sample(base_args(assets, 'a fox', '--grid-only', '--no-grid')) == 2
+    assert 'not allowed with argument' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('where, message', [
+    (lambda d: d / 'a_file.png', 'is a file; pass a directory'),
+    (lambda d: d / 'a_file.png' / 'samples', 'cannot write in'),
+])
+def test_an_output_dir_that_cannot_be_written_fails_before_any_model_loads(
+        assets, tmp_path, monkeypatch, capsys, where, message):
+    refuse_models(monkeypatch)
+    (tmp_path / 'a_file.png').write_text('')
+    argv = base_args(assets, 'a fox', '--output-dir', str(where(tmp_path)))
+    assert run_sample(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('sample.py: error: --output-dir: ')
+    assert message in err[0]
+
+
+def test_batches_of_16_unless_told_with_the_same_noise(assets, tmp_path, monkeypatch):
+    spy = SampleSpy(monkeypatch)
+    argv = base_args(assets, 'a fox', '-n', '20', '--method', 'ddim', '--steps', '1',
+                     '--grid-only', '--output-dir', str(tmp_path))
+    with pytest.warns(UserWarning, match='sampling -n 20 in batches of 16; pass --batch-size'):
+        assert run_sample(argv) == 0
+    assert [len(x) for x in spy.starts] == [16, 4]
+    noise, _ = spy.take()
+    torch.testing.assert_close(noise, seeded_noise(0, 20), rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no warning when the batch size is given
+        assert run_sample([*argv, '--batch-size', '20']) == 0
+    assert [len(x) for x in spy.starts] == [20]
+
+
+def file_sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize('record, warned', [
+    ({'autoencoder': 'danbooru_kl_f8'}, 'autoencoder danbooru_kl_f8, but --autoencoder gives'),
+    ({'cloob_checkpoint': 'cloob_laion_400m_vit_b_16_32_epochs'},
+     'cloob checkpoint cloob_laion_400m_vit_b_16_32_epochs, but --cloob-checkpoint gives'),
+    ({'autoencoder': '{ae}', 'autoencoder_sha256': '0' * 64},  # same name, other weights
+     'autoencoder {ae} (sha256 000000000000), but --autoencoder gives {ae}'),
+    ({'autoencoder': '/elsewhere/tiny_ae', 'autoencoder_sha256': '{ae_sha}',  # moved
+      'cloob_checkpoint': '/elsewhere/tiny_cloob.pkl'}, None),
+])
+def test_a_checkpoint_trained_with_other_frozen_models_warns(assets, record, warned):
+    fill = lambda s: s.format(ae=assets.autoencoder,  # noqa: E731
+                              ae_sha=file_sha256(f'{assets.autoencoder}.ckpt'))
+    record = {k: fill(v) for k, v in record.items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        generate.check_frozen_models(record, assets.autoencoder, str(assets.cloob), 'run.ckpt')
+    messages = [str(w.message) for w in caught]
+    if warned is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and messages[0].startswith('run.ckpt was trained with ')
+        assert fill(warned) in messages[0]
+
+
+def test_the_frozen_model_check_runs_before_sampling(assets, tmp_path):
+    ckpt = tiny.save_ccld_checkpoint(tmp_path / 'run.ckpt', assets.ema, assets.ema,
+                                     {'autoencoder': 'danbooru_kl_f8'})
+    argv = base_args(assets, 'a fox', '--checkpoint', str(ckpt), '--output-dir', str(tmp_path))
+    with pytest.warns(UserWarning, match='trained with autoencoder danbooru_kl_f8'):
+        assert run_sample(argv) == 0
+
+
+class StubCLOOB(torch.nn.Module):
+    """A CLOOB stand-in: the text embeddings are chosen, and an image's embedding is a
+    known function of the image."""
+
+    image_size = 32
+
+    def __init__(self, texts, embed_image):
+        super().__init__()
+        self.texts, self.embed_image = texts, embed_image
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # where embed_prompts looks for a device
+
+    def embed_texts(self, texts):
+        return torch.stack([self.texts[text] for text in texts])
+
+    def embed_images(self, images):
+        return torch.stack([self.embed_image(image) for image in images])
+
+
+def basis(i):
+    return torch.eye(512)[i]
+
+
+def test_score_is_higher_for_each_image_with_its_own_prompt(assets, tmp_path, monkeypatch,
+                                                            capsys):
+    """Three prompts with orthogonal text embeddings, two images each. The stub CLOOB
+    embeds an image as the text embedding of the line whose image (from a first run
+    without --score) it is nearest to; so an image matches its own prompt (score 1) and
+    no other (0), and --score must say so of every image."""
+    import ccld.cloob
+    lines = ['a fox', 'a hen', 'a cow']
+    texts = {text: basis(i) for i, text in enumerate(lines)}
+    stub = StubCLOOB(texts, embed_image=lambda image: torch.zeros(512))
+    monkeypatch.setattr(ccld.cloob, 'load_cloob', lambda *args, **kwargs: stub)
+    (tmp_path / 'prompts.txt').write_text('\n'.join(lines))
+    argv = base_args(assets, '--prompts-file', str(tmp_path / 'prompts.txt'), '-n', '2',
+                     '--method', 'ddim', '--no-grid')
+    assert run_sample([*argv, '--output-dir', str(tmp_path / 'first')]) == 0
+    names = [(i, f'{i + 1:05}_{text.replace(" ", "-")}_{k:05}.png')
+             for i, text in enumerate(lines) for k in range(2)]
+    references = [(torch.tensor(pixels(tmp_path / 'first' / name)).float() / 255, i)
+                  for i, name in names]
+
+    def nearest_line(image):
+        image = image.permute(1, 2, 0).cpu()
+        return min(references, key=lambda ref: (ref[0] - image).abs().mean().item())[1]
+    stub.embed_image = lambda image: basis(nearest_line(image))
+    capsys.readouterr()
+    assert run_sample([*argv, '--output-dir', str(tmp_path / 'scored'), '--score']) == 0
+    printed = dict(line.split('\tcloob_score ') for line in capsys.readouterr().out.splitlines())
+    assert printed.keys() == {name for _, name in names}
+    for i, name in names:
+        with Image.open(tmp_path / 'scored' / name) as image:
+            score = float(image.text['cloob_score'])
+            seen = (torch.tensor(np.asarray(image)).float() / 255).permute(2, 0, 1)
+        assert float(printed[name]) == pytest.approx(score, abs=1e-4)
+        embed = basis(nearest_line(seen))
+        shuffled = [torch.dot(embed, texts[other]).item() for other in lines if other != lines[i]]
+        assert score == pytest.approx(torch.dot(embed, texts[lines[i]]).item()) == 1.0
+        assert max(shuffled) == 0.0 < score
+
+
+def test_score_of_several_prompts_is_against_their_weighted_mean(assets, tmp_path,
+                                                                 monkeypatch, capsys):
+    """Every image embeds as 'a fox''s embedding; the prompts 'a fox:2' and 'a hen:1'
+    (orthogonal) mean 2 fox + hen, at cosine 2/sqrt(5) from it. An image-only prompt
+    has no text to score against."""
+    import ccld.cloob
+    stub = StubCLOOB({'a fox': basis(0), 'a hen': basis(1)}, embed_image=lambda image: basis(0))
+    monkeypatch.setattr(ccld.cloob, 'load_cloob', lambda *args, **kwargs: stub)
+    argv = base_args(assets, 'a fox:2', 'a hen:1', '--score', '--method', 'ddim', '--no-grid',
+                     '--output-dir', str(tmp_path / 'two'))
+    assert run_sample(argv) == 0
+    with Image.open(tmp_path / 'two' / 'out_00000.png') as image:
+        assert float(image.text['cloob_score']) == pytest.approx(2 / 5 ** 0.5, abs=1e-6)
+    assert capsys.readouterr().out == f'out_00000.png\tcloob_score {2 / 5 ** 0.5:.4f}\n'
+
+    argv = base_args(assets, '--images', str(assets.images[0]), '--score', '--method', 'ddim',
+                     '--no-grid', '--output-dir', str(tmp_path / 'image'))
+    with pytest.warns(UserWarning, match='--score: there is no text prompt to score'):
+        assert run_sample(argv) == 0
+    with Image.open(tmp_path / 'image' / 'out_00000.png') as image:
+        assert 'cloob_score' not in image.text

@@ -49,11 +49,11 @@ def _prefixed(**models):
             for k, v in model.state_dict().items()}
 
 
-def save_ccld_checkpoint(path, model, model_ema, record=None):
+def save_ccld_checkpoint(path, model, model_ema, record=None, global_step=0):
     """A checkpoint as our training script writes it: weights and EMA, plus a 'ccld' record."""
     record = {'autoencoder_scale': float(model_ema.autoencoder_scale), **(record or {})}
     torch.save({'state_dict': _prefixed(model=model, model_ema=model_ema), 'ccld': record,
-                'global_step': 0, 'pytorch-lightning_version': '2.1.0'}, path)
+                'global_step': global_step, 'pytorch-lightning_version': '2.1.0'}, path)
     return Path(path)
 
 
