@@ -15,9 +15,6 @@ from ccld import cli
 PROG = 'train_latent_diffusion.py'
 SIGNALS = ('SIGHUP', 'SIGINT', 'SIGTERM', 'SIGUSR1', 'SIGUSR2')
 PRECISIONS = {'16': '16-mixed', '32': '32-true', 'bf16': 'bf16-mixed', '64': '64-true'}
-# ccld.sampling.METHODS and ccld.schedule.SCHEDULES, named here so --help need not import torch.
-SAMPLING_METHODS = ('ddpm', 'ddim', 'prk', 'plms', 'pie', 'plms2', 'iplms', 'dpmpp_2m')
-SCHEDULES = ('spliced', 'karras')
 LIGHTNING_PRECISIONS = {'16-mixed', 'bf16-mixed', '32-true', '64-true', '16-true',
                         'bf16-true', 'transformer-engine', 'transformer-engine-float16'}
 
@@ -109,10 +106,10 @@ def parser():
                    help='training image size in pixels (latents are 1/8 of it)')
     p.add_argument('--demo-steps', type=cli.positive_int, default=50,
                    help='sampling steps of the demo grids')
-    p.add_argument('--demo-method', default='plms', choices=SAMPLING_METHODS,
+    p.add_argument('--demo-method', default='plms', choices=cli.SAMPLING_METHODS,
                    help='sampler of the demo grids (plms2 with --demo-steps 25 --demo-schedule '
                    'karras: half the model calls, see BENCHMARKS.md)')
-    p.add_argument('--demo-schedule', default='spliced', choices=SCHEDULES,
+    p.add_argument('--demo-schedule', default='spliced', choices=cli.SCHEDULES,
                    help='timesteps of the demo grids')
     p.add_argument('--checkpoint-minutes', type=cli.positive_float, default=30,
                    help='also write last.ckpt this often, so a kill -9 loses at most this much')

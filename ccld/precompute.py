@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import cache
 from .errors import RunError, UserError
-from .files import remove_stale_temps
+from .files import check_writable_dir, remove_stale_temps
 from .sources import transformed
 
 END = None  # the key that marks the end of a unit in the stream of images
@@ -40,12 +40,8 @@ def prepare(root, settings):
     settings are those the existing parts were made with, and clears a killed run's
     temp files."""
     root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise UserError(f'--output: {root} is a file; pass a directory.')
-    try:
-        (root / 'parts').mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f'--output: cannot write in {root} ({e.strerror}).') from None
+    check_writable_dir(root, '--output')
+    (root / 'parts').mkdir(exist_ok=True)
     plan_path = root / cache.PLAN
     if plan_path.is_file():
         plan = cache.read_json(plan_path, 'cache plan')

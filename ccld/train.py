@@ -62,10 +62,11 @@ def validate(args):
             args.source = Source(args.train_set)
         except UserError as e:
             raise UserError(f'--train-set: {e}') from None
-    else:
-        args.cache = read_cache(args)
     args.prompts = read_prompts(args.demo_prompts)
     check_devices(args.accelerator, args.devices)
+    args.frozen = describe_frozen(args)
+    if args.train_latents is not None:
+        args.cache = read_cache(args)
     args.resume = None
     if args.resume_from not in (None, 'auto'):
         args.resume = read_resume(args.resume_from)
@@ -105,17 +106,26 @@ def read_cache(args):
     """The --train-latents manifest, checked (on the first process: the others are started
     by it) to be made with this autoencoder, image size and CLOOB."""
     from . import cache
-    from .autoencoder import describe as describe_autoencoder
-    from .cloob import describe as describe_cloob
     try:
         manifest = cache.read_manifest(args.train_latents)
     except UserError as e:
         raise UserError(f'--train-latents: {e}') from None
-    if is_first_process():
-        ours = {'autoencoder': describe_autoencoder(args.vqgan_model),
-                'image_size': args.image_size, 'cloob': describe_cloob(args.cloob_checkpoint)}
-        cache.check_matches(manifest, ours, args.train_latents)
+    if args.frozen is not None:
+        cache.check_matches(manifest, dict(args.frozen, image_size=args.image_size),
+                            args.train_latents)
     return manifest
+
+
+def describe_frozen(args):
+    """The autoencoder and CLOOB with the sha256 of their files, to check a cache against
+    and to record in checkpoints (an export carries them; sample.py compares them). Read
+    by the first process only: it alone checks and writes."""
+    from .autoencoder import describe as describe_autoencoder
+    from .cloob import describe as describe_cloob
+    if not is_first_process():
+        return None
+    return {'autoencoder': describe_autoencoder(args.vqgan_model),
+            'cloob': describe_cloob(args.cloob_checkpoint)}
 
 
 def check_devices(accelerator, devices):
@@ -132,14 +142,11 @@ def check_devices(accelerator, devices):
 
 
 def read_resume(path):
-    """The --resume-from checkpoint, its weights checked against a model built on the
-    meta device (keys and shapes, no memory)."""
-    from .checkpoints import build_model, read_checkpoint
+    """The --resume-from checkpoint, its weights checked (keys and shapes, no memory)."""
+    from .checkpoints import check_weights, read_checkpoint
     try:
         resume = read_checkpoint(path)
-        with torch.device('meta'), warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # loading into meta tensors is a no-op, as meant
-            build_model(resume.model, path=path)
+        check_weights(resume.model, path)
     except UserError as e:
         raise UserError(f'--resume-from: {e}') from None
     return resume
@@ -168,15 +175,10 @@ def claim_output_dir(args):
     import socket
 
     from .checkpointing import checkpoint_files
+    from .files import check_writable_dir
     out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f'--output-dir: {out} is a file; pass a directory.')
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / '.lock', 'a+')
-    except OSError as e:
-        raise UserError(f'--output-dir: cannot write in {out} ({e.strerror}); pass a writable '
-                        'directory.') from None
+    check_writable_dir(out, '--output-dir')
+    lock = open(out / '.lock', 'a+')
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -228,7 +230,7 @@ def make_logger(args, output_dir):
     from pytorch_lightning.loggers import CSVLogger, WandbLogger
     if args.wandb_project:
         config = {k: v for k, v in vars(args).items()
-                  if k not in ('source', 'cache', 'resume', 'lock', 'prompts')}
+                  if k not in ('source', 'cache', 'resume', 'lock', 'prompts', 'frozen')}
         logger = WandbLogger(project=args.wandb_project, save_dir=str(output_dir),
                              log_model=False, config=config)
         where = f'wandb project {args.wandb_project}'
@@ -384,9 +386,9 @@ def _run(args):
     ae_model, cloob = load_frozen_models(args)
     record = {'autoencoder': args.vqgan_model, 'cloob_checkpoint': args.cloob_checkpoint,
               'image_size': args.image_size, 'random_flip': args.random_flip}
-    if args.cache is not None:  # the digests it was checked against
-        record.update(autoencoder_sha256=args.cache['autoencoder']['sha256'],
-                      cloob_sha256=args.cache['cloob']['sha256'])
+    if args.frozen is not None:
+        record.update(autoencoder_sha256=args.frozen['autoencoder']['sha256'],
+                      cloob_checkpoint_sha256=args.frozen['cloob']['sha256'])
     module = LightningDiffusion(ae_model, cloob, base, mults, args.autoencoder_scale, args.lr,
                                 args.ema_decay_at, record, seed, grad_clip=args.grad_clip,
                                 accumulate_grad_batches=args.accumulate_grad_batches,

@@ -2,6 +2,7 @@
 
 import copy
 import csv
+import hashlib
 import logging
 import os
 import subprocess
@@ -122,10 +123,13 @@ def test_checkpoints_leave_out_the_frozen_models_and_say_how_to_rebuild(first_ru
     saved = load(first_run.out / 'checkpoints' / 'last.ckpt')
     prefixes = {key.split('.')[0] for key in saved['state_dict']}
     assert prefixes == {'model', 'model_ema'}
+    digest = lambda path: hashlib.sha256(Path(path).read_bytes()).hexdigest()  # noqa: E731
     assert saved['ccld'] == {'autoencoder': assets.autoencoder, 'random_flip': False,
                              'cloob_checkpoint': str(assets.cloob), 'image_size': 64,
                              'base_channels': 64, 'channel_multipliers': [1, 1, 1, 1],
-                             'autoencoder_scale': SCALE}
+                             'autoencoder_scale': SCALE,
+                             'autoencoder_sha256': digest(assets.autoencoder + '.ckpt'),
+                             'cloob_checkpoint_sha256': digest(assets.cloob)}
     assert saved['global_step'] == 4
     assert float(saved['state_dict']['model_ema.autoencoder_scale']) == SCALE
     # The EMA copy is its own average: not the trained weights, and it moved since step 2.
