@@ -8,6 +8,7 @@ pipeline runs; it does not produce a useful model.
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -61,6 +62,24 @@ def make_tiny_cloob(path, seed=0):
     return Path(path)
 
 
+MARKER = 'ccld-demo.txt'
+
+
+def clear_previous_demo(out):
+    """The demo starts afresh each time: it removes what an earlier demo wrote in `out`
+    (known by the marker file it leaves), and refuses a directory that holds anything
+    else rather than touch it."""
+    from .errors import UserError
+    if out.exists() and not (out / MARKER).is_file() and any(out.iterdir()):
+        raise UserError(f'--output-dir {out} holds other files; the demo writes to a new '
+                        'directory (default demo_output).')
+    for product in ('run', 'samples'):
+        shutil.rmtree(out / product, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text('Written by train_latent_diffusion.py --demo, which replaces '
+                              'this directory\'s contents when run again.\n')
+
+
 def run(output_dir):
     import sample
     import train_latent_diffusion
@@ -70,6 +89,7 @@ def run(output_dir):
 
     out = Path(output_dir).resolve()
     assets, run_dir = out / 'assets', out / 'run'
+    clear_previous_demo(out)
     print(f'ccld demo: a pipeline check on tiny random models, on the CPU, writing to {out}.\n'
           'It does not train a useful model.')
     paths = make_images(assets / 'images')

@@ -599,3 +599,22 @@ def test_every_demo_grid_logs_its_cloob_score(first_run):
         texts = torch.nn.functional.normalize(cloob.embed_texts(PROMPTS), dim=-1)
     expected = (images * texts).sum(-1).mean().item()
     assert float(rows[-1]['demo/cloob_score']) == pytest.approx(expected, abs=1e-2)
+
+
+def test_the_demo_starts_afresh_in_its_own_directory_and_leaves_others_alone(tmp_path):
+    """Running the README's demo twice must work (its run would otherwise be refused as a
+    fresh run into a directory with checkpoints); a directory it did not make is refused."""
+    from ccld import quickstart
+    from ccld.errors import UserError
+    demo = tmp_path / 'demo'
+    quickstart.clear_previous_demo(demo)
+    (demo / 'run' / 'checkpoints').mkdir(parents=True)
+    (demo / 'run' / 'checkpoints' / 'last.ckpt').write_text('x')
+    (demo / 'assets').mkdir()
+    quickstart.clear_previous_demo(demo)
+    assert not (demo / 'run').exists() and (demo / 'assets').exists()
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'precious.ckpt').write_text('x')
+    with pytest.raises(UserError, match='holds other files'):
+        quickstart.clear_previous_demo(tmp_path / 'mine')
+    assert (tmp_path / 'mine' / 'precious.ckpt').exists()
