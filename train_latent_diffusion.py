@@ -98,7 +98,8 @@ def parser():
     p.add_argument('--max-steps', type=cli.positive_int, help='stop after this many steps')
     p.add_argument('--output-dir', default='outputs',
                    help='checkpoints, demo grids and local logs go here')
-    p.add_argument('--seed', type=cli.training_seed, default=None, help='random seed (default: random)')
+    p.add_argument('--seed', type=cli.training_seed, default=None,
+                   help='random seed (default: random)')
     p.add_argument('--accumulate-grad-batches', type=cli.positive_int, default=1,
                    help='batches whose gradients add up to one optimizer step')
     p.add_argument('--grad-clip', type=cli.positive_float, help='clip the gradient norm')

@@ -283,9 +283,10 @@ class LightningDiffusion(pl.LightningModule):
         if self.bad_steps_in_a_row >= self.max_bad_steps:
             written = getattr(self.trainer.strategy.checkpoint_io, 'last_written', None)
             good = written or self.trainer.ckpt_path or 'none was written'
-            raise RunError(f'the loss or the gradients were not finite for {self.bad_steps_in_a_row} '
-                           f'steps in a row (at step {self.global_step}); the last good checkpoint '
-                           f'is {good}. Resume from it with a lower --lr or --fprecision 32.')
+            raise RunError(f'the loss or the gradients were not finite for '
+                           f'{self.bad_steps_in_a_row} steps in a row (at step {self.global_step}); '
+                           f'the last good checkpoint is {good}. Resume from it with a lower '
+                           '--lr or --fprecision 32.')
 
     def check_for_data(self, good, tried):
         """Stops the run when the first NO_DATA_BATCHES batches (all ranks together) held no

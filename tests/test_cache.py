@@ -126,7 +126,8 @@ def test_the_manifest_records_what_made_the_cache_and_the_scale(assets, cached, 
     manifest = json.loads((cached / cache.MANIFEST).read_text())
     weights = Path(assets.autoencoder + '.ckpt').read_bytes()
     assert manifest['autoencoder']['sha256'] == hashlib.sha256(weights).hexdigest()
-    assert manifest['cloob']['sha256'] == hashlib.sha256(Path(assets.cloob).read_bytes()).hexdigest()
+    cloob_file = Path(assets.cloob).read_bytes()
+    assert manifest['cloob']['sha256'] == hashlib.sha256(cloob_file).hexdigest()
     assert (manifest['image_size'], manifest['images'], manifest['skipped']) == (SIZE, N, 1)
     assert manifest['parts'] == 4 and manifest['software'].startswith('ccld ')
     # compute_ae_scale.py's statistic over every image, from the posteriors in closed form:
@@ -141,7 +142,8 @@ def test_the_loss_from_the_cache_is_the_loss_from_the_images(assets, cached, mod
     found = records(cached)
     paths = assets.paths[:4]
     images = direct(models, paths)[0]
-    batch = {name: torch.stack([found[p][name] for p in paths]) for name in ('mean', 'std', 'embed')}
+    batch = {name: torch.stack([found[p][name] for p in paths])
+             for name in ('mean', 'std', 'embed')}
     model = tiny.tiny_diffusion()
     t = torch.tensor([0.1, 0.4, 0.7, 0.95])
     losses = []

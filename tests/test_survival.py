@@ -6,7 +6,6 @@ in-process runs elsewhere. All on tiny models on the CPU.
 """
 
 import os
-import pickle
 import random
 import resource
 import signal
