@@ -281,9 +281,11 @@ class TrainData:
         if args.source.is_tar:
             return make_tar_loader(args.source.urls, args.image_size, args.batch_size,
                                    args.num_workers, self.seed, trainer.global_rank,
-                                   trainer.world_size, init_loader_worker, args.prefetch_factor)
+                                   trainer.world_size, init_loader_worker, args.prefetch_factor,
+                                   args.random_flip)
         return make_loader(args.source.paths, args.image_size, args.batch_size,
-                           args.num_workers, worker_init_fn=init_loader_worker)
+                           args.num_workers, worker_init_fn=init_loader_worker,
+                           prefetch_factor=args.prefetch_factor, random_flip=args.random_flip)
 
     def describe(self):
         args = self.args
