@@ -37,9 +37,9 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    from ccld.autoencoder import load_autoencoder
-    from ccld.data import read_path_list
-    from ccld.scale import estimate_scale
+    from ccld.models.autoencoder import load_autoencoder
+    from ccld.data.images import read_path_list
+    from ccld.data.scale import estimate_scale
 
     paths = read_path_list(args.train_set)
     device = args.device or cli.default_device()

@@ -14,7 +14,7 @@ from ccld import cli
 from ccld.errors import RunError, UserError
 
 PROG = 'export_model.py'
-DTYPES = ('fp16', 'fp32')  # ccld.export.DTYPES, named here so that --help needs no torch
+DTYPES = ('fp16', 'fp32')  # ccld.models.exports.DTYPES, named here so that --help needs no torch
 
 
 def parser():
@@ -33,8 +33,8 @@ def main(argv=None):
     args = parser().parse_args(argv)
     from pathlib import Path
 
-    from ccld import export
-    from ccld.checkpoints import check_weights, read_checkpoint
+    from ccld.models import exports
+    from ccld.models.checkpoint_files import check_weights, read_checkpoint
     from ccld.files import check_writable_dir
 
     out = Path(args.output)
@@ -45,7 +45,7 @@ def main(argv=None):
     ckpt = read_checkpoint(args.checkpoint)
     check_weights(ckpt.model_ema, args.checkpoint)
     try:
-        record = export.export(ckpt, out, args.dtype)
+        record = exports.export(ckpt, out, args.dtype)
     except OSError as e:
         raise RunError(f'could not write {out} ({e.strerror or e}); nothing was written.') from None
     widths = ','.join(str(record['base_channels'] * m) for m in record['channel_multipliers'])

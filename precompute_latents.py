@@ -47,16 +47,15 @@ def main(argv=None):
     args = parser().parse_args(argv)
     from pathlib import Path
 
-    from ccld import precompute
+    from ccld.data import precompute
     from ccld.errors import UserError
-    from ccld.sources import Source
-    from ccld.train import check_devices, check_frozen_model_files, check_image_size
+    from ccld.data.sources import Source
 
     args.device = args.device or cli.default_device()
-    check_image_size(args.image_size)
-    check_frozen_model_files(args.vqgan_model, args.cloob_checkpoint)
+    cli.check_image_size(args.image_size)
+    cli.check_frozen_model_files(args.vqgan_model, args.cloob_checkpoint)
     if args.device.type == 'cuda':
-        check_devices('gpu', args.num_gpus)
+        cli.check_devices('gpu', args.num_gpus)
     try:
         source = Source(args.train_set, args.shard_size)
     except UserError as e:

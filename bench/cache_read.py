@@ -1,5 +1,5 @@
 """Write and read throughput of the latent cache as training uses it (litdata, through
-ccld.cache), against the same records in webdataset tar shards and in plain .npy shards.
+ccld.data.latent_cache), against the same records in webdataset tar shards and in plain .npy shards.
 
 Why: the cache is stored with litdata because webdataset cannot hand out each sample
 exactly once per epoch with the same number of batches on every rank, and cannot resume
@@ -9,7 +9,7 @@ the CLOOB embedding fp16 [512], plus a key. Every format is read one whole epoch
 shuffled order, batch 64, into the batch dict training gets; the files were just written,
 so they sit in the page cache: this times decoding and loader overhead, not the disk.
 The 'once' column checks that each key came exactly once in the epoch. Writing litdata
-goes through cache.write_part, which also fsyncs each part; the others do not fsync.
+goes through latent_cache.write_part, which also fsyncs each part; the others do not fsync.
 
     .venv/bin/python bench/cache_read.py     (from the repository root)
 """
@@ -30,7 +30,7 @@ from torch.utils import data
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / 'latent-diffusion')]
 
-from ccld import cache  # noqa: E402
+from ccld.data import latent_cache  # noqa: E402
 
 BATCH = 64
 UNIT = 10_000  # records per cache part: precompute's default unit size
@@ -60,24 +60,24 @@ def write_litdata(records, root):
     parts = [records[i:i + UNIT] for i in range(0, len(records), UNIT)]
     stats = []
     for part in parts:  # what precompute sums as it encodes; not part of the writing
-        s = cache.PartStats()
+        s = latent_cache.PartStats()
         for r in part:
-            total, total_sq = cache.latent_sums(r['mean'][None], r['std'][None])
+            total, total_sq = latent_cache.latent_sums(r['mean'][None], r['std'][None])
             s.add(r['mean'].numel(), total.item(), total_sq.item())
         stats.append(s)
     start = perf_counter()
     for unit, (part, s) in enumerate(zip(parts, stats)):
-        rows = [dict(r, key=cache.encode_key(r['key'])) for r in part]
-        cache.write_part(root, unit, rows, 0, s)
-    cache.finalize(root, len(parts), {'source': 'bench/cache_read.py'})
+        rows = [dict(r, key=latent_cache.encode_key(r['key'])) for r in part]
+        latent_cache.write_part(root, unit, rows, 0, s)
+    latent_cache.finalize(root, len(parts), {'source': 'bench/cache_read.py'})
     return perf_counter() - start
 
 
 def read_litdata(root, workers):
-    return cache.make_cache_loader(root, BATCH, workers, seed=0)
+    return latent_cache.make_cache_loader(root, BATCH, workers, seed=0)
 
 
-# webdataset tar shards, read as ccld.sources reads tar shards.
+# webdataset tar shards, read as ccld.data.sources reads tar shards.
 
 def write_tars(records, folder):
     import webdataset as wds
@@ -185,7 +185,7 @@ def main(argv=None):
     print(f'{len(records)} records (mean, std fp16 [4,32,32], embed fp16 [512], key); '
           f'batch {BATCH}; one shuffled epoch per reading\n', flush=True)
 
-    formats = [('litdata (ccld.cache)', write_litdata, read_litdata, 'litdata'),
+    formats = [('litdata (ccld.data.latent_cache)', write_litdata, read_litdata, 'litdata'),
                ('webdataset tar shards', write_tars, read_tars, 'tars'),
                ('.npy shards, map-style + shuffle', write_npy, read_npy, 'npy')]
     header = ' | '.join(f'read rec/s, {w} workers' for w in workers)

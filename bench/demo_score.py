@@ -4,7 +4,7 @@ run. The score must not slow the demo callback down by more than 10%.
 
 The frozen models have their real architectures (kl-f8 from its yaml, the released
 ViT-B/16 config; weights filled by SPEC section 0's rule: timings do not depend on the
-values) and the demo's real code (ccld.demo.render, ccld.score.cloob_scores); the U-Net
+values) and the demo's real code (ccld.train.demo_grids.render, ccld.sample.cloob_score.cloob_scores); the U-Net
 is mid-size on a CPU. The FLOP share is printed too: it carries over to other sizes.
 
     .venv/bin/python bench/demo_score.py     (from the repository root; ~2 minutes)
@@ -24,9 +24,9 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / 'latent-diffusion')]
 
-from ccld.demo import render  # noqa: E402
-from ccld.score import cloob_scores  # noqa: E402
-from ccld.unet import DiffusionModel  # noqa: E402
+from ccld.train.demo_grids import render  # noqa: E402
+from ccld.sample.cloob_score import cloob_scores  # noqa: E402
+from ccld.models.unet import DiffusionModel  # noqa: E402
 from train_throughput import frozen_models  # noqa: E402  (kl-f8 and CLOOB, filled)
 
 

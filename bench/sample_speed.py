@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Seconds per image of sample.py's default (PLMS, 50 steps) and of the preview setting
-(ccld.sampling.PREVIEW), measured in one run on the same model, noise and machine.
+(ccld.diffusion.sampling.PREVIEW), measured in one run on the same model, noise and machine.
 
     PYTHONPATH=. python3 bench/sample_speed.py
 
@@ -23,11 +23,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / 'tests')]
 
 from sampler_error import run  # noqa: E402
 
-from ccld import latents  # noqa: E402
-from ccld.autoencoder import KL_F8_CONFIG, build_autoencoder, read_config  # noqa: E402
-from ccld.guidance import cfg_model_fn  # noqa: E402
-from ccld.sampling import PREVIEW  # noqa: E402
-from ccld.unet import DiffusionModel  # noqa: E402
+from ccld.models import latents  # noqa: E402
+from ccld.models.autoencoder import KL_F8_CONFIG, build_autoencoder, read_config  # noqa: E402
+from ccld.diffusion.guidance import cfg_model_fn  # noqa: E402
+from ccld.diffusion.sampling import PREVIEW  # noqa: E402
+from ccld.models.unet import DiffusionModel  # noqa: E402
 
 WIDTHS = (64, [1, 2, 2, 4])
 LATENT_SHAPE = (4, 32, 32)

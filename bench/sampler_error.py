@@ -25,9 +25,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / 'tests')]
 
 import closed_form  # noqa: E402
 import learning  # noqa: E402
-from ccld.guidance import cfg_model_fn  # noqa: E402
-from ccld.sampling import PREVIEW, sample_latents  # noqa: E402
-from ccld.schedule import SCHEDULES, sampling_timesteps  # noqa: E402
+from ccld.diffusion.guidance import cfg_model_fn  # noqa: E402
+from ccld.diffusion.sampling import PREVIEW, sample_latents  # noqa: E402
+from ccld.diffusion.schedule import SCHEDULES, sampling_timesteps  # noqa: E402
 
 METHODS = ('ddim', 'plms', 'prk', 'pie', 'plms2', 'iplms', 'dpmpp_2m')  # ddpm is stochastic
 STEPS = (8, 10, 15, 20, 25, 50)
@@ -203,7 +203,7 @@ def main():
     print(f'preview (at most half the calls; at least as close as PLMS-50 on '
           f'{", ".join(wins) or "no problem"}): {describe(preview, results)}')
     documented = tuple(PREVIEW[k] for k in ('method', 'schedule', 'steps'))
-    print('ccld.sampling.PREVIEW: ' + ('the same' if documented == preview else
+    print('ccld.diffusion.sampling.PREVIEW: ' + ('the same' if documented == preview else
                                        f'{documented}, which differs: update it'))
     print(f'\n{time.time() - begin:.0f} s', file=sys.stderr)
 

@@ -28,10 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / 'latent-diffusion')]
 
-from ccld.ema import ema_update  # noqa: E402
-from ccld.throughput import compute_dtype, training_flops_per_image  # noqa: E402
-from ccld.training import posterior_sample, v_objective  # noqa: E402
-from ccld.unet import DiffusionModel  # noqa: E402
+from ccld.train.ema import ema_update  # noqa: E402
+from ccld.train.throughput import compute_dtype, training_flops_per_image  # noqa: E402
+from ccld.train.diffusion_module import posterior_sample, v_objective  # noqa: E402
+from ccld.models.unet import DiffusionModel  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -7,8 +7,8 @@ AdamW and EMA (latents_and_conditions, v_objective, ema_update); they differ onl
 where the clean latents and conditions come from. The frozen models have the real
 architectures (CompVis kl-f8 from its yaml, CLOOB ViT-B/16 from its released config)
 with weights filled by SPEC section 0's rule: timings do not depend on the values.
-The cache is written by the real precompute code (ccld.precompute.encode_units), whose
-cost per image is reported too, and read back by ccld.cache.make_cache_loader.
+The cache is written by the real precompute code (ccld.data.precompute.encode_units), whose
+cost per image is reported too, and read back by ccld.data.latent_cache.make_cache_loader.
 
 CPU check (2 cores, under 5 minutes; prints the step counts it used):
     .venv/bin/python bench/train_throughput.py     (from the repository root)
@@ -36,16 +36,16 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / 'latent-diffusion')]
 
-from ccld import cache  # noqa: E402
-from ccld.autoencoder import KL_F8_CONFIG, build_autoencoder, read_config  # noqa: E402
-from ccld.cloob import CLOOBEmbedder  # noqa: E402
-from ccld.data import make_loader  # noqa: E402
-from ccld.ema import ema_decay, ema_update  # noqa: E402
-from ccld.precompute import encode, encode_units  # noqa: E402
-from ccld.sources import Source  # noqa: E402
-from ccld.throughput import training_flops_per_image  # noqa: E402
-from ccld.training import latents_and_conditions, v_objective  # noqa: E402
-from ccld.unet import DiffusionModel  # noqa: E402
+from ccld.data import latent_cache  # noqa: E402
+from ccld.models.autoencoder import KL_F8_CONFIG, build_autoencoder, read_config  # noqa: E402
+from ccld.models.cloob import CLOOBEmbedder  # noqa: E402
+from ccld.data.images import make_loader  # noqa: E402
+from ccld.train.ema import ema_decay, ema_update  # noqa: E402
+from ccld.data.precompute import encode, encode_units  # noqa: E402
+from ccld.data.sources import Source  # noqa: E402
+from ccld.train.throughput import training_flops_per_image  # noqa: E402
+from ccld.train.diffusion_module import latents_and_conditions, v_objective  # noqa: E402
+from ccld.models.unet import DiffusionModel  # noqa: E402
 from cloob_training import model_pt, pretrained  # noqa: E402
 
 CLOOB_CONFIG = 'cloob_laion_400m_vit_b_16_16_epochs'
@@ -228,7 +228,7 @@ def precompute(listing, root, ae, cloob, args):
     start = perf_counter()
     encoded = encode_units(source, range(len(source)), root, ae, cloob, args.image_size,
                            args.batch_size, args.num_workers, args.device, progress=False)
-    cache.finalize(root, len(source), {'source': str(listing)})
+    latent_cache.finalize(root, len(source), {'source': str(listing)})
     return (perf_counter() - start) / encoded, encoded
 
 
@@ -279,7 +279,7 @@ def main(argv=None):
         images_loader = make_loader(paths, args.image_size, args.batch_size, args.num_workers,
                                     seed=0)
         original = time_steps(Trainer(args, ae, cloob), images_loader, args.steps, args)
-        cache_loader = cache.make_cache_loader(work / 'cache', args.batch_size,
+        cache_loader = latent_cache.make_cache_loader(work / 'cache', args.batch_size,
                                                args.num_workers, seed=0)
         from_cache = time_steps(Trainer(args, ae, cloob), cache_loader, args.cache_steps, args)
 

@@ -1,9 +1,11 @@
-"""What every command-line entry point shares: user errors become one line and exit 2."""
+"""What every command-line entry point shares: user errors become one line and exit 2,
+the types of its flags, and the checks of the files and devices they name."""
 
 import argparse
 import math
 import sys
 import warnings
+from pathlib import Path
 
 from .errors import RunError, UserError
 
@@ -143,3 +145,36 @@ def default_device():
     """The first GPU if there is one, else the CPU."""
     import torch
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def check_image_size(image_size):
+    """Image sizes the autoencoder and the U-Net can both take."""
+    if image_size % 64:
+        raise UserError(f'--image-size {image_size} must be a multiple of 64 (the latents '
+                        'are 1/8 of it and the U-Net halves them three times).')
+
+
+def check_frozen_model_files(vqgan_model, cloob_checkpoint):
+    """The autoencoder NAME and CLOOB named by the flags exist, before anything loads."""
+    from cloob_training.pretrained import list_configs
+    for suffixes in (['.yaml'], ['.ckpt', '.safetensors']):
+        if not any(Path(vqgan_model + s).is_file() for s in suffixes):
+            raise UserError(f'--vqgan-model: {vqgan_model}{suffixes[0]} does not exist '
+                            '(NAME means NAME.yaml + NAME.ckpt).')
+    if cloob_checkpoint not in list_configs() and not Path(cloob_checkpoint).is_file():
+        raise UserError(f'--cloob-checkpoint: {cloob_checkpoint} is neither a file nor a '
+                        f'pretrained name ({", ".join(list_configs())}).')
+
+
+def check_devices(accelerator, devices):
+    """GPUs asked for must exist; several processes on the CPU must be asked for."""
+    import torch
+    if accelerator == 'mps' and not torch.backends.mps.is_available():
+        raise UserError('--accelerator mps: MPS is not available here; use --accelerator cpu.')
+    if accelerator in ('gpu', 'cuda') or (accelerator == 'auto' and devices > 1):
+        available = torch.cuda.device_count()
+        if available == 0:
+            raise UserError(f'--num-gpus {devices}: this machine has no CUDA GPU; pass '
+                            f'--accelerator cpu to run {devices} CPU process(es) instead.')
+        if devices > available:
+            raise UserError(f'--num-gpus {devices}: this machine has {available} CUDA GPU(s).')

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ccld.schedule import t_to_alpha_sigma
+from ccld.diffusion.schedule import t_to_alpha_sigma
 
 SHAPE = (4, 8, 8)
 

@@ -14,10 +14,10 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ccld.ema import ema_update
-from ccld.schedule import t_to_alpha_sigma
-from ccld.training import v_objective
-from ccld.unet import DiffusionModel
+from ccld.train.ema import ema_update
+from ccld.diffusion.schedule import t_to_alpha_sigma
+from ccld.train.diffusion_module import v_objective
+from ccld.models.unet import DiffusionModel
 
 CHANNEL_VALUES = [[1., -1., .5, -.5], [-1., 1., -.5, .5]]
 SIZE = 8
@@ -60,16 +60,16 @@ def direct_batches(data, embeds, batch=BATCH, seed=0):
 def cached_batches(root, data, embeds, batch=BATCH, seed=0, copies=32, std=0.02):
     """Endless batches of (latents, conditions) read back from a latent cache holding
     `copies` records of each latent with posterior spread `std`, as training reads it."""
-    from ccld import cache
-    from ccld.training import latents_and_conditions
-    records = [{'key': cache.encode_key(f'{k}-{i}'), 'mean': data[k].half(),
+    from ccld.data import latent_cache
+    from ccld.train.diffusion_module import latents_and_conditions
+    records = [{'key': latent_cache.encode_key(f'{k}-{i}'), 'mean': data[k].half(),
                 'std': torch.full_like(data[k], std).half(), 'embed': embeds[k].half()}
                for i in range(copies) for k in range(len(data))]
-    stats = cache.PartStats()  # (not used by the test; finalize needs them)
+    stats = latent_cache.PartStats()  # (not used by the test; finalize needs them)
     stats.add(data.numel(), 0.0, data.numel())
-    cache.write_part(root, 0, records, 0, stats)
-    cache.finalize(root, 1, {'source': 'the learning problem'})
-    loader = cache.make_cache_loader(root, batch, num_workers=0, seed=seed)
+    latent_cache.write_part(root, 0, records, 0, stats)
+    latent_cache.finalize(root, 1, {'source': 'the learning problem'})
+    loader = latent_cache.make_cache_loader(root, batch, num_workers=0, seed=seed)
     while True:
         for b in loader:
             yield latents_and_conditions(b, None, None, 1.0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ccld.checkpoints import build_model, read_checkpoint
+from ccld.models.checkpoint_files import build_model, read_checkpoint
 from ccld.errors import UserError
 from tiny import save_bare, save_ccld_checkpoint, save_original_checkpoint, tiny_diffusion
 

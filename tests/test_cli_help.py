@@ -11,7 +11,9 @@ import compute_ae_scale
 import export_model
 import precompute_latents
 import sample
-from ccld import cli, export, sampling, schedule
+from ccld import cli
+from ccld.diffusion import sampling, schedule
+from ccld.models import exports
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = {'sample.py': sample, 'compute_ae_scale.py': compute_ae_scale,
@@ -57,4 +59,4 @@ def test_every_flag_has_a_help_text_and_shows_its_default(script):
 def test_choices_named_in_the_scripts_are_the_librarys():
     assert cli.SAMPLING_METHODS == sampling.METHODS
     assert cli.SCHEDULES == tuple(schedule.SCHEDULES)
-    assert export_model.DTYPES == tuple(export.DTYPES)
+    assert export_model.DTYPES == tuple(exports.DTYPES)

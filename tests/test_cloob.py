@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from ccld.cloob import load_cloob
+from ccld.models.cloob import load_cloob
 from ccld.errors import UserError
 from cloob_training import model_pt
 from cloob_training.pretrained import resolve_checkpoint

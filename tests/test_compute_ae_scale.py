@@ -14,9 +14,9 @@ from torchvision.transforms import functional as TF
 
 import compute_ae_scale
 import tiny
-from ccld.autoencoder import load_autoencoder, read_config, save_autoencoder
+from ccld.models.autoencoder import load_autoencoder, read_config, save_autoencoder
 from ccld.errors import RunError
-from ccld.scale import estimate_scale
+from ccld.data.scale import estimate_scale
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64

@@ -8,11 +8,11 @@ from PIL import Image
 
 import tiny
 import train_latent_diffusion
-from ccld import sampling, schedule
-from ccld.autoencoder import load_autoencoder
-from ccld.cloob import load_cloob
-from ccld.demo import DemoCallback
-from ccld.schedule import sampling_timesteps
+from ccld.diffusion import sampling, schedule
+from ccld.models.autoencoder import load_autoencoder
+from ccld.models.cloob import load_cloob
+from ccld.train.demo_grids import DemoCallback
+from ccld.diffusion.schedule import sampling_timesteps
 
 
 @pytest.fixture(scope='module')

@@ -14,7 +14,7 @@ from safetensors import safe_open
 import export_model
 import sample
 import tiny
-from ccld.checkpoints import build_model, read_checkpoint
+from ccld.models.checkpoint_files import build_model, read_checkpoint
 
 SCALE = 1.5
 STEP = 1234
@@ -115,7 +115,7 @@ def test_sample_py_gives_the_checkpoints_images_from_the_export(assets):
 
 
 def test_resume_from_an_export_is_a_finetune_start(assets):
-    from ccld.train import read_resume
+    from ccld.train.run import read_resume
     resume = read_resume(str(assets.exports['fp16']))
     assert resume.kind == 'bare' and resume.autoencoder_scale == SCALE
     model = build_model(resume.model)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ccld.data import ImagePathDataset, image_transform, load_image
+from ccld.data.images import ImagePathDataset, image_transform, load_image
 
 SIZE = 32
 

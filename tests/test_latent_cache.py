@@ -21,11 +21,11 @@ from PIL import Image
 import precompute_latents
 import tiny
 import train_latent_diffusion
-from ccld import cache
-from ccld.autoencoder import load_autoencoder
-from ccld.cloob import load_cloob
-from ccld.data import image_transform, load_image
-from ccld.training import latents_and_conditions, v_objective
+from ccld.data import latent_cache
+from ccld.models.autoencoder import load_autoencoder
+from ccld.models.cloob import load_cloob
+from ccld.data.images import image_transform, load_image
+from ccld.train.diffusion_module import latents_and_conditions, v_objective
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -90,7 +90,7 @@ def records(root):
     from litdata import StreamingDataset
     dataset = StreamingDataset(str(root))
     found = [dataset[i] for i in range(len(dataset))]
-    by_key = {cache.decode_key(r['key']): r for r in found}
+    by_key = {latent_cache.decode_key(r['key']): r for r in found}
     assert len(by_key) == len(found), 'a key is in the cache twice'
     return by_key
 
@@ -123,7 +123,7 @@ def test_the_cache_holds_every_readable_image_once_with_its_posterior_and_embedd
 
 
 def test_the_manifest_records_what_made_the_cache_and_the_scale(assets, cached, models):
-    manifest = json.loads((cached / cache.MANIFEST).read_text())
+    manifest = json.loads((cached / latent_cache.MANIFEST).read_text())
     weights = Path(assets.autoencoder + '.ckpt').read_bytes()
     assert manifest['autoencoder']['sha256'] == hashlib.sha256(weights).hexdigest()
     cloob_file = Path(assets.cloob).read_bytes()
@@ -173,8 +173,8 @@ def test_a_cache_made_with_other_models_or_size_is_refused(assets, cached, tmp_p
                                                            monkeypatch, extra, message):
     def refuse(*args, **kwargs):
         raise AssertionError('a model was loaded before the cache was checked')
-    monkeypatch.setattr('ccld.autoencoder.load_autoencoder', refuse)
-    monkeypatch.setattr('ccld.cloob.load_cloob', refuse)
+    monkeypatch.setattr('ccld.models.autoencoder.load_autoencoder', refuse)
+    monkeypatch.setattr('ccld.models.cloob.load_cloob', refuse)
     fill = lambda s: s.format(other_ae=assets.other_autoencoder, ae=assets.autoencoder,  # noqa: E731
                               other_cloob=assets.other_cloob, cloob=assets.cloob)
     argv = train_args(assets, cached, tmp_path / 'out', *map(fill, extra))
@@ -186,7 +186,7 @@ def test_a_cache_made_with_other_models_or_size_is_refused(assets, cached, tmp_p
 
 def test_an_unfinished_cache_is_refused(assets, tmp_path, capsys):
     (tmp_path / 'latents').mkdir()
-    (tmp_path / 'latents' / cache.PLAN).write_text('{}')
+    (tmp_path / 'latents' / latent_cache.PLAN).write_text('{}')
     argv = train_args(assets, tmp_path / 'latents', tmp_path / 'out')
     assert tiny.exit_code(train_latent_diffusion.main, 'train', argv) == 2
     err = capsys.readouterr().err
@@ -194,10 +194,10 @@ def test_an_unfinished_cache_is_refused(assets, tmp_path, capsys):
 
 
 def test_training_from_the_cache_leaves_the_encoder_and_image_tower_out(assets, cached, tmp_path):
-    from ccld import train
-    args = train.validate(train_latent_diffusion.parser().parse_args(
+    from ccld.train import run as training_run
+    args = training_run.validate(train_latent_diffusion.parser().parse_args(
         train_args(assets, cached, tmp_path)))
-    trainer, module = train.run(args)
+    trainer, module = training_run.run(args)
     assert trainer.global_step == 2
     assert module.ae_model.encoder is None and module.cloob.model.image_encoder is None
     assert (tmp_path / 'checkpoints' / 'last.ckpt').is_file()
@@ -229,9 +229,9 @@ def test_killed_precompute_resumes_on_two_processes_to_the_same_cache(assets, ca
     process.send_signal(signal.SIGKILL)
     process.wait()
     done = len(list(out.glob('parts/part-*/part.json')))
-    assert 0 < done < N + 1 and not (out / cache.MANIFEST).exists()
+    assert 0 < done < N + 1 and not (out / latent_cache.MANIFEST).exists()
     with pytest.raises(Exception, match='unfinished latent cache'):
-        cache.read_manifest(out)
+        latent_cache.read_manifest(out)
 
     result = subprocess.run([*argv, '--num-gpus', '2'], cwd=tmp_path, env=subprocess_env(),
                             capture_output=True, text=True, timeout=300)
@@ -243,24 +243,24 @@ def test_killed_precompute_resumes_on_two_processes_to_the_same_cache(assets, ca
     for key in ours:  # equal up to fp16 rounding (images were encoded in other batches)
         for name in ('mean', 'std', 'embed'):
             torch.testing.assert_close(ours[key][name], reference[key][name])
-    manifest = cache.read_manifest(out)
+    manifest = latent_cache.read_manifest(out)
     assert (manifest['images'], manifest['skipped'], manifest['parts']) == (N, 1, N + 1)
     assert manifest['autoencoder_scale'] == pytest.approx(
-        cache.read_manifest(cached)['autoencoder_scale'], rel=1e-6)
+        latent_cache.read_manifest(cached)['autoencoder_scale'], rel=1e-6)
 
 
 EPOCHS_DRIVER = '''
 import sys, torch
-import ccld.training
+import ccld.train.diffusion_module
 import train_latent_diffusion
-from ccld import train
-seen, training_step = [], ccld.training.LightningDiffusion.training_step
+from ccld.train import run as train
+seen, training_step = [], ccld.train.diffusion_module.LightningDiffusion.training_step
 
 def spy(self, batch, batch_idx):  # the keys of each batch of this rank, by epoch
     seen.append((self.current_epoch, list(batch["keys"])))
     return training_step(self, batch, batch_idx)
 
-ccld.training.LightningDiffusion.training_step = spy
+ccld.train.diffusion_module.LightningDiffusion.training_step = spy
 args = train_latent_diffusion.parser().parse_args(sys.argv[2:])
 trainer, module = train.run(train.validate(args))
 torch.save(seen, f"{sys.argv[1]}/seen{trainer.global_rank}.pt")

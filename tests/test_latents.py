@@ -7,7 +7,7 @@ posterior is its input, never from ccld.latents itself.
 import pytest
 import torch
 
-from ccld import latents
+from ccld.models import latents
 from conftest import FIXTURES, fill_value
 from ldm.models.autoencoder import AutoencoderKL
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import learning
-from ccld.guidance import cfg_model_fn
-from ccld.sampling import plms_sample
-from ccld.schedule import sampling_timesteps
+from ccld.diffusion.guidance import cfg_model_fn
+from ccld.diffusion.sampling import plms_sample
+from ccld.diffusion.schedule import sampling_timesteps
 
 
 @pytest.fixture(scope='module', params=['latents', 'cache'])

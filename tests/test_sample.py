@@ -17,11 +17,11 @@ from PIL import Image
 
 import sample
 import tiny
-from ccld import generate, prompts
-from ccld.autoencoder import load_autoencoder
-from ccld.cloob import load_cloob
+from ccld.sample import generate, prompts, run as sample_run
+from ccld.models.autoencoder import load_autoencoder
+from ccld.models.cloob import load_cloob
 from ccld.errors import UserError
-from ccld.schedule import sampling_timesteps, t_to_alpha_sigma
+from ccld.diffusion.schedule import sampling_timesteps, t_to_alpha_sigma
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = 1.5  # the autoencoder scale stored in the test checkpoints
@@ -447,11 +447,9 @@ def refuse_models(monkeypatch):
 
 def test_prompts_file_samples_each_line_with_one_load_of_the_models(assets, tmp_path,
                                                                     monkeypatch, capsys):
-    import ccld.autoencoder
-    import ccld.cloob
     loads = [CallCounter(monkeypatch, generate, 'load_model'),
-             CallCounter(monkeypatch, ccld.autoencoder, 'load_autoencoder'),
-             CallCounter(monkeypatch, ccld.cloob, 'load_cloob')]
+             CallCounter(monkeypatch, sample_run, 'load_autoencoder'),
+             CallCounter(monkeypatch, sample_run, 'load_cloob')]
     spy = SampleSpy(monkeypatch)
     prompts_file = tmp_path / 'prompts.txt'
     prompts_file.write_text(PROMPTS_FILE)
@@ -644,11 +642,10 @@ def test_score_is_higher_for_each_image_with_its_own_prompt(assets, tmp_path, mo
     embeds an image as the text embedding of the line whose image (from a first run
     without --score) it is nearest to; so an image matches its own prompt (score 1) and
     no other (0), and --score must say so of every image."""
-    import ccld.cloob
     lines = ['a fox', 'a hen', 'a cow']
     texts = {text: basis(i) for i, text in enumerate(lines)}
     stub = StubCLOOB(texts, embed_image=lambda image: torch.zeros(512))
-    monkeypatch.setattr(ccld.cloob, 'load_cloob', lambda *args, **kwargs: stub)
+    monkeypatch.setattr(sample_run, 'load_cloob', lambda *args, **kwargs: stub)
     (tmp_path / 'prompts.txt').write_text('\n'.join(lines))
     argv = base_args(assets, '--prompts-file', str(tmp_path / 'prompts.txt'), '-n', '2',
                      '--method', 'ddim', '--no-grid')
@@ -682,9 +679,8 @@ def test_score_of_several_prompts_is_against_their_weighted_mean(assets, tmp_pat
     """Every image embeds as 'a fox''s embedding; the prompts 'a fox:2' and 'a hen:1'
     (orthogonal) mean 2 fox + hen, at cosine 2/sqrt(5) from it. An image-only prompt
     has no text to score against."""
-    import ccld.cloob
     stub = StubCLOOB({'a fox': basis(0), 'a hen': basis(1)}, embed_image=lambda image: basis(0))
-    monkeypatch.setattr(ccld.cloob, 'load_cloob', lambda *args, **kwargs: stub)
+    monkeypatch.setattr(sample_run, 'load_cloob', lambda *args, **kwargs: stub)
     argv = base_args(assets, 'a fox:2', 'a hen:1', '--score', '--method', 'ddim', '--no-grid',
                      '--output-dir', str(tmp_path / 'two'))
     assert run_sample(argv) == 0

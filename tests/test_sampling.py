@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import closed_form
-from ccld import sampling, schedule
+from ccld.diffusion import sampling, schedule
 from conftest import FIXTURES
 
 

@@ -9,10 +9,10 @@ import torch
 
 import tiny
 import train_latent_diffusion
-from ccld import train, training
-from ccld.checkpoints import build_model, read_checkpoint
-from ccld.training import v_objective
-from ccld.throughput import training_flops_per_image
+from ccld.train import diffusion_module, run as training_run
+from ccld.models.checkpoint_files import build_model, read_checkpoint
+from ccld.train.diffusion_module import v_objective
+from ccld.train.throughput import training_flops_per_image
 
 
 @pytest.fixture(scope='module')
@@ -44,9 +44,9 @@ def test_each_speed_flag_trains_and_saves_a_checkpoint_a_plain_model_loads(
         assets, tmp_path, monkeypatch, flags):
     # Inductor's code generation takes minutes on a small CPU; aot_eager still captures
     # the graph with dynamo and runs it through AOT autograd.
-    monkeypatch.setattr(training, 'COMPILE_BACKEND', 'aot_eager')
+    monkeypatch.setattr(diffusion_module, 'COMPILE_BACKEND', 'aot_eager')
     args = train_latent_diffusion.parser().parse_args(train_args(assets, tmp_path, *flags))
-    trainer, module = train.run(train.validate(args))
+    trainer, module = training_run.run(training_run.validate(args))
     assert trainer.global_step == 2
     assert len(list((tmp_path / 'demos').iterdir())) == 2  # the demo works with every flag
     saved = read_checkpoint(tmp_path / 'checkpoints' / 'last.ckpt')

@@ -23,10 +23,10 @@ from PIL import Image
 import precompute_latents
 import tiny
 import train_latent_diffusion
-from ccld import checkpointing, train
-from ccld.checkpoints import safe_load
+from ccld.train import run as training_run, saving
+from ccld.models.checkpoint_files import safe_load
 from ccld.errors import RunError
-from ccld.signals import StopOnSignal
+from ccld.train.signals import StopOnSignal
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = 1.5
@@ -83,7 +83,7 @@ def stderr_of(cwd):
 
 
 def run_in_process(argv):
-    return train.run(train.validate(train_latent_diffusion.parser().parse_args(argv)))
+    return training_run.run(training_run.validate(train_latent_diffusion.parser().parse_args(argv)))
 
 
 def weights(path):
@@ -210,7 +210,7 @@ def test_kill_9_never_leaves_an_unloadable_checkpoint_or_an_orphan(assets, tmp_p
         steps = len(list((out / 'checkpoints').glob('step=*.ckpt')))
         assert steps <= 2  # --keep-last 1, and perhaps the step a kill interrupted
         # The next run resumes from the newest whole checkpoint and clears the debris.
-        _, _, k = weights(checkpointing.checkpoint_files(out / 'checkpoints')[0])
+        _, _, k = weights(saving.checkpoint_files(out / 'checkpoints')[0])
         trainer, _ = run_in_process([*argv, '--resume-from', 'auto', '--max-steps', str(k + 1)])
         assert trainer.global_step == k + 1
         assert not list((out / 'checkpoints').glob('.*'))
@@ -242,16 +242,16 @@ def test_a_failed_write_keeps_the_older_checkpoints_and_fails_the_run(assets, tm
                                                                      monkeypatch):
     """Checkpoint writes from step 4 on fail (read-only, say): the step 2 files stay,
     nothing is pruned, and the run ends with an error naming the newest whole one."""
-    real = checkpointing.atomic_write
+    real = saving.atomic_write
 
     def read_only_from_step_4(path, *args):
         if 'step=00000002' not in str(path) and trainer_step[0] >= 4:
             raise PermissionError(13, 'Read-only file system', str(path))
         return real(path, *args)
     trainer_step = [0]
-    monkeypatch.setattr(checkpointing, 'atomic_write', read_only_from_step_4)
-    monkeypatch.setattr(checkpointing.AtomicCheckpointIO, 'save_checkpoint', count_steps(
-        checkpointing.AtomicCheckpointIO.save_checkpoint, trainer_step))
+    monkeypatch.setattr(saving, 'atomic_write', read_only_from_step_4)
+    monkeypatch.setattr(saving.AtomicCheckpointIO, 'save_checkpoint', count_steps(
+        saving.AtomicCheckpointIO.save_checkpoint, trainer_step))
     with pytest.raises(RunError, match=r'failed, the last .*last.ckpt \(Read-only file system\); '
                        r'the newest checkpoint written whole is .*last.ckpt'):
         run_in_process(train_args(assets, tmp_path, '--max-steps', '6', '--checkpoint-every',
@@ -270,8 +270,8 @@ def count_steps(save, step):
 
 def nan_at(steps):
     """A v_objective whose loss is NaN on the given calls (counted from 0)."""
-    from ccld import training
-    objective, calls = training.v_objective, []
+    from ccld.train import diffusion_module
+    objective, calls = diffusion_module.v_objective, []
 
     def maybe_nan(*args):
         calls.append(None)
@@ -281,18 +281,18 @@ def nan_at(steps):
 
 
 def test_a_non_finite_loss_skips_the_step_and_is_counted(assets, tmp_path, monkeypatch):
-    from ccld import training
+    from ccld.train import diffusion_module
     spy, calls = nan_at({1, 2})
-    monkeypatch.setattr(training, 'v_objective', spy)
+    monkeypatch.setattr(diffusion_module, 'v_objective', spy)
     seen = {}
-    step = training.LightningDiffusion.optimizer_step_or_skip
+    step = diffusion_module.LightningDiffusion.optimizer_step_or_skip
 
     def record(self):
         ema = lambda: {k: v.clone() for k, v in self.model_ema.state_dict().items()}  # noqa: E731
         before = ema()
         step(self)
         seen[len(calls) - 1] = (self.global_step, before, ema())
-    monkeypatch.setattr(training.LightningDiffusion, 'optimizer_step_or_skip', record)
+    monkeypatch.setattr(diffusion_module.LightningDiffusion, 'optimizer_step_or_skip', record)
     trainer, module = run_in_process(train_args(assets, tmp_path, '--max-steps', '3'))
     assert len(calls) == 5 and trainer.global_step == 3 and module.skipped_steps == 2
     assert [seen[i][0] for i in range(5)] == [1, 1, 1, 2, 3]  # no step for the NaN batches
@@ -303,9 +303,9 @@ def test_a_non_finite_loss_skips_the_step_and_is_counted(assets, tmp_path, monke
 
 def test_repeated_non_finite_losses_stop_the_run_with_the_last_good_checkpoint(
         assets, tmp_path, monkeypatch, capsys):
-    from ccld import training
+    from ccld.train import diffusion_module
     spy, calls = nan_at(set(range(3, 100)))
-    monkeypatch.setattr(training, 'v_objective', spy)
+    monkeypatch.setattr(diffusion_module, 'v_objective', spy)
     argv = train_args(assets, tmp_path, '--max-steps', '50', '--checkpoint-every', '2',
                       '--max-bad-steps', '4')
     assert tiny.exit_code(train_latent_diffusion.main, 'train_latent_diffusion.py', argv) == 1
@@ -357,7 +357,7 @@ def test_a_list_of_unreadable_files_stops_at_once(assets, tmp_path, capsys):
 def test_a_second_run_on_a_locked_output_dir_is_refused(assets, tmp_path, capsys):
     args = train_latent_diffusion.parser().parse_args(train_args(assets, tmp_path))
     args.resume_from = 'auto'
-    lock = train.claim_output_dir(args)  # as a live run holds it
+    lock = training_run.claim_output_dir(args)  # as a live run holds it
     try:
         argv = train_args(assets, tmp_path, '--resume-from', 'auto')
         assert tiny.exit_code(train_latent_diffusion.main, 'train', argv) == 2
@@ -372,7 +372,7 @@ def test_a_second_run_on_a_locked_output_dir_is_refused(assets, tmp_path, capsys
     assert holder.stdout.readline().strip() == 'locked'
     holder.kill()
     holder.wait()
-    train.claim_output_dir(args).close()
+    training_run.claim_output_dir(args).close()
 
 
 def test_a_fresh_run_into_a_directory_with_checkpoints_is_refused(assets, tmp_path, capsys):
@@ -397,7 +397,7 @@ def test_little_free_space_is_a_warning(assets, tmp_path, monkeypatch):
     args = train_latent_diffusion.parser().parse_args(train_args(assets, tmp_path))
     with pytest.warns(UserWarning, match=r'has 0.0 GiB free; two checkpoints of this model '
                       r'take about 0.5 GiB'):
-        train.claim_output_dir(args).close()
+        training_run.claim_output_dir(args).close()
 
 
 def test_resume_auto_skips_a_truncated_checkpoint_and_resume_from_it_is_refused(
@@ -462,7 +462,7 @@ def test_an_original_lightning_1_5_checkpoint_with_its_objects_still_loads(tmp_p
 
 
 def test_16_bit_and_exif_rotated_images_load_as_they_look(tmp_path):
-    from ccld.data import load_image
+    from ccld.data.images import load_image
     import numpy as np
     gray = Image.fromarray(np.full((4, 6), 30000, dtype=np.uint16))
     gray.save(tmp_path / 'gray16.png')
@@ -498,12 +498,12 @@ def test_keep_last_prunes_old_step_checkpoints(assets, tmp_path):
 
 def test_checkpoint_minutes_writes_last_between_step_checkpoints(assets, tmp_path, monkeypatch):
     written = []
-    save = checkpointing.AtomicCheckpointIO.save_checkpoint
+    save = saving.AtomicCheckpointIO.save_checkpoint
 
     def spy(self, checkpoint, path, storage_options=None):
         written.append((Path(path).name, checkpoint['global_step']))
         return save(self, checkpoint, path, storage_options)
-    monkeypatch.setattr(checkpointing.AtomicCheckpointIO, 'save_checkpoint', spy)
+    monkeypatch.setattr(saving.AtomicCheckpointIO, 'save_checkpoint', spy)
     run_in_process(train_args(assets, tmp_path, '--max-steps', '3', '--checkpoint-minutes',
                               '0.0001'))
     assert [name for name, _ in written] == ['last.ckpt'] * len(written)
@@ -513,14 +513,14 @@ def test_checkpoint_minutes_writes_last_between_step_checkpoints(assets, tmp_pat
 def test_a_failed_write_elsewhere_is_one_line_naming_the_latest_checkpoint(assets, tmp_path,
                                                                           monkeypatch, capsys):
     """Disk full while a demo grid is written, after a checkpoint at step 2."""
-    from ccld import images
-    save_png = images.save_png
+    from ccld.sample import png_files
+    save_png = png_files.save_png
 
     def full_from_step_3(image, path, metadata=None):
         if metadata and metadata.get('step', 0) >= 3:
             raise OSError(28, 'No space left on device', str(path))
         return save_png(image, path, metadata)
-    monkeypatch.setattr(images, 'save_png', full_from_step_3)
+    monkeypatch.setattr(png_files, 'save_png', full_from_step_3)
     argv = train_args(assets, tmp_path, '--max-steps', '4', '--checkpoint-every', '2',
                       '--demo-every', '1')
     assert tiny.exit_code(train_latent_diffusion.main, 'train', argv) == 1
@@ -537,23 +537,23 @@ def test_in_16_bit_the_scaler_skips_a_non_finite_step_and_it_is_counted(assets, 
     import pytorch_lightning as pl
     from pytorch_lightning.plugins import MixedPrecision
 
-    from ccld import training
-    from ccld.autoencoder import load_autoencoder
-    from ccld.cloob import load_cloob
-    from ccld.data import make_loader
+    from ccld.train import diffusion_module
+    from ccld.models.autoencoder import load_autoencoder
+    from ccld.models.cloob import load_cloob
+    from ccld.data.images import make_loader
     spy, calls = nan_at({1})
-    monkeypatch.setattr(training, 'v_objective', spy)
-    module = training.LightningDiffusion(load_autoencoder(assets.autoencoder),
+    monkeypatch.setattr(diffusion_module, 'v_objective', spy)
+    module = diffusion_module.LightningDiffusion(load_autoencoder(assets.autoencoder),
                                          load_cloob(assets.cloob), 64, [1, 1, 1, 1], SCALE)
     emas, scales, skipped = [], [], []
-    step = training.LightningDiffusion.optimizer_step_or_skip
+    step = diffusion_module.LightningDiffusion.optimizer_step_or_skip
 
     def record(self):
         step(self)
         emas.append({k: v.clone() for k, v in self.model_ema.state_dict().items()})
         scales.append(self.trainer.precision_plugin.scaler.get_scale())
         skipped.append(self.skipped_steps)
-    monkeypatch.setattr(training.LightningDiffusion, 'optimizer_step_or_skip', record)
+    monkeypatch.setattr(diffusion_module.LightningDiffusion, 'optimizer_step_or_skip', record)
     trainer = pl.Trainer(accelerator='cpu', max_steps=3, logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, enable_model_summary=False,
                          plugins=[MixedPrecision('16-mixed', 'cpu', torch.amp.GradScaler('cpu'))])

@@ -16,13 +16,13 @@ from PIL import Image
 
 import tiny
 import train_latent_diffusion
-from ccld import train as training_run
-from ccld.autoencoder import load_autoencoder
-from ccld.cloob import load_cloob
-from ccld.demo import DemoCallback
-from ccld.ema import ema_decay, ema_update
-from ccld.training import LightningDiffusion
-from ccld.unet import DiffusionModel
+from ccld.train import run as training_run
+from ccld.models.autoencoder import load_autoencoder
+from ccld.models.cloob import load_cloob
+from ccld.train.demo_grids import DemoCallback
+from ccld.train.ema import ema_decay, ema_update
+from ccld.train.diffusion_module import LightningDiffusion
+from ccld.models.unet import DiffusionModel
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ['a red circle', 'a blue square', 'a green field']
@@ -243,13 +243,13 @@ def test_bad_image_files_are_skipped_and_counted(assets, tmp_path, workers, recw
 def test_batches_of_only_unreadable_files_neither_stop_the_run_nor_step(assets, tmp_path,
                                                                         monkeypatch):
     """Every other batch loses all its images: those batches make no optimizer step."""
-    from ccld import data
-    collate, calls = data.collate_skipping_bad, []
+    from ccld.data import images
+    collate, calls = images.collate_skipping_bad, []
 
     def every_other_batch_unreadable(batch):
         calls.append(len(calls))
         return collate([(key, None) for key, _ in batch] if len(calls) % 2 else batch)
-    monkeypatch.setattr(data, 'collate_skipping_bad', every_other_batch_unreadable)
+    monkeypatch.setattr(images, 'collate_skipping_bad', every_other_batch_unreadable)
     trainer, module = train(train_args(assets, tmp_path, '--max-steps', '2',
                                        '--demo-every', '1000'))
     assert trainer.global_step == 2 and len(calls) == 4 and module.skipped_images == 8
@@ -334,8 +334,8 @@ def _half_model(path):
 def test_usage_errors(assets, tmp_path, capsys, monkeypatch, make_extra, message):
     def refuse(*args, **kwargs):
         raise AssertionError('a model was loaded before the arguments were checked')
-    monkeypatch.setattr('ccld.autoencoder.load_autoencoder', refuse)
-    monkeypatch.setattr('ccld.cloob.load_cloob', refuse)
+    monkeypatch.setattr('ccld.models.autoencoder.load_autoencoder', refuse)
+    monkeypatch.setattr('ccld.models.cloob.load_cloob', refuse)
     code = run_cli(train_args(assets, tmp_path / 'out', *make_extra(tmp_path)))
     err = capsys.readouterr().err
     assert code == 2
@@ -395,16 +395,16 @@ def test_script_error_is_one_line_from_any_directory(assets, tmp_path):
 
 DDP_DRIVER = '''
 import sys, torch
-import ccld.training
+import ccld.train.diffusion_module
 import train_latent_diffusion
-from ccld import train
-seen, v_objective = [], ccld.training.v_objective
+from ccld.train import run as train
+seen, v_objective = [], ccld.train.diffusion_module.v_objective
 
 def spy(model, x0, cond, t):  # the latents and timesteps of each step of this rank
     seen.append({"x0": x0.detach().clone(), "t": t.detach().clone()})
     return v_objective(model, x0, cond, t)
 
-ccld.training.v_objective = spy
+ccld.train.diffusion_module.v_objective = spy
 args = train_latent_diffusion.parser().parse_args(sys.argv[2:])
 trainer, module = train.run(train.validate(args))
 torch.save({"model": module.model.state_dict(), "model_ema": module.model_ema.state_dict(),
@@ -530,7 +530,7 @@ def test_ema_decay_at_sets_when_the_average_slows_to_0_9999(first_run, assets, t
     (10_000, dict(warmup=100, schedule='inverse-sqrt', minimum=0.2), 0.2),
 ])
 def test_learning_rate_schedules(step, schedule, expected):
-    from ccld.training import learning_rate
+    from ccld.train.diffusion_module import learning_rate
     assert learning_rate(step, 1.0, **schedule) == pytest.approx(expected)
 
 
@@ -569,7 +569,7 @@ def test_lr_schedule_flags_are_checked(assets, tmp_path, capsys):
 
 
 def test_random_flip_mirrors_about_half_the_images_and_is_recorded(assets, tmp_path):
-    from ccld.data import ImagePathDataset
+    from ccld.data.images import ImagePathDataset
     picture = Image.new('RGB', (64, 64), (0, 0, 255))
     picture.paste((255, 0, 0), (0, 0, 32, 64))  # red left half
     picture.save(tmp_path / 'half.png')
@@ -604,7 +604,7 @@ def test_every_demo_grid_logs_its_cloob_score(first_run):
 def test_the_demo_starts_afresh_in_its_own_directory_and_leaves_others_alone(tmp_path):
     """Running the README's demo twice must work (its run would otherwise be refused as a
     fresh run into a directory with checkpoints); a directory it did not make is refused."""
-    from ccld import quickstart
+    from ccld.train import quickstart
     from ccld.errors import UserError
     demo = tmp_path / 'demo'
     quickstart.clear_previous_demo(demo)
@@ -643,7 +643,7 @@ def test_the_training_loader_follows_random_flip_and_prefetch_factor(assets, tmp
     args = train_latent_diffusion.parser().parse_args(train_args(
         assets, tmp_path / 'out', '--train-set', str(train_set), '--random-flip',
         '--num-workers', '1', '--prefetch-factor', '3', '--batch-size', '10'))
-    from ccld.sources import Source
+    from ccld.data.sources import Source
     args.source = Source(args.train_set)
     args.cache = None
     loader = training_run.TrainData(args, seed=0)(SimpleNamespace(global_rank=0, world_size=1))

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ccld.unet import DiffusionModel, count_params, infer_widths
+from ccld.models.unet import DiffusionModel, count_params, infer_widths
 from conftest import fill_state_dict
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from ccld import cli
-from ccld.quickstart import make_images, make_tiny_autoencoder, make_tiny_cloob, write_path_list
-from ccld.unet import DiffusionModel
+from ccld.train.quickstart import make_images, make_tiny_autoencoder, make_tiny_cloob, write_path_list
+from ccld.models.unet import DiffusionModel
 
 # The smallest widths with one attention head per level (heads = channels // 64).
 BASE_CHANNELS, CHANNEL_MULTIPLIERS = 16, (4, 4, 4, 4)

@@ -10,35 +10,12 @@ from PIL import Image, ImageOps
 from torch.utils import data
 from torchvision import transforms
 
-from .errors import UserError
+from ..errors import UserError
+from ..files import read_text_lines
 
 PATHS_CHECKED = 20  # how many paths of a list must include one that exists
 UNREADABLE = 'unreadable'  # what a dataset yields for an image it could not read (not None:
 #                           webdataset drops those, and batches must count what they lost)
-
-
-def read_text_lines(path, what):
-    """The non-blank, stripped lines of a UTF-8 text file; UserError for a missing,
-    binary or non-UTF-8 file. `what` names the file in messages ('path list ...')."""
-    return [line for _, line in read_numbered_lines(path, what)]
-
-
-def read_numbered_lines(path, what):
-    """(1-based line number, line) of each non-blank line, stripped, as read_text_lines;
-    the numbers are for messages and names that point back into the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f'{what} {path} does not exist.')
-    raw = path.read_bytes()
-    if b'\0' in raw:
-        raise UserError(f'{what} {path} is a binary file, not text with one entry a line.')
-    try:
-        text = raw.decode('utf-8-sig')  # a byte order mark (Notepad) is not content
-    except UnicodeDecodeError as e:
-        raise UserError(f'{what} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 '
-                        'with one entry a line.') from None
-    return [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)
-            if line.strip()]
 
 
 def read_path_list(path):

@@ -23,22 +23,15 @@ from pathlib import Path
 
 import torch
 
-from .errors import RunError, UserError
-from .files import atomic_write, fsync_dir, temp_name
+from .. import software_version
+from ..errors import RunError, UserError
+from ..files import atomic_write, fsync_dir, temp_name
 
 MANIFEST = 'ccld_cache.json'
 PLAN = 'plan.json'
 FORMAT = 'ccld-latent-cache'
 FORMAT_VERSION = 1
 CHUNK_BYTES = '64MB'
-
-
-def software_version():
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version('ccld')
-    except PackageNotFoundError:
-        return 'unknown'
 
 
 def part_dir(root, unit):

@@ -1,5 +1,5 @@
 """What precompute_latents.py does: encode every image of a training set once, through the
-frozen autoencoder and CLOOB, into a latent cache (see cache.py).
+frozen autoencoder and CLOOB, into a latent cache (see latent_cache.py).
 
 The set is cut into units (path-list slices or tar shards); each process encodes the
 units whose number is its rank modulo the world size and writes one part per unit. A
@@ -16,9 +16,9 @@ import torch
 from torch.utils import data
 from tqdm.auto import tqdm
 
-from . import cache
-from .errors import RunError, UserError
-from .files import check_writable_dir, remove_stale_temps
+from . import latent_cache
+from ..errors import RunError, UserError
+from ..files import check_writable_dir, remove_stale_temps
 from .sources import transformed
 
 END = None  # the key that marks the end of a unit in the stream of images
@@ -27,8 +27,8 @@ NO_DATA_BATCHES = 20
 
 def settings_for(args, source):
     """What the parts are made with; a rerun must match it, and training checks the first three."""
-    from .autoencoder import describe as describe_autoencoder
-    from .cloob import describe as describe_cloob
+    from ..models.autoencoder import describe as describe_autoencoder
+    from ..models.cloob import describe as describe_cloob
     return {'autoencoder': describe_autoencoder(args.vqgan_model),
             'cloob': describe_cloob(args.cloob_checkpoint), 'image_size': args.image_size,
             'source': str(Path(source.spec).resolve()) if not source.is_tar else source.spec,
@@ -42,9 +42,9 @@ def prepare(root, settings):
     root = Path(root)
     check_writable_dir(root, '--output')
     (root / 'parts').mkdir(exist_ok=True)
-    plan_path = root / cache.PLAN
+    plan_path = root / latent_cache.PLAN
     if plan_path.is_file():
-        plan = cache.read_json(plan_path, 'cache plan')
+        plan = latent_cache.read_json(plan_path, 'cache plan')
         changed = [k for k in settings if k in ('image_size', 'source', 'units', 'unit_size')
                    and plan.get(k) != settings[k]]
         changed += [k for k in ('autoencoder', 'cloob')
@@ -54,7 +54,7 @@ def prepare(root, settings):
                             f'({", ".join(changed)} differ); pass a new --output, or the '
                             'same settings to resume it.')
     else:
-        cache.write_json(plan_path, settings)
+        latent_cache.write_json(plan_path, settings)
     remove_stale_temps(root / 'parts')
 
 
@@ -88,13 +88,13 @@ class Part:
     """A unit's records while it is being encoded."""
 
     def __init__(self):
-        self.records, self.skipped, self.stats = [], 0, cache.PartStats()
+        self.records, self.skipped, self.stats = [], 0, latent_cache.PartStats()
 
 
 def encode_units(source, units, root, ae_model, cloob, image_size, batch_size, num_workers,
                  device, progress=True):
     """Encodes `units` of `source` and writes a part for each; returns images encoded."""
-    from .train import init_loader_worker
+    from ..processes import init_loader_worker
     loader = data.DataLoader(UnitImages(source, units, image_size), batch_size=batch_size,
                              num_workers=num_workers, collate_fn=list,
                              worker_init_fn=init_loader_worker if num_workers else None)
@@ -109,17 +109,17 @@ def encode_units(source, units, root, ae_model, cloob, image_size, batch_size, n
             images = torch.stack([image for _, _, image in good]).to(device)
             means, stds, embeds = encode(ae_model, cloob, images)
             # One copy to the CPU per batch: per-image copies would sync the GPU each time.
-            totals, totals_sq = (t.cpu() for t in cache.latent_sums(means, stds))
+            totals, totals_sq = (t.cpu() for t in latent_cache.latent_sums(means, stds))
             means, stds, embeds = (t.half().cpu() for t in (means, stds, embeds))
             for i, (unit, key, _) in enumerate(good):
                 part = parts[unit]
                 part.stats.add(means[i].numel(), totals[i].item(), totals_sq[i].item())
-                part.records.append({'key': cache.encode_key(key), 'mean': means[i],
+                part.records.append({'key': latent_cache.encode_key(key), 'mean': means[i],
                                      'std': stds[i], 'embed': embeds[i]})
         for unit, key, image in batch:
             if key is END:
                 part = parts.pop(unit)
-                cache.write_part(root, unit, part.records, part.skipped, part.stats)
+                latent_cache.write_part(root, unit, part.records, part.skipped, part.stats)
                 bar.update(0 if known else 1)
             elif image is None:
                 parts[unit].skipped += 1
@@ -140,9 +140,9 @@ def run(args, source):
     from lightning_fabric import Fabric
     from lightning_fabric.strategies import DDPStrategy
 
-    from .autoencoder import load_autoencoder
-    from .cloob import load_cloob
-    from .train import is_first_process
+    from ..models.autoencoder import load_autoencoder
+    from ..models.cloob import load_cloob
+    from ..processes import is_first_process
 
     root = Path(args.output)
     settings = settings_for(args, source)
@@ -155,7 +155,7 @@ def run(args, source):
                     devices=args.num_gpus, num_nodes=args.num_nodes, strategy=strategy)
     fabric.launch()
     rank, world = fabric.global_rank, fabric.world_size
-    units = [u for u in range(rank, len(source), world) if not cache.part_done(root, u)]
+    units = [u for u in range(rank, len(source), world) if not latent_cache.part_done(root, u)]
     done = len(range(rank, len(source), world)) - len(units)
     if rank == 0:
         print(f'{len(source)} parts of {source.spec} on {world} process(es); this one has '
@@ -168,4 +168,4 @@ def run(args, source):
     fabric.barrier()
     if rank != 0:
         return None
-    return cache.finalize(root, len(source), settings)
+    return latent_cache.finalize(root, len(source), settings)

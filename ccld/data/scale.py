@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import latents
-from .data import make_loader
-from .errors import RunError
+from ..models import latents
+from .images import make_loader
+from ..errors import RunError
 
 BATCHES_CHECKED = 20  # a run whose first batches hold no readable image stops after these
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch.utils import data
 
-from .data import UNREADABLE, check_some_exist, image_transform, load_image, read_path_list
-from .errors import UserError
+from .images import UNREADABLE, check_some_exist, image_transform, load_image, read_path_list
+from ..errors import UserError
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'tif', 'tiff', 'gif')
 
@@ -134,7 +134,7 @@ class TarImages(data.IterableDataset):
     def __init__(self, urls, image_size, batch_size, seed, rank, world_size, random_flip=False):
         super().__init__()
         import webdataset as wds
-        from .data import collate_skipping_bad
+        from .images import collate_skipping_bad
         self.pipeline = wds.DataPipeline(
             wds.SimpleShardList(urls),
             wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=seed),

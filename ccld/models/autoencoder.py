@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ccld.errors import UserError
+from ..errors import UserError
 from ldm.models.autoencoder import AutoencoderKL
 
 KL_TARGET = "ldm.models.autoencoder.AutoencoderKL"
@@ -76,7 +76,7 @@ def weights_path(name) -> Path:
 
 def describe(name) -> dict:
     """What identifies an autoencoder NAME in records: its files and its weights' sha256."""
-    from ccld.files import sha256
+    from ..files import sha256
     weights = weights_path(name)
     return {"name": str(name), "config": str(Path(f"{name}.yaml").resolve()),
             "checkpoint": str(weights.resolve()), "sha256": sha256(weights)}

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from . import export
-from .errors import UserError
+from . import exports
+from ..errors import UserError
 from .unet import DiffusionModel, infer_widths
 
 KINDS = {
@@ -41,7 +41,7 @@ class DiffusionCheckpoint:
 
     @property
     def description(self):
-        return 'a ccld model export' if self.record.get('format') == export.FORMAT else \
+        return 'a ccld model export' if self.record.get('format') == exports.FORMAT else \
             KINDS[self.kind]
 
 
@@ -126,7 +126,7 @@ def read_checkpoint(path):
     record = {}
     if path.suffix == '.safetensors':
         obj, metadata = read_safetensors(path)
-        record = export.read_record(metadata, path)
+        record = exports.read_record(metadata, path)
         if record:  # fp16 exports load into the fp32 model
             obj = {k: v.float() if v.is_floating_point() else v for k, v in obj.items()}
     else:

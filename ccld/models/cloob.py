@@ -39,7 +39,7 @@ def describe(checkpoint):
         url = pretrained.get_config(checkpoint)['url']
         digest = Path(url.rsplit('/', 1)[-1]).stem.rpartition('-')[2]
     else:
-        from .files import sha256
+        from ..files import sha256
         digest = sha256(checkpoint)
     return {'name': str(checkpoint), 'sha256': digest}
 

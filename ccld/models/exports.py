@@ -6,9 +6,9 @@ weights, so a 557M model is ~1.1 GB in fp16 against ~9 GB for its training check
 
 import torch
 
-from .cache import software_version
-from .errors import UserError
-from .files import atomic_write
+from .. import software_version
+from ..errors import UserError
+from ..files import atomic_write
 from .unet import infer_widths
 
 FORMAT = 'ccld-diffusion-model'

@@ -17,3 +17,12 @@ def decode(autoencoder, latents, scale):
     """Scaled latents -> images [n, 3, H, W] in [0, 1]."""
     images = autoencoder.decode(latents * scale)
     return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+def posterior_sample(mean, std, scale):
+    """A latent drawn from the autoencoder's posterior N(mean, std^2), divided by `scale`.
+
+    Used for images encoded on the fly and for cached means and stds alike, so both draw
+    the same random numbers in the same order.
+    """
+    return (mean + std * torch.randn_like(mean)) / scale

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 
-from . import latents
-from .checkpoints import build_model, read_checkpoint
-from .data import image_transform, load_image
-from .errors import UserError
-from .guidance import cfg_model_fn
-from .images import grid, save_png
-from .sampling import METHODS, sample_latents
-from .schedule import SCHEDULES, sampling_timesteps, t_to_alpha_sigma
-from .unet import CLIP_EMBED_DIM, LATENT_CHANNELS
+from ..models import latents
+from ..models.checkpoint_files import build_model, read_checkpoint
+from ..data.images import image_transform, load_image
+from ..errors import UserError
+from ..diffusion.guidance import cfg_model_fn
+from .png_files import grid, save_png
+from ..diffusion.sampling import METHODS, sample_latents
+from ..diffusion.schedule import SCHEDULES, sampling_timesteps, t_to_alpha_sigma
+from ..models.unet import CLIP_EMBED_DIM, LATENT_CHANNELS
 
 UNET_DOWNSAMPLING = 8  # the U-Net halves its input three times
 
@@ -171,8 +171,8 @@ def check_frozen_models(record, autoencoder, cloob_checkpoint, checkpoint):
     Files are compared by content where the record has their sha256 and the file is
     here, else by name (the last part of the path, so a moved file still matches).
     """
-    from .autoencoder import describe as describe_autoencoder, weights_path
-    from .cloob import describe as describe_cloob
+    from ..models.autoencoder import describe as describe_autoencoder, weights_path
+    from ..models.cloob import describe as describe_cloob
     from cloob_training.pretrained import list_configs
     given = {
         'autoencoder': ('--autoencoder', autoencoder, weights_path(autoencoder).is_file(),

@@ -5,7 +5,7 @@ import math
 import re
 import unicodedata
 
-from .errors import UserError
+from ..errors import UserError
 
 SLUG_LENGTH = 40
 # A suffix meant as a weight that is not a number ('1,5', '1.5.2'). Other suffixes that
@@ -42,7 +42,7 @@ def read_prompts_file(path, default_weight):
     """(line number, text, weight) of every prompt in a file of one prompt a line; blank
     lines and lines starting with '#' are skipped. UserError naming the line of the
     first bad one, so that a long run does not stop at it hours in."""
-    from .data import read_numbered_lines
+    from ..files import read_numbered_lines
     prompts = []
     for number, line in read_numbered_lines(path, '--prompts-file'):
         if line.startswith('#'):

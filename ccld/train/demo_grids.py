@@ -7,12 +7,13 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from . import images, latents
-from .guidance import cfg_model_fn
-from .sampling import sample_latents
-from .schedule import sampling_timesteps
-from .score import cloob_scores
-from .unet import LATENT_CHANNELS
+from ..models import latents
+from ..sample import png_files
+from ..diffusion.guidance import cfg_model_fn
+from ..diffusion.sampling import sample_latents
+from ..diffusion.schedule import sampling_timesteps
+from ..sample.cloob_score import cloob_scores
+from ..models.unet import LATENT_CHANNELS
 
 GRID_COLS = 4
 
@@ -78,8 +79,8 @@ class DemoCallback(pl.Callback):
                              schedule=self.schedule)
             with image_tower(module) as cloob:
                 score = cloob_scores(cloob, samples, self.text_embeds).mean().item()
-        grid = images.grid(samples, GRID_COLS)
-        path = images.save_png(grid, self.out_dir / f'demo_{step:08}.png',
+        grid = png_files.grid(samples, GRID_COLS)
+        path = png_files.save_png(grid, self.out_dir / f'demo_{step:08}.png',
                                {'step': step, 'prompts': '\n'.join(self.prompts),
                                 'cloob_score': f'{score:.4f}'})
         for logger in trainer.loggers:

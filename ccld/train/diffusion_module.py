@@ -13,41 +13,16 @@ from contextlib import nullcontext
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
-from torch.nn import functional as F
 
+from ..diffusion.objective import v_objective
+from ..errors import RunError
+from ..models.latents import posterior_sample
+from ..models.unet import DiffusionModel
 from .ema import ema_decay, ema_update
-from .errors import RunError
-from .schedule import t_to_alpha_sigma
-from .unet import DiffusionModel
 
 FROZEN = ('ae_model', 'cloob')
 COMPILE_BACKEND = 'inductor'
-COND_DROPOUT = 0.2
 NO_DATA_BATCHES = 20  # stop a run whose first batches hold no readable image
-
-
-def v_objective(model, x0, cond, t):
-    """MSE between the predicted and the true v for clean latents `x0` noised to times `t`.
-
-    Each example's condition is zeroed with probability COND_DROPOUT, so the same model
-    also learns the unconditional v that classifier-free guidance needs.
-    """
-    keep = torch.rand(x0.shape[0], device=x0.device) >= COND_DROPOUT
-    cond = cond * keep[:, None].to(cond.dtype)
-    alphas, sigmas = (s[:, None, None, None] for s in t_to_alpha_sigma(t))
-    noise = torch.randn_like(x0)
-    noised = x0 * alphas + noise * sigmas
-    target = noise * alphas - x0 * sigmas
-    return F.mse_loss(model(noised, t, cond).float(), target)
-
-
-def posterior_sample(mean, std, scale):
-    """A latent drawn from the autoencoder's posterior N(mean, std^2), divided by `scale`.
-
-    Used for images encoded on the fly and for cached means and stds alike, so both draw
-    the same random numbers in the same order.
-    """
-    return (mean + std * torch.randn_like(mean)) / scale
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 It writes generated images, a path list, a tiny KL autoencoder (NAME.yaml + NAME.ckpt)
 and a tiny CLOOB (.pkl + .json) through the same file formats real users have, then
-runs the real training CLI and samples from the checkpoint it wrote. It proves the
+trains and samples from flags as the two command-line tools do, through the same
+library calls. It proves the
 pipeline runs; it does not produce a useful model.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-CONFIGS = Path(__file__).resolve().parent.parent / 'configs'
+CONFIGS = Path(__file__).resolve().parents[2] / 'configs'
 REPO = CONFIGS.parent
 
 
@@ -46,7 +47,7 @@ def write_path_list(paths, path):
 
 def make_tiny_autoencoder(name, seed=0):
     """A randomly initialised tiny KL f=8 autoencoder saved as NAME.yaml + NAME.ckpt."""
-    from .autoencoder import build_autoencoder, read_config, save_autoencoder
+    from ..models.autoencoder import build_autoencoder, read_config, save_autoencoder
     config = read_config(CONFIGS / 'tiny_autoencoder.yaml')
     torch.manual_seed(seed)
     save_autoencoder(build_autoencoder(config), config, name)
@@ -69,7 +70,7 @@ def clear_previous_demo(out):
     """The demo starts afresh each time: it removes what an earlier demo wrote in `out`
     (known by the marker file it leaves), and refuses a directory that holds anything
     else rather than touch it."""
-    from .errors import UserError
+    from ..errors import UserError
     if out.exists() and not (out / MARKER).is_file() and any(out.iterdir()):
         raise UserError(f'--output-dir {out} holds other files; the demo writes to a new '
                         'directory (default demo_output).')
@@ -81,11 +82,10 @@ def clear_previous_demo(out):
 
 
 def run(output_dir):
-    import sample
-    import train_latent_diffusion
-
-    from .autoencoder import load_autoencoder
-    from .scale import estimate_scale
+    from ..data.scale import estimate_scale
+    from ..models.autoencoder import load_autoencoder
+    from ..sample import flags as sample_flags, run as sample_run
+    from . import flags as train_flags, run as train_run
 
     out = Path(output_dir).resolve()
     assets, run_dir = out / 'assets', out / 'run'
@@ -103,20 +103,21 @@ def run(output_dir):
     print(f'--autoencoder-scale {scale:.6g}')
 
     print('\n[2/3] training')
-    train_latent_diffusion.main([
+    train_run.run(train_run.validate(train_flags.parser().parse_args([
         '--train-set', str(train_list), '--vqgan-model', ae_name,
         '--autoencoder-scale', f'{scale:.6g}', '--cloob-checkpoint', str(cloob_path),
         '--demo-prompts', str(REPO / 'demo_prompts.txt'), '--output-dir', str(run_dir),
         '--accelerator', 'cpu', '--num-workers', '2', '--batch-size', '8',
         '--base-channels', '64', '--channel-multipliers', '1,1,1,1',
         '--image-size', '64', '--max-steps', '120', '--checkpoint-every', '120',
-        '--demo-every', '60', '--demo-steps', '10', '--seed', '0'])
+        '--demo-every', '60', '--demo-steps', '10', '--seed', '0'])))
 
     print('\n[3/3] sampling from the checkpoint')
-    sample.main(['a watercolor painting of a Christmas tree', '--checkpoint',
-                 str(run_dir / 'checkpoints' / 'last.ckpt'), '--autoencoder', ae_name,
-                 '--cloob-checkpoint', str(cloob_path), '-n', '4', '--steps', '10',
-                 '--device', 'cpu', '--output-dir', str(out / 'samples')])
+    sample_run.run(sample_flags.parser().parse_args([
+        'a watercolor painting of a Christmas tree',
+        '--checkpoint', str(run_dir / 'checkpoints' / 'last.ckpt'), '--autoencoder', ae_name,
+        '--cloob-checkpoint', str(cloob_path), '-n', '4', '--steps', '10', '--device', 'cpu',
+        '--output-dir', str(out / 'samples')]))
 
     print(f'\nDemo finished. Checkpoints: {run_dir / "checkpoints"}; demo grids: '
           f'{run_dir / "demos"}; samples: {out / "samples"}.\n'

@@ -13,14 +13,16 @@ from pathlib import Path
 
 import torch
 
-from .errors import RunError, UserError
+from ..cli import check_devices, check_frozen_model_files, check_image_size
+from ..errors import RunError, UserError
+from ..processes import init_loader_worker, is_first_process
 
 REQUIRED = ['vqgan_model', 'autoencoder_scale', 'demo_prompts']
 BYTES_PER_PARAMETER = 16  # a checkpoint holds the model, its EMA and two Adam moments in fp32
 
 
 def read_prompts(path):
-    from .data import read_text_lines
+    from ..files import read_text_lines
     prompts = read_text_lines(path, '--demo-prompts:')
     if not prompts:
         raise UserError(f'--demo-prompts: {path} has no prompts in it (one per line).')
@@ -34,7 +36,7 @@ def validate(args):
     checkpoint to `args`, and, on the first process of a run, takes the output
     directory's lock.
     """
-    from .sources import Source
+    from ..data.sources import Source
 
     for name in REQUIRED:
         if getattr(args, name) is None:
@@ -85,33 +87,16 @@ def check_lr_schedule(args):
         raise UserError(f'--lr-min {args.lr_min:g} must be below --lr {args.lr:g}.')
 
 
-def check_image_size(image_size):
-    if image_size % 64:
-        raise UserError(f'--image-size {image_size} must be a multiple of 64 (the latents '
-                        'are 1/8 of it and the U-Net halves them three times).')
-
-
-def check_frozen_model_files(vqgan_model, cloob_checkpoint):
-    from cloob_training.pretrained import list_configs
-    for suffixes in (['.yaml'], ['.ckpt', '.safetensors']):
-        if not any(Path(vqgan_model + s).is_file() for s in suffixes):
-            raise UserError(f'--vqgan-model: {vqgan_model}{suffixes[0]} does not exist '
-                            '(NAME means NAME.yaml + NAME.ckpt).')
-    if cloob_checkpoint not in list_configs() and not Path(cloob_checkpoint).is_file():
-        raise UserError(f'--cloob-checkpoint: {cloob_checkpoint} is neither a file nor a '
-                        f'pretrained name ({", ".join(list_configs())}).')
-
-
 def read_cache(args):
     """The --train-latents manifest, checked (on the first process: the others are started
     by it) to be made with this autoencoder, image size and CLOOB."""
-    from . import cache
+    from ..data import latent_cache
     try:
-        manifest = cache.read_manifest(args.train_latents)
+        manifest = latent_cache.read_manifest(args.train_latents)
     except UserError as e:
         raise UserError(f'--train-latents: {e}') from None
     if args.frozen is not None:
-        cache.check_matches(manifest, dict(args.frozen, image_size=args.image_size),
+        latent_cache.check_matches(manifest, dict(args.frozen, image_size=args.image_size),
                             args.train_latents)
     return manifest
 
@@ -120,48 +105,23 @@ def describe_frozen(args):
     """The autoencoder and CLOOB with the sha256 of their files, to check a cache against
     and to record in checkpoints (an export carries them; sample.py compares them). Read
     by the first process only: it alone checks and writes."""
-    from .autoencoder import describe as describe_autoencoder
-    from .cloob import describe as describe_cloob
+    from ..models.autoencoder import describe as describe_autoencoder
+    from ..models.cloob import describe as describe_cloob
     if not is_first_process():
         return None
     return {'autoencoder': describe_autoencoder(args.vqgan_model),
             'cloob': describe_cloob(args.cloob_checkpoint)}
 
 
-def check_devices(accelerator, devices):
-    """GPUs asked for must exist; several processes on the CPU must be asked for."""
-    if accelerator == 'mps' and not torch.backends.mps.is_available():
-        raise UserError('--accelerator mps: MPS is not available here; use --accelerator cpu.')
-    if accelerator in ('gpu', 'cuda') or (accelerator == 'auto' and devices > 1):
-        available = torch.cuda.device_count()
-        if available == 0:
-            raise UserError(f'--num-gpus {devices}: this machine has no CUDA GPU; pass '
-                            f'--accelerator cpu to run {devices} CPU process(es) instead.')
-        if devices > available:
-            raise UserError(f'--num-gpus {devices}: this machine has {available} CUDA GPU(s).')
-
-
 def read_resume(path):
     """The --resume-from checkpoint, its weights checked (keys and shapes, no memory)."""
-    from .checkpoints import check_weights, read_checkpoint
+    from ..models.checkpoint_files import check_weights, read_checkpoint
     try:
         resume = read_checkpoint(path)
         check_weights(resume.model, path)
     except UserError as e:
         raise UserError(f'--resume-from: {e}') from None
     return resume
-
-
-def is_first_process():
-    """True in the process that launches a run (global rank zero, or the only process).
-
-    Processes started by a launcher (Lightning's own for --num-gpus, torchrun, srun) have
-    their rank in the environment before anything is set up.
-    """
-    for name in ('RANK', 'SLURM_PROCID', 'LOCAL_RANK', 'NODE_RANK'):
-        if os.environ.get(name, '0') != '0':
-            return False
-    return True
 
 
 def claim_output_dir(args):
@@ -174,8 +134,8 @@ def claim_output_dir(args):
     import fcntl
     import socket
 
-    from .checkpointing import checkpoint_files
-    from .files import check_writable_dir
+    from .saving import checkpoint_files
+    from ..files import check_writable_dir
     out = Path(args.output_dir)
     check_writable_dir(out, '--output-dir')
     lock = open(out / '.lock', 'a+')
@@ -200,7 +160,7 @@ def claim_output_dir(args):
 
 
 def warn_if_space_is_short(out, base_channels, channel_multipliers):
-    from .unet import DiffusionModel
+    from ..models.unet import DiffusionModel
     with torch.device('meta'):
         params = sum(p.numel() for p in DiffusionModel(base_channels, channel_multipliers)
                      .parameters())
@@ -215,7 +175,7 @@ def resume_from_newest(args):
     """--resume-from auto: the newest checkpoint in the output dir that loads and checks."""
     from pytorch_lightning.utilities import rank_zero_info
 
-    from .checkpointing import newest_good_checkpoint
+    from .saving import newest_good_checkpoint
     directory = Path(args.output_dir) / 'checkpoints'
     path, resume = newest_good_checkpoint(directory, read_resume)
     if path is None:
@@ -254,15 +214,6 @@ def _not_an_advert(record):
     return not str(record.msg).startswith('💡 Tip')
 
 
-def init_loader_worker(worker_id):
-    """Seeds a loader worker as Lightning would, and keeps it alive through stop signals."""
-    from lightning_fabric.utilities.seed import pl_worker_init_function
-
-    from .signals import ignore_stop_signals
-    ignore_stop_signals()
-    pl_worker_init_function(worker_id)
-
-
 class TrainData:
     """Builds the training loader once the processes are up (litdata and the tar
     splitter need each process's rank): a path list, tar shards, or a latent cache."""
@@ -271,9 +222,9 @@ class TrainData:
         self.args, self.seed = args, seed
 
     def __call__(self, trainer):
-        from .cache import make_cache_loader
-        from .data import make_loader
-        from .sources import make_tar_loader
+        from ..data.latent_cache import make_cache_loader
+        from ..data.images import make_loader
+        from ..data.sources import make_tar_loader
         args = self.args
         if args.cache is not None:
             return make_cache_loader(args.train_latents, args.batch_size, args.num_workers,
@@ -303,8 +254,8 @@ class TrainData:
 
 
 def load_frozen_models(args):
-    from .autoencoder import load_autoencoder
-    from .cloob import load_cloob
+    from ..models.autoencoder import load_autoencoder
+    from ..models.cloob import load_cloob
     ae_model = load_autoencoder(args.vqgan_model)
     if ae_model.embed_dim != 4:
         raise UserError(f'--vqgan-model: {args.vqgan_model} has {ae_model.embed_dim} latent '
@@ -359,12 +310,12 @@ def _run(args):
     import pytorch_lightning as pl
     from pytorch_lightning.utilities import rank_zero_info
 
-    from .checkpointing import AtomicCheckpointIO, Checkpoints, TimedLastCheckpoint
-    from .demo import DemoCallback
+    from .saving import AtomicCheckpointIO, Checkpoints, TimedLastCheckpoint
+    from .demo_grids import DemoCallback
     from .signals import StopOnSignal, StopRequested
     from .throughput import Throughput
-    from .training import LightningDiffusion, LoaderModule
-    from .unet import infer_widths
+    from .diffusion_module import LightningDiffusion, LoaderModule
+    from ..models.unet import infer_widths
 
     # The frozen models are meant to stay in eval mode.
     warnings.filterwarnings('ignore', message='.*module\\(s\\) in eval mode')

@@ -18,7 +18,7 @@ import torch
 from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from .files import atomic_write, remove_stale_temps
+from ..files import atomic_write, remove_stale_temps
 from .signals import StopRequested
 
 STEP_NAME = '{step:08d}'  # files are step=00001234.ckpt
@@ -56,7 +56,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self.failed_since_last_write = False
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
-        from .checkpoints import safe_load
+        from ..models.checkpoint_files import safe_load
         return safe_load(path)
 
     def remove_checkpoint(self, path):
@@ -152,7 +152,7 @@ def newest_good_checkpoint(directory, read):
     a killed save are removed first."""
     import warnings
 
-    from .errors import UserError
+    from ..errors import UserError
     if not Path(directory).is_dir():
         return None, None
     remove_stale_temps(directory)

@@ -28,13 +28,6 @@ class StopRequested(SIGTERMException):
         return signal.Signals(self.signum).name
 
 
-def ignore_stop_signals(worker_id=None):
-    """For loader workers: the main process stops them itself once the step is done, so a
-    signal sent to the whole process group must not kill them mid-batch."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 class StopOnSignal(pl.Callback):
     """Turns stop signals into a StopRequested raised on every rank after the same step."""
 

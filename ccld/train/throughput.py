@@ -13,7 +13,7 @@ import torch
 from lightning_fabric.utilities.throughput import Throughput as Meter
 from lightning_fabric.utilities.throughput import get_available_flops, measure_flops
 
-from .unet import CLIP_EMBED_DIM, LATENT_CHANNELS, DiffusionModel
+from ..models.unet import CLIP_EMBED_DIM, LATENT_CHANNELS, DiffusionModel
 
 UPDATES_PER_WINDOW = 5
 
@@ -57,7 +57,7 @@ class Throughput(pl.Callback):
         self.start, self.batches, self.images, self.since_update = perf_counter(), 0, 0, 0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        from .training import batch_size_of
+        from .diffusion_module import batch_size_of
         n = batch_size_of(batch)
         self.batches, self.images, self.since_update = (self.batches + 1, self.images + n,
                                                         self.since_update + n)

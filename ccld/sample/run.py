@@ -1,0 +1,117 @@
+"""What sample.py does once its flags are parsed: check every argument before any model
+loads, then sample each prompt (or each line of --prompts-file) and write the PNGs."""
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .. import cli
+from ..data.images import image_transform
+from ..errors import UserError
+from ..files import check_writable_dir
+from ..models.autoencoder import load_autoencoder
+from ..models.cloob import load_cloob
+from . import generate
+from .cloob_score import cloob_scores, prompt_embedding
+from .flags import DEFAULT_BATCH_SIZE, DEFAULT_SIZE, DEFAULT_STRENGTH
+from .prompts import parse_prompt, read_prompts_file, slug
+
+
+def jobs(args):
+    """(file name prefix, text prompts, metadata) of each set of images to sample: one
+    for the command line's prompts, or one per line of --prompts-file."""
+    if not args.prompts_file:
+        return [(args.prefix or 'out', [parse_prompt(p, args.cond_scale) for p in args.prompts],
+                 {})]
+    if args.prompts:
+        raise UserError('pass prompts on the command line or in --prompts-file, not both.')
+    lead = f'{args.prefix}_' if args.prefix else ''
+    return [(f'{lead}{line:05}_{slug(text)}', [(text, weight)],
+             {'prompts_file': Path(args.prompts_file).name, 'line': line})
+            for line, text, weight in read_prompts_file(args.prompts_file, args.cond_scale)]
+
+
+def run(args):
+    """Samples what the parsed flags of sample.py ask for and writes the PNGs."""
+    if args.strength is not None and args.init is None:
+        raise UserError('--strength needs --init IMAGE.')
+    strength = (args.strength or DEFAULT_STRENGTH) if args.init else 1.0
+    generate.check_settings(args.method, args.eta, strength, args.schedule)
+    if args.eta and args.method != 'ddim':
+        warnings.warn(f'--eta applies to --method ddim only; {args.method} ignores it.')
+    device = args.device or cli.default_device()
+    batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+    if args.batch_size is None and args.n > DEFAULT_BATCH_SIZE:
+        warnings.warn(f'sampling -n {args.n} in batches of {DEFAULT_BATCH_SIZE}; pass '
+                      '--batch-size to change that (the images stay the same).')
+
+    # Everything the user wrote is checked before any model loads.
+    todo = jobs(args)
+    has_text = any(texts for _, texts, _ in todo)
+    if args.score and not has_text:
+        warnings.warn('--score: there is no text prompt to score the images against; they '
+                      'are written unscored.')
+    check_writable_dir(args.output_dir, '--output-dir')
+    image_prompts = [parse_prompt(p, args.cond_scale) for p in args.images]
+    images = [(generate.read_image(path, 'image prompt'), w) for path, w in image_prompts]
+    init = generate.read_image(args.init, 'init image') if args.init else None
+
+    model, ckpt = generate.load_model(args.checkpoint, args.base_channels,
+                                      args.channel_multipliers, device)
+    generate.check_frozen_models(ckpt.record, args.autoencoder, args.cloob_checkpoint,
+                                 args.checkpoint)
+    scale = args.autoencoder_scale or ckpt.autoencoder_scale
+    if scale is None:
+        raise UserError(f'{args.checkpoint} records no autoencoder scale; pass the one it was '
+                        'trained with as --autoencoder-scale.')
+    size = args.size or ckpt.record.get('image_size', DEFAULT_SIZE)
+    autoencoder = load_autoencoder(args.autoencoder, device=device)
+    generate.latent_shape(autoencoder, size)
+    cloob = load_cloob(args.cloob_checkpoint, device) if has_text or images else None
+
+    settings = {
+        'image_prompts': json.dumps(image_prompts), 'seed': args.seed, 'n': args.n,
+        'method': args.method, 'steps': args.steps, 'schedule': args.schedule,
+        'eta': args.eta, 'cond_scale': args.cond_scale, 'autoencoder_scale': scale,
+        'size': size, 'checkpoint': Path(args.checkpoint).name,
+        **({'init': args.init, 'strength': strength} if init is not None else {}),
+    }
+    init = image_transform(size)(init) if init is not None else None
+    written = 0
+    for prefix, texts, about in tqdm(todo, unit='prompt', disable=args.prompts_file is None):
+        embeds, weights = None, []
+        if texts or images:
+            embeds, weights = generate.embed_prompts(cloob, texts, images)
+        scores = []
+        annotate = scorer(cloob, embeds[:len(texts)], weights[:len(texts)], scores) \
+            if args.score and texts else None
+        batches = generate.generate(
+            generate.guided_model_fn(model, embeds, weights), autoencoder, scale, args.n,
+            size, method=args.method, steps=args.steps, schedule=args.schedule, eta=args.eta,
+            seed=args.seed, batch_size=batch_size, init=init, strength=strength,
+            device=device, progress=args.prompts_file is None)
+        metadata = {'prompts': json.dumps(texts), **about, **settings}
+        paths = generate.write_samples(batches, args.output_dir, prefix, metadata,
+                                       args.grid_cols, singles=not args.grid_only,
+                                       grid_too=not args.no_grid, annotate=annotate)
+        written += len(paths)
+        for i, score in enumerate(scores):  # the grid's i-th image when there is no file
+            name = f'{prefix}_grid.png[{i}]' if args.grid_only else \
+                generate.sample_path('', prefix, i).name
+            tqdm.write(f'{name}\tcloob_score {score:.4f}')
+    print(f'wrote {written} PNG file(s) to {args.output_dir}', file=sys.stderr)
+
+
+def scorer(cloob, text_embeds, weights, scores):
+    """annotate() for generate.write_samples: each image's CLOOB score against the text
+    prompts (their weighted mean embedding), kept in `scores` and given as cloob_score."""
+    target = prompt_embedding(text_embeds, weights)
+
+    def annotate(batch):
+        new = cloob_scores(cloob, batch, target.expand(len(batch), -1)).tolist()
+        scores.extend(new)
+        return [{'cloob_score': score} for score in new]
+    return annotate
