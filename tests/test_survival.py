@@ -23,7 +23,7 @@ from PIL import Image
 import precompute_latents
 import tiny
 import train_latent_diffusion
-from ccld.train import run as training_run, saving
+from ccld.train import run as training_run, runner, saving
 from ccld.models.checkpoint_files import safe_load
 from ccld.errors import RunError
 from ccld.train.signals import StopOnSignal
@@ -354,10 +354,17 @@ def test_a_list_of_unreadable_files_stops_at_once(assets, tmp_path, capsys):
     assert not list((tmp_path / 'out' / 'checkpoints').glob('*.ckpt'))
 
 
+def claim(args):
+    """The output directory's lock, taken as the training run takes it."""
+    return runner.claim_output_dir(args.output_dir, args.resume_from,
+                                   training_run.checkpoint_bytes(args.base_channels,
+                                                                 args.channel_multipliers))
+
+
 def test_a_second_run_on_a_locked_output_dir_is_refused(assets, tmp_path, capsys):
     args = train_latent_diffusion.parser().parse_args(train_args(assets, tmp_path))
     args.resume_from = 'auto'
-    lock = training_run.claim_output_dir(args)  # as a live run holds it
+    lock = claim(args)  # as a live run holds it
     try:
         argv = train_args(assets, tmp_path, '--resume-from', 'auto')
         assert tiny.exit_code(train_latent_diffusion.main, 'train', argv) == 2
@@ -372,7 +379,7 @@ def test_a_second_run_on_a_locked_output_dir_is_refused(assets, tmp_path, capsys
     assert holder.stdout.readline().strip() == 'locked'
     holder.kill()
     holder.wait()
-    training_run.claim_output_dir(args).close()
+    claim(args).close()
 
 
 def test_a_fresh_run_into_a_directory_with_checkpoints_is_refused(assets, tmp_path, capsys):
@@ -397,7 +404,7 @@ def test_little_free_space_is_a_warning(assets, tmp_path, monkeypatch):
     args = train_latent_diffusion.parser().parse_args(train_args(assets, tmp_path))
     with pytest.warns(UserWarning, match=r'has 0.0 GiB free; two checkpoints of this model '
                       r'take about 0.5 GiB'):
-        training_run.claim_output_dir(args).close()
+        claim(args).close()
 
 
 def test_resume_auto_skips_a_truncated_checkpoint_and_resume_from_it_is_refused(

@@ -16,7 +16,7 @@ from PIL import Image
 
 import tiny
 import train_latent_diffusion
-from ccld.train import run as training_run
+from ccld.train import run as training_run, runner
 from ccld.models.autoencoder import load_autoencoder
 from ccld.models.cloob import load_cloob
 from ccld.train.demo_grids import DemoCallback
@@ -377,10 +377,10 @@ def test_strategy_is_ddp_with_more_than_one_device():
     from pytorch_lightning.strategies import DDPStrategy
     def args(**kw):
         return SimpleNamespace(**{'strategy': 'auto', 'devices': 1, 'num_nodes': 1, **kw})
-    assert training_run.strategy_for(args()) == 'auto'
-    assert isinstance(training_run.strategy_for(args(devices=8)), DDPStrategy)
-    assert isinstance(training_run.strategy_for(args(num_nodes=2)), DDPStrategy)
-    assert training_run.strategy_for(args(devices=8, strategy='fsdp')) == 'fsdp'
+    assert runner.strategy_for(args()) == 'auto'
+    assert isinstance(runner.strategy_for(args(devices=8)), DDPStrategy)
+    assert isinstance(runner.strategy_for(args(num_nodes=2)), DDPStrategy)
+    assert runner.strategy_for(args(devices=8, strategy='fsdp')) == 'fsdp'
 
 
 def test_script_error_is_one_line_from_any_directory(assets, tmp_path):

@@ -306,18 +306,6 @@ class LightningDiffusion(pl.LightningModule):
         self.saved_random = checkpoint.get('ccld_random')
 
 
-class LoaderModule(pl.LightningDataModule):
-    """Asks `make_loader(trainer)` for the training loader inside each process Lightning
-    starts, once it knows its rank (which litdata and the tar splitter need)."""
-
-    def __init__(self, make_loader):
-        super().__init__()
-        self.make_loader = make_loader
-
-    def train_dataloader(self):
-        return self.make_loader(self.trainer)
-
-
 def gather_objects(obj):
     """[obj of rank 0, obj of rank 1, ...]: every rank calls this at the same point."""
     import torch.distributed as dist

@@ -1,24 +1,21 @@
 """What train_latent_diffusion.py does once its flags are parsed: check every argument,
 load the frozen models, set up Lightning, resume or finetune, and train."""
 
-import logging
 import math
-import os
-import random
-import shutil
-import signal
-import sys
-import warnings
 from pathlib import Path
 
 import torch
 
 from ..cli import check_devices, check_frozen_model_files, check_image_size
-from ..errors import RunError, UserError
+from ..errors import UserError
 from ..processes import init_loader_worker, is_first_process
+from . import runner
+from .flags import PROG
 
 REQUIRED = ['vqgan_model', 'autoencoder_scale', 'demo_prompts']
 BYTES_PER_PARAMETER = 16  # a checkpoint holds the model, its EMA and two Adam moments in fp32
+# What validate() adds to the flags that is no setting, left out of the wandb config.
+UNLOGGED = ('source', 'cache', 'resume', 'prompts', 'frozen')
 
 
 def read_prompts(path):
@@ -74,10 +71,21 @@ def validate(args):
         args.resume = read_resume(args.resume_from)
     args.lock = None
     if is_first_process():
-        args.lock = claim_output_dir(args)
+        args.lock = runner.claim_output_dir(args.output_dir, args.resume_from,
+                                     checkpoint_bytes(args.base_channels, args.channel_multipliers))
     if args.resume_from == 'auto':
-        resume_from_newest(args)
+        path, args.resume = runner.newest_checkpoint(args.output_dir, read_resume)
+        args.resume_from = None if path is None else str(path)
     return args
+
+
+def checkpoint_bytes(base_channels, channel_multipliers):
+    """About what one checkpoint of a model of these widths takes on disk."""
+    from ..models.unet import DiffusionModel
+    with torch.device('meta'):
+        params = sum(p.numel() for p in DiffusionModel(base_channels, channel_multipliers)
+                     .parameters())
+    return params * BYTES_PER_PARAMETER
 
 
 def check_lr_schedule(args):
@@ -123,95 +131,6 @@ def read_resume(path):
         raise UserError(f'--resume-from: {e}') from None
     return resume
 
-
-def claim_output_dir(args):
-    """Checks --output-dir before any model loads and locks it for this run.
-
-    Refuses a file, an unwritable directory, a directory another live run holds, and a
-    fresh run (no --resume-from) into a directory that already holds checkpoints. Warns
-    when the free space looks short of two checkpoints. Returns the open lock file.
-    """
-    import fcntl
-    import socket
-
-    from .saving import checkpoint_files
-    from ..files import check_writable_dir
-    out = Path(args.output_dir)
-    check_writable_dir(out, '--output-dir')
-    lock = open(out / '.lock', 'a+')
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        owner = lock.read().strip() or 'another process'
-        lock.close()
-        raise UserError(f'--output-dir: {out} is in use by another run ({owner}); wait for it '
-                        'to end or pass another --output-dir.') from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
-    lock.flush()
-    if args.resume_from is None and checkpoint_files(out / 'checkpoints'):
-        lock.close()
-        raise UserError(f'--output-dir: {out / "checkpoints"} already holds checkpoints; pass '
-                        '--resume-from auto to continue that run, or a new --output-dir.')
-    warn_if_space_is_short(out, args.base_channels, args.channel_multipliers)
-    return lock
-
-
-def warn_if_space_is_short(out, base_channels, channel_multipliers):
-    from ..models.unet import DiffusionModel
-    with torch.device('meta'):
-        params = sum(p.numel() for p in DiffusionModel(base_channels, channel_multipliers)
-                     .parameters())
-    needed = 2 * params * BYTES_PER_PARAMETER
-    free = shutil.disk_usage(out).free
-    if free < needed:
-        warnings.warn(f'--output-dir {out} has {free / 2 ** 30:.1f} GiB free; two checkpoints of '
-                      f'this model take about {needed / 2 ** 30:.1f} GiB.')
-
-
-def resume_from_newest(args):
-    """--resume-from auto: the newest checkpoint in the output dir that loads and checks."""
-    from pytorch_lightning.utilities import rank_zero_info
-
-    from .saving import newest_good_checkpoint
-    directory = Path(args.output_dir) / 'checkpoints'
-    path, resume = newest_good_checkpoint(directory, read_resume)
-    if path is None:
-        rank_zero_info(f'--resume-from auto: no checkpoint to resume in {directory}; '
-                       'starting a fresh run.')
-        args.resume_from = None
-    else:
-        args.resume_from, args.resume = str(path), resume
-
-
-def make_logger(args, output_dir):
-    from pytorch_lightning.loggers import CSVLogger, WandbLogger
-    if args.wandb_project:
-        config = {k: v for k, v in vars(args).items()
-                  if k not in ('source', 'cache', 'resume', 'lock', 'prompts', 'frozen')}
-        logger = WandbLogger(project=args.wandb_project, save_dir=str(output_dir),
-                             log_model=False, config=config)
-        where = f'wandb project {args.wandb_project}'
-        if os.environ.get('WANDB_MODE') == 'offline':
-            where += f' (offline, under {output_dir / "wandb"})'
-    else:
-        logger = CSVLogger(str(output_dir), name='logs')
-        where = f'{logger.log_dir}/metrics.csv (pass --wandb-project to log to wandb)'
-    return logger, where
-
-
-def strategy_for(args):
-    if args.strategy != 'auto' or (args.devices == 1 and args.num_nodes == 1):
-        return args.strategy
-    from pytorch_lightning.strategies import DDPStrategy
-    return DDPStrategy(find_unused_parameters=False)
-
-
-def _not_an_advert(record):
-    """Drops Lightning's product tips from the log (one function, so adding it is idempotent)."""
-    return not str(record.msg).startswith('💡 Tip')
 
 
 class TrainData:
@@ -307,31 +226,16 @@ def run(args):
 
 
 def _run(args):
-    import pytorch_lightning as pl
     from pytorch_lightning.utilities import rank_zero_info
 
-    from .saving import AtomicCheckpointIO, Checkpoints, TimedLastCheckpoint
-    from .demo_grids import DemoCallback
-    from .signals import StopOnSignal, StopRequested
-    from .throughput import Throughput
-    from .diffusion_module import LightningDiffusion, LoaderModule
     from ..models.unet import infer_widths
+    from .demo_grids import DemoCallback
+    from .diffusion_module import LightningDiffusion
+    from .throughput import Throughput
 
-    # The frozen models are meant to stay in eval mode.
-    warnings.filterwarnings('ignore', message='.*module\\(s\\) in eval mode')
-    warnings.filterwarnings('ignore', message='.*isinstance\\(treespec, LeafSpec\\)')
-    # The loader reshuffles on resume; the order of a random shuffle need not be restored.
-    warnings.filterwarnings('ignore', message=".*dataloader is not resumable")
-    # Checkpoints hold the state after the step they are named after, as meant.
-    warnings.filterwarnings('ignore', message='.*no pre-optimization state was saved')
-    # litdata splits its stream across loader workers itself.
-    warnings.filterwarnings('ignore', message='.*`IterableDataset` has `__len__` defined')
-    logging.getLogger('pytorch_lightning.utilities.rank_zero').addFilter(_not_an_advert)
+    runner.quiet_lightning()
     output_dir = Path(args.output_dir)
-    seed = args.seed
-    if seed is None:  # processes started by the DDP launcher inherit rank zero's choice
-        seed = int(os.environ.get('PL_GLOBAL_SEED', random.randrange(2 ** 31)))
-    pl.seed_everything(seed, workers=True, verbose=False)
+    seed = runner.seed_run(args.seed)
 
     base, mults = args.base_channels, args.channel_multipliers
     if args.resume is not None:
@@ -358,44 +262,16 @@ def _run(args):
     ckpt_path = start_from(module, args, base, mults)
 
     data = TrainData(args, seed)
-    logger, where = make_logger(args, output_dir)
-    checkpoint_dir = output_dir / 'checkpoints'
-    checkpoint_io = AtomicCheckpointIO(prog='train_latent_diffusion.py')
-    checkpoints = Checkpoints(checkpoint_dir, args.checkpoint_every, args.keep_last)
+    logger, where = runner.make_logger(args, output_dir, UNLOGGED)
     demo = DemoCallback(args.prompts, args.demo_every, output_dir / 'demos',
                         steps=args.demo_steps, latent_size=args.image_size // 8, seed=seed,
                         method=args.demo_method, schedule=args.demo_schedule)
-    callbacks = [checkpoints, demo, StopOnSignal(signal.Signals[args.signal]),
-                 TimedLastCheckpoint(checkpoint_dir / 'last.ckpt', args.checkpoint_minutes),
-                 Throughput(args.image_size // 8, args.peak_tflops)]
     known = data.known_size()
     steps_per_epoch = known // (args.batch_size * args.devices * args.num_nodes) if known else 50
-    trainer = pl.Trainer(
-        accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
-        strategy=strategy_for(args), precision=args.fprecision, plugins=[checkpoint_io],
-        max_steps=args.max_steps or -1, max_epochs=-1, callbacks=callbacks, logger=logger,
-        default_root_dir=str(output_dir),
-        log_every_n_steps=max(1, min(50, args.demo_every, steps_per_epoch)),
-    )
-    rank_zero_info(f'Training on {data.describe()}; checkpoints in {checkpoint_dir}, demo '
-                   f'grids in {output_dir / "demos"}, logs to {where}. Seed {seed}.')
-    try:
-        trainer.fit(module, datamodule=LoaderModule(data), ckpt_path=ckpt_path)
-    except StopRequested as stop:
-        if trainer.is_global_zero:
-            saved = checkpoint_io.last_written or 'nothing (the save failed)'
-            print(f'train_latent_diffusion.py: stopped by {stop.name} at step '
-                  f'{trainer.global_step}; saved {saved}. Run the same command with '
-                  '--resume-from auto to continue.', file=sys.stderr, flush=True)
-        raise SystemExit(128 + stop.signum) from None
-    except OSError as e:
-        raise RunError(f'{e.filename or "a write"} failed ({e.strerror or e}); the latest '
-                       f'checkpoint is {checkpoint_io.last_written or "none"}.') from None
-    if checkpoint_io.failures:
-        path, reason = checkpoint_io.failures[-1]
-        raise RunError(f'{len(checkpoint_io.failures)} checkpoint write(s) failed, the last '
-                       f'{path} ({reason}); the newest checkpoint written whole is '
-                       f'{checkpoint_io.last_written or "none"}.')
-    rank_zero_info(f'Stopped at step {trainer.global_step}; the latest checkpoint is '
-                   f'{checkpoint_io.last_written or checkpoint_dir / "last.ckpt"}.')
+    trainer = runner.make_trainer(
+        args, PROG, [demo, Throughput(args.image_size // 8, args.peak_tflops)], logger,
+        log_every_n_steps=max(1, min(50, args.demo_every, steps_per_epoch)))
+    rank_zero_info(f'Training on {data.describe()}; checkpoints in {output_dir / "checkpoints"}, '
+                   f'demo grids in {output_dir / "demos"}, logs to {where}. Seed {seed}.')
+    runner.fit(trainer, module, data, ckpt_path, PROG)
     return trainer, module

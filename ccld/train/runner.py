@@ -1,0 +1,180 @@
+"""What every training tool's run shares, whatever it trains: the output directory's lock,
+--resume-from auto, the logger, and a Lightning Trainer with atomic checkpoints, stop
+signals and timed saves, ended the same way (128 + the signal on a stop, exit 1 naming the
+last good checkpoint when a write failed).
+
+A tool brings its LightningModule, its loader and its own callbacks (demo grids,
+throughput); the flags these functions read come from the groups in flags.py.
+"""
+
+import fcntl
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info
+
+from ..errors import RunError, UserError
+from ..files import check_writable_dir
+from .saving import (AtomicCheckpointIO, Checkpoints, TimedLastCheckpoint, checkpoint_files,
+                     newest_good_checkpoint)
+from .signals import StopOnSignal, StopRequested
+
+
+def claim_output_dir(output_dir, resume_from, checkpoint_bytes=None):
+    """Checks --output-dir before any model loads and locks it for this run.
+
+    Refuses a file, an unwritable directory, a directory another live run holds, and a
+    fresh run (no --resume-from) into a directory that already holds checkpoints. Warns
+    when the free space looks short of two checkpoints of `checkpoint_bytes`. Returns the
+    open lock file, which the run holds until it ends.
+    """
+    out = Path(output_dir)
+    check_writable_dir(out, '--output-dir')
+    lock = open(out / '.lock', 'a+')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        owner = lock.read().strip() or 'another process'
+        lock.close()
+        raise UserError(f'--output-dir: {out} is in use by another run ({owner}); wait for it '
+                        'to end or pass another --output-dir.') from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    lock.flush()
+    if resume_from is None and checkpoint_files(out / 'checkpoints'):
+        lock.close()
+        raise UserError(f'--output-dir: {out / "checkpoints"} already holds checkpoints; pass '
+                        '--resume-from auto to continue that run, or a new --output-dir.')
+    if checkpoint_bytes:
+        needed, free = 2 * checkpoint_bytes, shutil.disk_usage(out).free
+        if free < needed:
+            warnings.warn(f'--output-dir {out} has {free / 2 ** 30:.1f} GiB free; two '
+                          f'checkpoints of this model take about {needed / 2 ** 30:.1f} GiB.')
+    return lock
+
+
+def newest_checkpoint(output_dir, read):
+    """--resume-from auto: (path, what `read` made of it) for the newest checkpoint in
+    OUTPUT_DIR/checkpoints that `read` accepts, or (None, None) for a fresh start."""
+    directory = Path(output_dir) / 'checkpoints'
+    path, resume = newest_good_checkpoint(directory, read)
+    if path is None:
+        rank_zero_info(f'--resume-from auto: no checkpoint to resume in {directory}; '
+                       'starting a fresh run.')
+    return path, resume
+
+
+def make_logger(args, output_dir, unlogged=()):
+    """wandb with --wandb-project (its config: the flags, less the objects in `unlogged`),
+    else a CSV file; and a phrase saying where the logs go."""
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+    if args.wandb_project:
+        config = {k: v for k, v in vars(args).items() if k not in ('lock', *unlogged)}
+        logger = WandbLogger(project=args.wandb_project, save_dir=str(output_dir),
+                             log_model=False, config=config)
+        where = f'wandb project {args.wandb_project}'
+        if os.environ.get('WANDB_MODE') == 'offline':
+            where += f' (offline, under {output_dir / "wandb"})'
+    else:
+        logger = CSVLogger(str(output_dir), name='logs')
+        where = f'{logger.log_dir}/metrics.csv (pass --wandb-project to log to wandb)'
+    return logger, where
+
+
+def strategy_for(args):
+    if args.strategy != 'auto' or (args.devices == 1 and args.num_nodes == 1):
+        return args.strategy
+    from pytorch_lightning.strategies import DDPStrategy
+    return DDPStrategy(find_unused_parameters=False)
+
+
+def _not_an_advert(record):
+    """Drops Lightning's product tips from the log (one function, so adding it is idempotent)."""
+    return not str(record.msg).startswith('💡 Tip')
+
+
+def quiet_lightning():
+    """Silences what Lightning warns about that these runs do on purpose."""
+    # Frozen models are meant to stay in eval mode.
+    warnings.filterwarnings('ignore', message='.*module\\(s\\) in eval mode')
+    warnings.filterwarnings('ignore', message='.*isinstance\\(treespec, LeafSpec\\)')
+    # The loader reshuffles on resume; the order of a random shuffle need not be restored.
+    warnings.filterwarnings('ignore', message=".*dataloader is not resumable")
+    # Checkpoints hold the state after the step they are named after, as meant.
+    warnings.filterwarnings('ignore', message='.*no pre-optimization state was saved')
+    # litdata splits its stream across loader workers itself.
+    warnings.filterwarnings('ignore', message='.*`IterableDataset` has `__len__` defined')
+    logging.getLogger('pytorch_lightning.utilities.rank_zero').addFilter(_not_an_advert)
+
+
+def seed_run(seed):
+    """Seeds every generator (loader workers too) with --seed, or a random seed that the
+    processes the DDP launcher starts inherit; returns it."""
+    if seed is None:
+        seed = int(os.environ.get('PL_GLOBAL_SEED', random.randrange(2 ** 31)))
+    pl.seed_everything(seed, workers=True, verbose=False)
+    return seed
+
+
+class LoaderModule(pl.LightningDataModule):
+    """Asks `make_loader(trainer)` for the training loader inside each process Lightning
+    starts, once it knows its rank (which litdata and the tar splitter need)."""
+
+    def __init__(self, make_loader):
+        super().__init__()
+        self.make_loader = make_loader
+
+    def train_dataloader(self):
+        return self.make_loader(self.trainer)
+
+
+def make_trainer(args, prog, callbacks, logger, log_every_n_steps):
+    """A Trainer from the run and device flags, saving atomically to
+    OUTPUT_DIR/checkpoints (step=N.ckpt every --checkpoint-every steps, last.ckpt beside it
+    and every --checkpoint-minutes), stopping on signals; `callbacks` are the tool's own."""
+    checkpoint_dir = Path(args.output_dir) / 'checkpoints'
+    checkpoint_io = AtomicCheckpointIO(prog=prog)
+    standard = [Checkpoints(checkpoint_dir, args.checkpoint_every, args.keep_last),
+                StopOnSignal(signal.Signals[args.signal]),
+                TimedLastCheckpoint(checkpoint_dir / 'last.ckpt', args.checkpoint_minutes)]
+    return pl.Trainer(
+        accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
+        strategy=strategy_for(args), precision=args.fprecision, plugins=[checkpoint_io],
+        max_steps=args.max_steps or -1, max_epochs=-1,
+        callbacks=[standard[0], *callbacks, *standard[1:]], logger=logger, default_root_dir=str(args.output_dir),
+        log_every_n_steps=log_every_n_steps)
+
+
+def fit(trainer, module, make_loader, ckpt_path, prog):
+    """Trains; a stop signal exits with 128 + its number after the save, and a failed
+    write (now or earlier in the run) is a RunError naming the newest good checkpoint."""
+    checkpoint_io = trainer.strategy.checkpoint_io
+    try:
+        trainer.fit(module, datamodule=LoaderModule(make_loader), ckpt_path=ckpt_path)
+    except StopRequested as stop:
+        if trainer.is_global_zero:
+            saved = checkpoint_io.last_written or 'nothing (the save failed)'
+            print(f'{prog}: stopped by {stop.name} at step {trainer.global_step}; saved '
+                  f'{saved}. Run the same command with --resume-from auto to continue.',
+                  file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop.signum) from None
+    except OSError as e:
+        raise RunError(f'{e.filename or "a write"} failed ({e.strerror or e}); the latest '
+                       f'checkpoint is {checkpoint_io.last_written or "none"}.') from None
+    if checkpoint_io.failures:
+        path, reason = checkpoint_io.failures[-1]
+        raise RunError(f'{len(checkpoint_io.failures)} checkpoint write(s) failed, the last '
+                       f'{path} ({reason}); the newest checkpoint written whole is '
+                       f'{checkpoint_io.last_written or "none"}.')
+    last = checkpoint_io.last_written or Path(trainer.default_root_dir) / 'checkpoints/last.ckpt'
+    rank_zero_info(f'Stopped at step {trainer.global_step}; the latest checkpoint is {last}.')
