@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every GPU measurement the issues ask for, in one run of under 8 minutes on one H100/H200,
+# for a session that is lent a GPU. Prepare the wheels first (bench/gpu_wheels.sh), then:
+#   device run: command `bash bench/gpu.sh`, carry [".whl"], timeout_s 540
+# Figures go to $OUT/gpu_results.txt (and each bench's full output to $OUT/gpu_log.txt);
+# copy them into BENCHMARKS.md with the date and the machine. A bench that fails or runs
+# out of its time slot is noted in the results and the others still run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+results=$OUT/gpu_results.txt
+log=$OUT/gpu_log.txt
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || { echo 'wheel install failed' | tee -a "$results"; exit 1; }
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD:$PWD/latent-diffusion:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c 'import torch; print("torch", torch.__version__)'; } | tee "$results"
+
+bench() {  # bench SECONDS NAME COMMAND...: runs one measurement, its output to the log
+  local seconds=$1 name=$2; shift 2
+  echo "== $name: $*" | tee -a "$results" >> "$log"
+  local start=$SECONDS
+  timeout "$seconds" "$@" > "$OUT/$name.txt" 2>&1
+  local rc=$?
+  cat "$OUT/$name.txt" >> "$log"
+  tail -n 25 "$OUT/$name.txt" >> "$results"
+  echo "-- $name: rc $rc in $((SECONDS - start)) s" | tee -a "$results"
+  rm -f "$OUT/$name.txt"
+}
+
+# Issue 10: training throughput at 557M (original pipeline vs the latent cache), the speed
+# options one by one, sampling speed, and the demo score's cost.
+bench 100 train_throughput python3 bench/train_throughput.py --device cuda --batch-size 32 \
+  --base-channels 128 --channel-multipliers 4,4,8,8 --precision bf16 --num-workers 8 --steps 10
+bench 150 train_fast_paths python3 bench/train_fast_paths.py --device cuda --batch-size 32 \
+  --base-channels 128 --channel-multipliers 4,4,8,8 --precision bf16 --compile
+bench 60 sample_speed python3 bench/sample_speed.py
+bench 45 demo_score python3 bench/demo_score.py --device cuda --base-channels 128 \
+  --channel-multipliers 4,4,8,8 --prompts 16 --steps 50
+echo "done in $SECONDS s" | tee -a "$results"
