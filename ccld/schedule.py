@@ -1,4 +1,4 @@
-"""The first release's public name for ccld.diffusion.schedule: the same module, under both names."""
+"""The first release's name for ccld.diffusion.schedule: the same module, under both names."""
 
 import sys
 

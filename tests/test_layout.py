@@ -127,13 +127,14 @@ def test_every_ccld_module_belongs_to_a_group_or_is_shared():
     assert groups == set(LEVELS) - {'shared'}
     for group in groups:
         doc = ast.get_docstring(ast.parse((ROOT / 'ccld' / group / '__init__.py').read_text()))
-        assert doc and len(doc.splitlines()) >= 2, f'ccld/{group} has no docstring saying what it is'
+        assert doc and len(doc.splitlines()) >= 2, f'ccld/{group} says not what it is'
 
 
 def test_the_checks_catch_a_cycle_and_an_upward_import():
     graph = {'ccld.models.unet': {'ccld.train.run'}, 'ccld.train.run': {'ccld.models.unet'},
              'ccld.data.images': {'ccld.errors'}, 'ccld.errors': set()}
     assert find_cycle(graph) == ['ccld.models.unet', 'ccld.train.run', 'ccld.models.unet']
-    assert layering_violations(graph) == ['ccld.models.unet (models) imports ccld.train.run (train)']
+    assert layering_violations(graph) == [
+        'ccld.models.unet (models) imports ccld.train.run (train)']
     assert layering_violations({'ccld.models.cloob': {'ccld.diffusion.schedule'}}) == [
         'ccld.models.cloob (models) imports ccld.diffusion.schedule (diffusion)']

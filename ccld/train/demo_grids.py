@@ -81,8 +81,8 @@ class DemoCallback(pl.Callback):
                 score = cloob_scores(cloob, samples, self.text_embeds).mean().item()
         grid = png_files.grid(samples, GRID_COLS)
         path = png_files.save_png(grid, self.out_dir / f'demo_{step:08}.png',
-                               {'step': step, 'prompts': '\n'.join(self.prompts),
-                                'cloob_score': f'{score:.4f}'})
+                                  {'step': step, 'prompts': '\n'.join(self.prompts),
+                                   'cloob_score': f'{score:.4f}'})
         for logger in trainer.loggers:
             logger.log_metrics({'demo/cloob_score': score}, step=step)
             log_grid(logger, path, self.prompts, step)

@@ -259,7 +259,8 @@ class LightningDiffusion(pl.LightningModule):
             written = getattr(self.trainer.strategy.checkpoint_io, 'last_written', None)
             good = written or self.trainer.ckpt_path or 'none was written'
             raise RunError(f'the loss or the gradients were not finite for '
-                           f'{self.bad_steps_in_a_row} steps in a row (at step {self.global_step}); '
+                           f'{self.bad_steps_in_a_row} steps in a row (at step '
+                           f'{self.global_step}); '
                            f'the last good checkpoint is {good}. Resume from it with a lower '
                            '--lr or --fprecision 32.')
 

@@ -71,8 +71,9 @@ def validate(args):
         args.resume = read_resume(args.resume_from)
     args.lock = None
     if is_first_process():
-        args.lock = runner.claim_output_dir(args.output_dir, args.resume_from,
-                                     checkpoint_bytes(args.base_channels, args.channel_multipliers))
+        args.lock = runner.claim_output_dir(
+            args.output_dir, args.resume_from,
+            checkpoint_bytes(args.base_channels, args.channel_multipliers))
     if args.resume_from == 'auto':
         path, args.resume = runner.newest_checkpoint(args.output_dir, read_resume)
         args.resume_from = None if path is None else str(path)
@@ -105,7 +106,7 @@ def read_cache(args):
         raise UserError(f'--train-latents: {e}') from None
     if args.frozen is not None:
         latent_cache.check_matches(manifest, dict(args.frozen, image_size=args.image_size),
-                            args.train_latents)
+                                   args.train_latents)
     return manifest
 
 
@@ -130,7 +131,6 @@ def read_resume(path):
     except UserError as e:
         raise UserError(f'--resume-from: {e}') from None
     return resume
-
 
 
 class TrainData:

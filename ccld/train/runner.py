@@ -151,8 +151,8 @@ def make_trainer(args, prog, callbacks, logger, log_every_n_steps):
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
         strategy=strategy_for(args), precision=args.fprecision, plugins=[checkpoint_io],
         max_steps=args.max_steps or -1, max_epochs=-1,
-        callbacks=[standard[0], *callbacks, *standard[1:]], logger=logger, default_root_dir=str(args.output_dir),
-        log_every_n_steps=log_every_n_steps)
+        callbacks=[standard[0], *callbacks, *standard[1:]], logger=logger,
+        default_root_dir=str(args.output_dir), log_every_n_steps=log_every_n_steps)
 
 
 def fit(trainer, module, make_loader, ckpt_path, prog):
