@@ -104,6 +104,18 @@ def images_of(report, out, column):
             for line, text, _ in PROMPT_LINES for i in range(N)]
 
 
+def as_bytes(paths):
+    """PNG files -> 8-bit [n, 3, H, W]."""
+    return torch.stack([torch.from_numpy(pixels(p)).permute(2, 0, 1) for p in paths])
+
+
+def reference_bytes(assets):
+    """The readable reference images as generated ones are: the training transform to the
+    size, then 8 bits."""
+    return torch.stack([(image_transform(SIZE)(load_image(p)) * 255).round().byte()
+                        for p in assets.references])
+
+
 def refuse_models(monkeypatch):
     def load_model(*args, **kwargs):
         raise AssertionError('a diffusion model was loaded')
@@ -208,16 +220,15 @@ def test_the_report_holds_every_checkpoint_in_order_with_its_numbers(assets, eva
     # The Frechet distance, from CLOOB embeddings of the PNGs and of the reference images
     # brought to the same size and 8 bits, by a second implementation.
     cloob = load_cloob(str(assets.cloob))
-    to_bytes = lambda x: (x * 255).round().byte()  # noqa: E731
-    refs = torch.stack([to_bytes(image_transform(SIZE)(load_image(p))) for p in assets.references])
-    with torch.no_grad():
-        embed = lambda images: cloob.embed_images(images.float() / 255).double().numpy()  # noqa: E731
-        reference = embed(refs)
-        for column, entry in enumerate(entries):
-            generated = embed(torch.stack([torch.from_numpy(pixels(p)).permute(2, 0, 1)
-                                           for p in images_of(report, out, column)]))
-            assert entry['frechet_distance'] == pytest.approx(
-                frechet_by_hand(generated, reference), rel=1e-6)
+
+    def embed(images):
+        with torch.no_grad():
+            return cloob.embed_images(images.float() / 255).double().numpy()
+    reference = embed(reference_bytes(assets))
+    for column, entry in enumerate(entries):
+        generated = embed(as_bytes(images_of(report, out, column)))
+        assert entry['frechet_distance'] == pytest.approx(frechet_by_hand(generated, reference),
+                                                          rel=1e-6)
     assert entries[0]['frechet_distance'] == entries[1]['frechet_distance'] != \
         entries[2]['frechet_distance']
     table = (out / 'report.md').read_text()
@@ -368,29 +379,30 @@ def test_wandb_gets_the_images_as_a_table_of_prompt_and_seed_rows(assets, evalua
 # Inception features.
 
 def test_inception_features_with_weights_written_locally(assets, tmp_path):
-    weights = tiny.inception_weights(tmp_path / 'weights-inception-2015-12-05-6726825d.pth')
-    (tmp_path / 'one.txt').write_text('a red fox\n')
-    out = tmp_path / 'eval'
-    argv = base_args(assets, out, '--checkpoint', str(assets.bare), '--reference-set',
-                     str(assets.reference_list), '--inception-weights', str(weights),
-                     '--prompts-file', str(tmp_path / 'one.txt'))
-    assert run_evaluate(argv) == 0
-    report = json.loads((out / 'report.json').read_text())
-    assert report['features']['network'] == 'inception-v3-compat'
-    assert report['features']['sha256'] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    """The Inception path, from --inception-weights to the reference features, against
+    torch-fidelity's network applied here to the same 8-bit images. (The Frechet distance
+    of 2048-d features is left to the CLOOB runs above: its eigenvalues cost seconds.)"""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from ccld.data.sources import Source
+    weights = tiny.inception_weights(tmp_path / 'weights-inception-2015-12-05-6726825d.pth')
+    args = evaluate.parser().parse_args(base_args(
+        assets, tmp_path / 'eval', '--checkpoint', str(assets.bare), '--reference-set',
+        str(assets.reference_list), '--inception-weights', str(weights)))
+    plan = evaluation.make_plan(args)
+    assert plan.inception_weights == weights
+    network = evaluation.FrozenModels(args, torch.device('cpu')).feature_network(plan)
+    assert network.identity == {'network': 'inception-v3-compat', 'feature': '2048',
+                                'sha256': hashlib.sha256(weights.read_bytes()).hexdigest()}
+    found = reference_set.reference_features(Source(assets.reference_list), network, SIZE,
+                                             tmp_path / 'cache', batch_size=4, num_workers=0)
     net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048'],
                                       feature_extractor_weights_path=str(weights))
-    refs = torch.stack([(image_transform(SIZE)(load_image(p)) * 255).round().byte()
-                        for p in assets.references])
-    folder = out / report['checkpoints'][0]['images']
-    generated = torch.stack([torch.from_numpy(pixels(p)).permute(2, 0, 1)
-                             for p in sorted(folder.glob('*.png'))])
     with torch.no_grad():
-        ours, theirs = (net(x)[0].double().numpy() for x in (generated, refs))
-    assert ours.shape == (N, 2048)
-    assert report['checkpoints'][0]['frechet_distance'] == pytest.approx(
-        frechet_by_hand(ours, theirs), rel=1e-5)
+        expected = net(reference_bytes(assets))[0].double().numpy()
+    assert found.features.shape == (5, 2048) and found.skipped == 1
+    np.testing.assert_allclose(found.features, expected, rtol=1e-5, atol=1e-7)
+    assert found.features.std(0).max() > 1e-3  # the random network's features vary
 
 
 def closed_port():

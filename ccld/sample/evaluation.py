@@ -104,11 +104,12 @@ def names(paths):
     return found
 
 
-def image_directory(out, settings, digest, batch_size):
-    """Where a checkpoint's images go: named by its file and a key of its content and its
-    settings, so a rerun with other settings (or another file) never takes images made
-    otherwise for finished ones. A stochastic sampler's images also depend on the batches."""
-    recipe = {'sha256': digest, **settings.metadata()}
+def image_directory(out, settings, digest, frozen, batch_size):
+    """Where a checkpoint's images go: named by its file and a key of what makes them (its
+    content, the settings, the frozen models' digests `frozen`), so a rerun made otherwise
+    never takes earlier images for finished ones. A stochastic sampler's images also
+    depend on how they are batched."""
+    recipe = {'sha256': digest, 'frozen': frozen, **settings.metadata()}
     del recipe['checkpoint']
     if settings.stochastic:
         recipe['batch_size'] = batch_size
@@ -133,6 +134,8 @@ def make_plan(args):
     from cloob_training.pretrained import resolve_checkpoint
 
     from ..data.sources import Source
+    from ..models.autoencoder import describe as describe_autoencoder
+    from ..models.cloob import describe as describe_cloob
     device, batch_size = check_sampling_flags(args)
     if device.type == 'cuda' and args.num_gpus > 1:
         cli.check_devices('gpu', args.num_gpus)
@@ -162,7 +165,9 @@ def make_plan(args):
         weights = features.inception_weights(args.inception_weights)
         features.check_inception_weights(weights)
     digests = [sha256(path) for path in args.checkpoint]
-    columns = [Column(name, s, digest, image_directory(out, s, digest, batch_size))
+    frozen = [describe_autoencoder(args.autoencoder)['sha256'],
+              describe_cloob(args.cloob_checkpoint)['sha256']]
+    columns = [Column(name, s, digest, image_directory(out, s, digest, frozen, batch_size))
                for name, s, digest in zip(names(args.checkpoint), settings, digests)]
     return Plan(args, out, prompts, columns, device, batch_size, source, weights)
 

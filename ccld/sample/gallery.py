@@ -4,6 +4,7 @@ scores, with relative links only, so it opens from disk (or a copied folder) wit
 server."""
 
 import html
+import re
 from pathlib import Path
 from urllib.parse import quote
 
@@ -26,21 +27,24 @@ def font(size):
 
 
 def wrap(text, width, face, max_lines):
-    """Greedy word wrap to `width` pixels; an over-long last line ends in '...'."""
+    """Greedy word wrap to `width` pixels, also breaking after '/' and '-' (file paths and
+    names have no spaces); a line that still does not fit, or the last one kept of too
+    many, ends in '...'."""
     measure = ImageDraw.Draw(Image.new('RGB', (1, 1))).textlength
     lines, line = [], ''
     for word in text.split():
-        trial = f'{line} {word}'.strip()
-        if measure(trial, font=face) <= width or not line:
-            line = trial
-        else:
-            lines.append(line)
-            line = word
+        for i, piece in enumerate(re.findall(r'[^/-]+[/-]?|[/-]', word)):
+            trial = line + (' ' if line and i == 0 else '') + piece
+            if measure(trial, font=face) <= width or not line:
+                line = trial
+            else:
+                lines.append(line)
+                line = piece
     lines.append(line)
     if len(lines) > max_lines:
         lines = lines[:max_lines]
         lines[-1] += ' ...'
-    for i, kept in enumerate(lines):  # a single word wider than the room is cut
+    for i, kept in enumerate(lines):
         while measure(kept, font=face) > width and len(kept) > 4:
             kept = kept[:-4] + '...'
         lines[i] = kept
