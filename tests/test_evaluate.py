@@ -439,6 +439,8 @@ def test_offline_inception_without_weights_is_one_line(assets, tmp_path, monkeyp
      '--inception-weights missing.pth does not exist'),
     (['--reference-set', '{dir}/reference.txt', '--inception-weights', '{dir}/prompts.txt'],
      '--inception-weights {dir}/prompts.txt: cannot read it as weights'),
+    (['--reference-set', '{dir}/reference.txt', '--features', 'cloob', '--reference-cache',
+      '{dir}/prompts.txt'], '--reference-cache: {dir}/prompts.txt is a file'),
     (['--autoencoder', 'missing_ae'], 'autoencoder config missing_ae.yaml not found'),
     (['--cloob-checkpoint', 'missing.pkl'], 'CLOOB checkpoint missing.pkl not found'),
     (['--size', '100'], 'image size 100 is not a multiple of 64'),

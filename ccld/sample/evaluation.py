@@ -79,6 +79,7 @@ class Plan:
     device: object
     batch_size: int
     source: object            # the reference set (data.sources.Source), or None
+    cache: Path               # where its features are cached
     inception_weights: object  # the weights file when the features are Inception's
 
 
@@ -143,12 +144,13 @@ def make_plan(args):
                                                      args.cond_scale)]
     out = Path(args.output_dir)
     check_writable_dir(out, '--output-dir')
-    source = None
+    source, cache = None, Path(args.reference_cache or out / 'reference_cache')
     if args.reference_set:
         try:
             source = Source(args.reference_set, REFERENCE_UNIT)
         except UserError as e:
             raise UserError(f'--reference-set: {e}') from None
+        check_writable_dir(cache, '--reference-cache')
     elif args.inception_weights:
         warnings.warn('--inception-weights: there is no --reference-set to compare with, so '
                       'no features are computed.')
@@ -169,7 +171,7 @@ def make_plan(args):
               describe_cloob(args.cloob_checkpoint)['sha256']]
     columns = [Column(name, s, digest, image_directory(out, s, digest, frozen, batch_size))
                for name, s, digest in zip(names(args.checkpoint), settings, digests)]
-    return Plan(args, out, prompts, columns, device, batch_size, source, weights)
+    return Plan(args, out, prompts, columns, device, batch_size, source, cache, weights)
 
 
 class FrozenModels:
@@ -374,14 +376,14 @@ def run(args):
     plan = make_plan(args)
     models = FrozenModels(args, plan.device)
     reference = None
-    if is_first_process():
-        for column in plan.columns:
-            column.directory.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(column.directory)
+    if is_first_process():  # what killed processes of a previous run left half-written
+        folders = [plan.out, plan.out / 'grids', *(c.directory for c in plan.columns)]
+        for folder in folders + ([plan.cache] if plan.source is not None else []):
+            folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(folder)
         if plan.source is not None:  # before sampling: a set that cannot be read fails early
-            cache = Path(args.reference_cache or plan.out / 'reference_cache')
             reference = reference_features(plan.source, models.feature_network(plan),
-                                           plan.columns[0].settings.size, cache,
+                                           plan.columns[0].settings.size, plan.cache,
                                            plan.batch_size, args.num_workers)
     rank, world, device, barrier = launch(args, plan.device)
     if device != plan.device:
