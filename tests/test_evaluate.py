@@ -483,4 +483,3 @@ def test_the_prompt_set_that_ships_is_a_few_dozen_varied_prompts():
     prompts = read_prompts_file(evaluation.DEFAULT_PROMPTS, 3.0)
     assert 30 <= len(prompts) <= 80
     assert len({text for _, text, _ in prompts}) == len(prompts)
-

@@ -74,6 +74,7 @@ class Plan:
     """Everything the flags ask for, checked, before any model loads."""
     args: object
     out: Path
+    prompts_file: Path
     prompts: list
     columns: list
     device: object
@@ -140,8 +141,8 @@ def make_plan(args):
     device, batch_size = check_sampling_flags(args)
     if device.type == 'cuda' and args.num_gpus > 1:
         cli.check_devices('gpu', args.num_gpus)
-    prompts = [Prompt(*p) for p in read_prompts_file(args.prompts_file or DEFAULT_PROMPTS,
-                                                     args.cond_scale)]
+    prompts_file = Path(args.prompts_file or DEFAULT_PROMPTS)
+    prompts = [Prompt(*p) for p in read_prompts_file(prompts_file, args.cond_scale)]
     out = Path(args.output_dir)
     check_writable_dir(out, '--output-dir')
     source, cache = None, Path(args.reference_cache or out / 'reference_cache')
@@ -171,7 +172,8 @@ def make_plan(args):
               describe_cloob(args.cloob_checkpoint)['sha256']]
     columns = [Column(name, s, digest, image_directory(out, s, digest, frozen, batch_size))
                for name, s, digest in zip(names(args.checkpoint), settings, digests)]
-    return Plan(args, out, prompts, columns, device, batch_size, source, cache, weights)
+    return Plan(args, out, prompts_file, prompts, columns, device, batch_size, source, cache,
+                weights)
 
 
 class FrozenModels:
@@ -235,8 +237,7 @@ def counted(batches, bar):
 
 def image_metadata(plan, prompt, settings):
     """What each PNG records: what sample.py --prompts-file records for the same image."""
-    return {'prompts': prompt.recorded, 'prompts_file': Path(plan.args.prompts_file or
-                                                             DEFAULT_PROMPTS).name,
+    return {'prompts': prompt.recorded, 'prompts_file': plan.prompts_file.name,
             'line': prompt.line, 'image_prompts': '[]', **settings.metadata()}
 
 
@@ -321,7 +322,7 @@ def judge(plan, models, reference):
                      'grid': f'grids/{p.prefix}.png',
                      'cloob_scores': [scores[i] for scores in prompt_scores]}
                     for i, p in enumerate(plan.prompts)],
-        'prompts_file': str(plan.args.prompts_file or DEFAULT_PROMPTS),
+        'prompts_file': str(plan.prompts_file),
         'features': network.identity if network is not None else None,
         'reference_set': None if reference is None else {
             'spec': plan.source.spec, 'images': len(reference.features),

@@ -100,4 +100,3 @@ def sample(model, settings, autoencoder, embeds, weights, *, batch_size, device,
         settings.autoencoder_scale, settings.n, settings.size, method=settings.method,
         steps=settings.steps, schedule=settings.schedule, eta=settings.eta, seed=settings.seed,
         batch_size=batch_size, init=init, strength=strength, device=device, progress=progress)
-
