@@ -8,16 +8,19 @@ from pathlib import Path
 import pytest
 
 import compute_ae_scale
+import evaluate
 import export_model
 import precompute_latents
 import sample
 from ccld import cli
 from ccld.diffusion import sampling, schedule
 from ccld.models import exports
+from ccld.sample import features
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = {'sample.py': sample, 'compute_ae_scale.py': compute_ae_scale,
-         'precompute_latents.py': precompute_latents, 'export_model.py': export_model}
+         'precompute_latents.py': precompute_latents, 'export_model.py': export_model,
+         'evaluate.py': evaluate}
 
 # Runs a script as `python SCRIPT ARGS...` would, then reports whether torch was imported.
 WRAPPER = '''
@@ -60,3 +63,4 @@ def test_choices_named_in_the_scripts_are_the_librarys():
     assert cli.SAMPLING_METHODS == sampling.METHODS
     assert cli.SCHEDULES == tuple(schedule.SCHEDULES)
     assert export_model.DTYPES == tuple(exports.DTYPES)
+    assert evaluate.FEATURES == features.FEATURES

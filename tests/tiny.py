@@ -18,7 +18,7 @@ BASE_CHANNELS, CHANNEL_MULTIPLIERS = 16, (4, 4, 4, 4)
 
 __all__ = ['BASE_CHANNELS', 'CHANNEL_MULTIPLIERS', 'make_images', 'write_path_list',
            'tiny_autoencoder', 'tiny_cloob', 'tiny_diffusion', 'save_bare',
-           'save_ccld_checkpoint', 'save_original_checkpoint', 'exit_code']
+           'save_ccld_checkpoint', 'save_original_checkpoint', 'inception_weights', 'exit_code']
 
 
 def tiny_autoencoder(directory, seed=0):
@@ -62,6 +62,26 @@ def save_original_checkpoint(path, model, model_ema, scale_factor):
     torch.save({'state_dict': _prefixed(model=model, model_ema=model_ema),
                 'scale_factor': scale_factor, 'global_step': 0,
                 'pytorch-lightning_version': '1.5.0'}, path)
+    return Path(path)
+
+
+def inception_weights(path, seed=0):
+    """torch-fidelity's InceptionV3 with random weights, saved in the library's own format
+    (the network's state dict, as its released weights file holds it). The convolutions
+    are re-initialised for ReLU (He et al.), so the features neither vanish nor blow up
+    through the network's depth as they do under PyTorch's default init."""
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as inception
+    torch.manual_seed(seed)
+    network = inception.FeatureExtractorInceptionV3
+    with mock.patch.object(network, 'load_state_dict', lambda self, state: None), \
+            mock.patch.object(inception, 'load_state_dict_from_url', lambda *a, **k: {}):
+        net = network('inception-v3-compat', ['2048'])
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity='relu')
+    torch.save(net.state_dict(), path)
     return Path(path)
 
 

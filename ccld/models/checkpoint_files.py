@@ -106,12 +106,13 @@ def read_safetensors(path):
                         'truncated or not a safetensors file.') from None
 
 
-def check_weights(state_dict, path):
-    """UserError unless `state_dict` loads into a DiffusionModel: keys and shapes are
-    checked against one built on the meta device, which takes no memory."""
+def check_weights(state_dict, path, base_channels=None, channel_multipliers=None):
+    """UserError unless `state_dict` loads into a DiffusionModel (of the given widths, where
+    given): keys and shapes are checked against one built on the meta device, which takes
+    no memory."""
     with torch.device('meta'), warnings.catch_warnings():
         warnings.simplefilter('ignore')  # loading into meta tensors is a no-op, as meant
-        build_model(state_dict, path=path)
+        build_model(state_dict, base_channels, channel_multipliers, path)
 
 
 def _sub_state(state_dict, prefix):

@@ -24,3 +24,15 @@ def prompt_embedding(text_embeds, weights):
     weights = torch.tensor(weights, dtype=torch.float32, device=text_embeds.device)
     mean = (weights[:, None] * F.normalize(text_embeds.float(), dim=-1)).sum(0)
     return F.normalize(mean, dim=0)
+
+
+def scorer(cloob, text_embeds, weights, scores):
+    """annotate() for generate.write_samples: each image's CLOOB score against the text
+    prompts (their weighted mean embedding), kept in `scores` and given as cloob_score."""
+    target = prompt_embedding(text_embeds, weights)
+
+    def annotate(batch):
+        new = cloob_scores(cloob, batch, target.expand(len(batch), -1)).tolist()
+        scores.extend(new)
+        return [{'cloob_score': score} for score in new]
+    return annotate

@@ -1,6 +1,7 @@
 """The flags of sample.py: the original cfg_sample.py's, with the same names and defaults,
 and those added since. Here rather than in the script so that the --demo pipeline check
-and other tools can sample from flags without importing the script."""
+and other tools can sample from flags without importing the script; the flags that say how
+a checkpoint samples are added by one function, which evaluate.py shares."""
 
 from .. import cli
 
@@ -12,21 +13,13 @@ DEFAULT_STRENGTH = 0.9
 DEFAULT_BATCH_SIZE = 16
 
 
-def parser():
-    p = cli.ArgumentParser(prog=PROG, description=DESCRIPTION)
-    # The original script's flags, same names and defaults.
-    p.add_argument('prompts', nargs='*', default=[],
-                   help='text prompts, "text" or "text:weight" (default weight: --cond-scale)')
-    p.add_argument('--images', nargs='*', default=[], metavar='IMAGE',
-                   help='image prompts, "path" or "path:weight"; http(s) URLs work too')
+def add_sampling_flags(p):
+    """The flags that say how a checkpoint samples, the same in every tool that samples
+    (sample.py, evaluate.py), so that the same flags give the same images."""
     p.add_argument('--cloob-checkpoint', default='cloob_laion_400m_vit_b_16_16_epochs',
                    help='pretrained CLOOB name, or a .pkl file')
     p.add_argument('--autoencoder', default='kl_f8',
                    help='autoencoder NAME, for NAME.yaml + NAME.ckpt')
-    p.add_argument('--checkpoint', required=True,
-                   help='released model state dict, model export (export_model.py), ccld '
-                   'training checkpoint or checkpoint of the original training script '
-                   '(training checkpoints use the EMA weights)')
     p.add_argument('--base-channels', type=cli.positive_int,
                    help='override the width read from the weights (yfcc_cfg: 192)')
     p.add_argument('--channel-multipliers', type=cli.multipliers,
@@ -44,10 +37,7 @@ def parser():
     p.add_argument('--steps', type=cli.positive_int, default=50,
                    help='sampling steps, one model call each (prk: 4; pie: 2; plms: 4 for '
                    'the first 3)')
-    # Added.
-    p.add_argument('--prompts-file', metavar='FILE',
-                   help='sample -n images of each line of FILE, one prompt a line ("text" or '
-                   '"text:weight"; blank lines and # comments skipped); instead of PROMPTS')
+    # Added since the original.
     p.add_argument('--schedule', default='spliced', choices=cli.SCHEDULES,
                    help="timesteps: the original's spliced DDPM/cosine, or Karras et al.'s "
                    "(sigma 80 to 0.03, rho 7)")
@@ -59,6 +49,25 @@ def parser():
     p.add_argument('--batch-size', type=cli.positive_int,
                    help=f'images per batch (default {DEFAULT_BATCH_SIZE}); the images do not '
                    'depend on it')
+    return p
+
+
+def parser():
+    p = cli.ArgumentParser(prog=PROG, description=DESCRIPTION)
+    # The original script's flags, same names and defaults (and the sampling flags).
+    p.add_argument('prompts', nargs='*', default=[],
+                   help='text prompts, "text" or "text:weight" (default weight: --cond-scale)')
+    p.add_argument('--images', nargs='*', default=[], metavar='IMAGE',
+                   help='image prompts, "path" or "path:weight"; http(s) URLs work too')
+    p.add_argument('--checkpoint', required=True,
+                   help='released model state dict, model export (export_model.py), ccld '
+                   'training checkpoint or checkpoint of the original training script '
+                   '(training checkpoints use the EMA weights)')
+    add_sampling_flags(p)
+    # Added.
+    p.add_argument('--prompts-file', metavar='FILE',
+                   help='sample -n images of each line of FILE, one prompt a line ("text" or '
+                   '"text:weight"; blank lines and # comments skipped); instead of PROMPTS')
     p.add_argument('--output-dir', default='.', help='where the PNGs go')
     p.add_argument('--prefix',
                    help='file names are PREFIX_00000.png, ... (default: out); with '

@@ -49,10 +49,16 @@ def load_model(checkpoint, base_channels=None, channel_multipliers=None, device=
 
 def latent_shape(autoencoder, image_size):
     """The latent [C, h, w] of a square image, checked against what the U-Net accepts."""
-    if autoencoder.embed_dim != LATENT_CHANNELS:
-        raise UserError(f'the autoencoder has {autoencoder.embed_dim} latent channels; the '
+    return check_latent_shape(autoencoder.embed_dim, 2 ** (autoencoder.encoder.num_resolutions - 1),
+                              image_size)
+
+
+def check_latent_shape(channels, factor, image_size):
+    """latent_shape for an autoencoder of `channels` latent channels that downsamples by
+    `factor`, known from its config before it loads."""
+    if channels != LATENT_CHANNELS:
+        raise UserError(f'the autoencoder has {channels} latent channels; the '
                         f'diffusion model needs one with {LATENT_CHANNELS}, such as kl-f8.')
-    factor = 2 ** (autoencoder.encoder.num_resolutions - 1)
     multiple = factor * UNET_DOWNSAMPLING
     if image_size % multiple:
         nearest = max(1, round(image_size / multiple)) * multiple

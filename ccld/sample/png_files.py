@@ -23,11 +23,16 @@ def grid(images, cols=None):
 
 
 def save_png(image, path, metadata=None):
-    """Saves a [3, H, W] tensor; every metadata item becomes a PNG text chunk."""
+    """Saves a [3, H, W] tensor or a PIL image; every metadata item becomes a PNG text
+    chunk. The file is written whole or not at all (a kill mid-write leaves no PNG that a
+    rerun would take for a finished one)."""
+    from ..files import atomic_write
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(str(key), str(value))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    to_pil(image).save(path, pnginfo=info)
+    image = image if isinstance(image, Image.Image) else to_pil(image)
+    with atomic_write(path) as f:
+        image.save(f, format='PNG', pnginfo=info)
     return path

@@ -8,16 +8,16 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .. import cli
 from ..data.images import image_transform
 from ..errors import UserError
 from ..files import check_writable_dir
 from ..models.autoencoder import load_autoencoder
 from ..models.cloob import load_cloob
 from . import generate
-from .cloob_score import cloob_scores, prompt_embedding
-from .flags import DEFAULT_BATCH_SIZE, DEFAULT_SIZE, DEFAULT_STRENGTH
+from .cloob_score import scorer
+from .flags import DEFAULT_STRENGTH
 from .prompts import parse_prompt, read_prompts_file, slug
+from .sampler import check_sampling_flags, load_sampler, sample
 
 
 def jobs(args):
@@ -39,14 +39,7 @@ def run(args):
     if args.strength is not None and args.init is None:
         raise UserError('--strength needs --init IMAGE.')
     strength = (args.strength or DEFAULT_STRENGTH) if args.init else 1.0
-    generate.check_settings(args.method, args.eta, strength, args.schedule)
-    if args.eta and args.method != 'ddim':
-        warnings.warn(f'--eta applies to --method ddim only; {args.method} ignores it.')
-    device = args.device or cli.default_device()
-    batch_size = args.batch_size or DEFAULT_BATCH_SIZE
-    if args.batch_size is None and args.n > DEFAULT_BATCH_SIZE:
-        warnings.warn(f'sampling -n {args.n} in batches of {DEFAULT_BATCH_SIZE}; pass '
-                      '--batch-size to change that (the images stay the same).')
+    device, batch_size = check_sampling_flags(args, strength)
 
     # Everything the user wrote is checked before any model loads.
     todo = jobs(args)
@@ -59,27 +52,14 @@ def run(args):
     images = [(generate.read_image(path, 'image prompt'), w) for path, w in image_prompts]
     init = generate.read_image(args.init, 'init image') if args.init else None
 
-    model, ckpt = generate.load_model(args.checkpoint, args.base_channels,
-                                      args.channel_multipliers, device)
-    generate.check_frozen_models(ckpt.record, args.autoencoder, args.cloob_checkpoint,
-                                 args.checkpoint)
-    scale = args.autoencoder_scale or ckpt.autoencoder_scale
-    if scale is None:
-        raise UserError(f'{args.checkpoint} records no autoencoder scale; pass the one it was '
-                        'trained with as --autoencoder-scale.')
-    size = args.size or ckpt.record.get('image_size', DEFAULT_SIZE)
+    model, settings = load_sampler(args, args.checkpoint, device)
     autoencoder = load_autoencoder(args.autoencoder, device=device)
-    generate.latent_shape(autoencoder, size)
+    generate.latent_shape(autoencoder, settings.size)
     cloob = load_cloob(args.cloob_checkpoint, device) if has_text or images else None
 
-    settings = {
-        'image_prompts': json.dumps(image_prompts), 'seed': args.seed, 'n': args.n,
-        'method': args.method, 'steps': args.steps, 'schedule': args.schedule,
-        'eta': args.eta, 'cond_scale': args.cond_scale, 'autoencoder_scale': scale,
-        'size': size, 'checkpoint': Path(args.checkpoint).name,
-        **({'init': args.init, 'strength': strength} if init is not None else {}),
-    }
-    init = image_transform(size)(init) if init is not None else None
+    metadata = {'image_prompts': json.dumps(image_prompts), **settings.metadata(),
+                **({'init': args.init, 'strength': strength} if init is not None else {})}
+    init = image_transform(settings.size)(init) if init is not None else None
     written = 0
     for prefix, texts, about in tqdm(todo, unit='prompt', disable=args.prompts_file is None):
         embeds, weights = None, []
@@ -88,13 +68,11 @@ def run(args):
         scores = []
         annotate = scorer(cloob, embeds[:len(texts)], weights[:len(texts)], scores) \
             if args.score and texts else None
-        batches = generate.generate(
-            generate.guided_model_fn(model, embeds, weights), autoencoder, scale, args.n,
-            size, method=args.method, steps=args.steps, schedule=args.schedule, eta=args.eta,
-            seed=args.seed, batch_size=batch_size, init=init, strength=strength,
-            device=device, progress=args.prompts_file is None)
-        metadata = {'prompts': json.dumps(texts), **about, **settings}
-        paths = generate.write_samples(batches, args.output_dir, prefix, metadata,
+        batches = sample(model, settings, autoencoder, embeds, weights, batch_size=batch_size,
+                         device=device, init=init, strength=strength,
+                         progress=args.prompts_file is None)
+        paths = generate.write_samples(batches, args.output_dir, prefix,
+                                       {'prompts': json.dumps(texts), **about, **metadata},
                                        args.grid_cols, singles=not args.grid_only,
                                        grid_too=not args.no_grid, annotate=annotate)
         written += len(paths)
@@ -103,15 +81,3 @@ def run(args):
                 generate.sample_path('', prefix, i).name
             tqdm.write(f'{name}\tcloob_score {score:.4f}')
     print(f'wrote {written} PNG file(s) to {args.output_dir}', file=sys.stderr)
-
-
-def scorer(cloob, text_embeds, weights, scores):
-    """annotate() for generate.write_samples: each image's CLOOB score against the text
-    prompts (their weighted mean embedding), kept in `scores` and given as cloob_score."""
-    target = prompt_embedding(text_embeds, weights)
-
-    def annotate(batch):
-        new = cloob_scores(cloob, batch, target.expand(len(batch), -1)).tolist()
-        scores.extend(new)
-        return [{'cloob_score': score} for score in new]
-    return annotate

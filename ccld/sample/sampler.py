@@ -1,0 +1,102 @@
+"""From --checkpoint and the sampling flags to images, the one way every tool samples.
+
+sample.py and evaluate.py both build each model and its settings here, so the same flags
+give the same images in both, and whatever changes how a checkpoint samples (an adapter
+loaded onto the model, a distilled student's own step count read from its record)
+changes it for both at once: `load_sampler` is where a model is built and `settings_for`
+where a checkpoint's record completes the flags.
+"""
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import cli
+from ..errors import UserError
+from ..models.checkpoint_files import check_weights, read_checkpoint
+from . import generate
+from .flags import DEFAULT_BATCH_SIZE, DEFAULT_SIZE
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How one checkpoint samples: the flags, completed by what the checkpoint records.
+    Known before its model loads."""
+    checkpoint: str         # the path as given
+    description: str        # what kind of file it is
+    autoencoder_scale: float
+    size: int
+    method: str
+    steps: int
+    schedule: str
+    eta: float
+    cond_scale: float
+    seed: int
+    n: int
+
+    @property
+    def stochastic(self):
+        """Whether the sampler draws noise at every step: then the images depend on how
+        -n is cut into batches, not only on the seed."""
+        return self.method == 'ddpm' or (self.method == 'ddim' and self.eta > 0)
+
+    def metadata(self):
+        """What the PNGs and reports record of them."""
+        return {'seed': self.seed, 'n': self.n, 'method': self.method, 'steps': self.steps,
+                'schedule': self.schedule, 'eta': self.eta, 'cond_scale': self.cond_scale,
+                'autoencoder_scale': self.autoencoder_scale, 'size': self.size,
+                'checkpoint': Path(self.checkpoint).name}
+
+
+def check_sampling_flags(args, strength=1.0):
+    """The sampling flags' own checks, before any file is read; returns the device and
+    the batch size to sample with."""
+    generate.check_settings(args.method, args.eta, strength, args.schedule)
+    if args.eta and args.method != 'ddim':
+        warnings.warn(f'--eta applies to --method ddim only; {args.method} ignores it.')
+    if args.batch_size is None and args.n > DEFAULT_BATCH_SIZE:
+        warnings.warn(f'sampling -n {args.n} in batches of {DEFAULT_BATCH_SIZE}; pass '
+                      '--batch-size to change that (the images stay the same).')
+    return args.device or cli.default_device(), args.batch_size or DEFAULT_BATCH_SIZE
+
+
+def settings_for(args, checkpoint, ckpt):
+    """The Settings of `checkpoint` (its DiffusionCheckpoint `ckpt`) under the flags."""
+    scale = args.autoencoder_scale or ckpt.autoencoder_scale
+    if scale is None:
+        raise UserError(f'{checkpoint} records no autoencoder scale; pass the one it was '
+                        'trained with as --autoencoder-scale.')
+    return Settings(checkpoint=str(checkpoint), description=ckpt.description,
+                    autoencoder_scale=scale,
+                    size=args.size or ckpt.record.get('image_size', DEFAULT_SIZE),
+                    method=args.method, steps=args.steps, schedule=args.schedule, eta=args.eta,
+                    cond_scale=args.cond_scale, seed=args.seed, n=args.n)
+
+
+def check_checkpoint(args, checkpoint):
+    """The Settings of `checkpoint`, checked to sample under the flags without building
+    its model (the weights are matched against one on the meta device); UserError if not."""
+    ckpt = read_checkpoint(checkpoint)
+    check_weights(ckpt.model_ema, checkpoint, args.base_channels, args.channel_multipliers)
+    return settings_for(args, checkpoint, ckpt)
+
+
+def load_sampler(args, checkpoint, device):
+    """The frozen model of `checkpoint` on `device`, and its Settings. Warns when it was
+    trained with other frozen models than the flags name."""
+    model, ckpt = generate.load_model(checkpoint, args.base_channels, args.channel_multipliers,
+                                      device)
+    generate.check_frozen_models(ckpt.record, args.autoencoder, args.cloob_checkpoint,
+                                 checkpoint)
+    return model, settings_for(args, checkpoint, ckpt)
+
+
+def sample(model, settings, autoencoder, embeds, weights, *, batch_size, device, init=None,
+           strength=1.0, progress=True):
+    """Yields the settings.n images of one set of prompts (CLOOB embeddings and their
+    weights), batch_size at a time; see generate.generate."""
+    return generate.generate(
+        generate.guided_model_fn(model, embeds, weights), autoencoder,
+        settings.autoencoder_scale, settings.n, settings.size, method=settings.method,
+        steps=settings.steps, schedule=settings.schedule, eta=settings.eta, seed=settings.seed,
+        batch_size=batch_size, init=init, strength=strength, device=device, progress=progress)
