@@ -20,8 +20,8 @@ from .images import batched_loader, image_transform
 from .tables import ImageTable, batches_of, decoded, find_columns, rows_of, shuffled, worker_slot
 
 HUB = 'hf://'
-PIECE_ROWS = 1000  # rows of a saved dataset read at a time, and ordered anew each epoch
-READ_ROWS = 64  # rows of a hub dataset decoded from its files at a time
+PIECE_ROWS = 1000  # rows of a saved dataset that the training split orders anew each epoch
+READ_ROWS = 64  # rows taken from the files at a time
 
 
 def is_saved_dataset(path):
@@ -53,8 +53,10 @@ class SavedImages(ImageTable):
         super().__init__(columns, rows, unit_size, path)
 
     def read(self, piece, start, stop):
-        first = piece * PIECE_ROWS + start
-        return rows_of(self.dataset[first:first + stop - start], self.columns, first, self.path)
+        base = piece * PIECE_ROWS
+        for first in range(base + start, base + stop, READ_ROWS):
+            table = self.dataset[first:min(first + READ_ROWS, base + stop)]
+            yield from rows_of(table, self.columns, first, self.path)
 
     def describe(self):
         split = f', split {self.split}' if self.split else ''
