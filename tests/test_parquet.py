@@ -3,6 +3,7 @@ ccld.data.tables), on files written here with pyarrow in img2dataset's schema an
 datasets library's."""
 
 import io
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -133,3 +134,17 @@ def test_a_column_that_holds_no_images_is_one_line_exit_2(sets, frozen, tmp_path
     first = sorted(sets.img2dataset.glob('*.parquet'))[0]
     assert len(err) == 1 and err[0].startswith('precompute_latents.py: error: --train-set: ')
     assert message.format(first=first) in err[0]
+
+
+def test_rows_without_an_image_are_each_counted_and_warned_about_once(tmp_path):
+    """img2dataset writes a row with no image for each failed download: there can be many."""
+    cells = [png(32, 32, 0), None, png(32, 32, 1), None]
+    folder = tiny.write_img2dataset_parquet(cells, tmp_path / 'i2d', per_file=4)
+    loader = Source(str(folder)).stream_loader(SIZE, 4, 0, seed=0, rank=0, world_size=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('default')  # Python's own filter
+        batches = list(loader)
+    assert [(len(b['keys']), b['skipped']) for b in batches] == [(2, 2)]
+    assert [str(w.message) for w in caught] == [
+        'skipping rows with no image in them (img2dataset writes its failed downloads so); '
+        'each is counted as skipped, without a warning of its own']

@@ -25,13 +25,14 @@ class MissingImage(ValueError):
     once per process rather than once each, as a set may hold many."""
 
     def __init__(self):
-        super().__init__('no image in the row (img2dataset writes its failed downloads so)')
+        super().__init__('no image in the row')
 
 
 def warn_skipped(key, error):
     """The warning for an image that is skipped because `error` made it unreadable."""
     if isinstance(error, MissingImage):  # one text from one line: Python warns once
-        warnings.warn(f'skipping samples with no image: {error}; they are counted as skipped')
+        warnings.warn('skipping rows with no image in them (img2dataset writes its failed '
+                      'downloads so); each is counted as skipped, without a warning of its own')
     else:
         warnings.warn(f'skipping unreadable image {key}: {type(error).__name__}: {error}')
 
