@@ -8,7 +8,6 @@ Prints the scale; progress and the flag to paste go to stderr (--json for machin
 """
 
 import json
-import os
 import sys
 
 from ccld import cli
@@ -21,14 +20,15 @@ def parser():
     # The original script's arguments.
     p.add_argument('vqgan_model', metavar='VQGAN_MODEL',
                    help='autoencoder NAME, for NAME.yaml + NAME.ckpt')
-    p.add_argument('train_set', metavar='TRAIN_PATHS', help='text file, one image path a line')
+    p.add_argument('train_set', metavar='TRAIN_PATHS', help=cli.IMAGES_HELP)
     # Added.
     p.add_argument('--batches', type=cli.positive_int, default=32, help='batches to encode')
     p.add_argument('--batch-size', type=cli.positive_int, default=64, help='images per batch')
     p.add_argument('--image-size', type=cli.positive_int, default=256,
                    help='the size training will use')
-    p.add_argument('--num-workers', type=cli.non_negative_int, default=min(8, os.cpu_count() or 1),
-                   help='image loading processes')
+    p.add_argument('--num-workers', type=cli.non_negative_int, default=cli.default_workers(),
+                   help='image loading processes (by default one per usable CPU, at most 8)')
+    cli.add_table_flags(p)
     p.add_argument('--device', type=cli.device, help='default: cuda if available, else cpu')
     p.add_argument('--seed', type=cli.seed, default=0, help='picks the images and latent samples')
     p.add_argument('--json', action='store_true', help='print one JSON object instead')
@@ -38,18 +38,18 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     from ccld.models.autoencoder import load_autoencoder
-    from ccld.data.images import read_path_list
     from ccld.data.scale import estimate_scale
+    from ccld.data.sources import Source
 
-    paths = read_path_list(args.train_set)
+    source = Source(args.train_set, image_column=args.image_column, split=args.dataset_split)
     device = args.device or cli.default_device()
     autoencoder = load_autoencoder(args.vqgan_model, device=device)
-    wanted = args.batches * args.batch_size
-    if len(paths) < wanted:
-        print(f'{args.train_set} lists {len(paths)} images, fewer than {args.batches} batches '
+    wanted, known = args.batches * args.batch_size, source.known_images
+    if known is not None and known < wanted:
+        print(f'{args.train_set} holds {known} images, fewer than {args.batches} batches '
               f'x {args.batch_size} = {wanted}; using all of them.', file=sys.stderr)
-    result = estimate_scale(autoencoder, paths, args.batches, args.batch_size, args.image_size,
-                            args.num_workers, device, args.seed, source=args.train_set)
+    result = estimate_scale(autoencoder, source, args.batches, args.batch_size, args.image_size,
+                            args.num_workers, device, args.seed)
     flag = f'--autoencoder-scale {result.scale:.6g}'
     if result.skipped:
         print(f'skipped {result.skipped} unreadable images.', file=sys.stderr)

@@ -19,9 +19,8 @@ PROG = 'precompute_latents.py'
 
 def parser():
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0])
-    p.add_argument('--train-set', required=True,
-                   help='text file with one image path per line, or webdataset tar shards '
-                   '(data/{00000..01023}.tar, a directory of .tar files)')
+    p.add_argument('--train-set', required=True, help=cli.IMAGES_HELP)
+    cli.add_table_flags(p)
     p.add_argument('--vqgan-model', required=True,
                    help='autoencoder NAME, for NAME.yaml + NAME.ckpt')
     p.add_argument('--cloob-checkpoint', default='cloob_laion_400m_vit_b_16_16_epochs',
@@ -30,15 +29,17 @@ def parser():
     p.add_argument('--image-size', type=cli.positive_int, default=256,
                    help='the size training will use')
     p.add_argument('--batch-size', type=cli.positive_int, default=64, help='per process')
-    p.add_argument('--num-workers', type=cli.non_negative_int, default=8,
-                   help='image loading processes per process')
+    p.add_argument('--num-workers', type=cli.non_negative_int, default=cli.default_workers(),
+                   help='image loading processes per process (by default one per usable CPU, at '
+                   'most 8)')
     p.add_argument('--device', type=cli.device, help='default: cuda if available, else cpu')
     p.add_argument('--num-gpus', '--devices', dest='num_gpus', type=cli.positive_int, default=1,
                    help='processes per node (GPUs, or CPU processes with --device cpu)')
     p.add_argument('--num-nodes', type=cli.positive_int, default=1,
                    help='nodes, each running --num-gpus processes (start the same command on each)')
     p.add_argument('--shard-size', type=cli.positive_int, default=10_000,
-                   help='images of a path list per cache part (tar shards make one part each)')
+                   help='images per cache part, from a path list, a saved dataset or parquet '
+                   'files (whole row groups); tar and hub shards make one part each')
     p.add_argument('--json', action='store_true', help='print the manifest as JSON at the end')
     return p
 
@@ -57,7 +58,7 @@ def main(argv=None):
     if args.device.type == 'cuda':
         cli.check_devices('gpu', args.num_gpus)
     try:
-        source = Source(args.train_set, args.shard_size)
+        source = Source(args.train_set, args.shard_size, args.image_column, args.dataset_split)
     except UserError as e:
         raise UserError(f'--train-set: {e}') from None
     manifest = precompute.run(args, source)

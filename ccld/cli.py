@@ -3,6 +3,7 @@ the types of its flags, and the checks of the files and devices they name."""
 
 import argparse
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -13,6 +14,11 @@ from .errors import RunError, UserError
 # errors need not import torch (a test checks that they are the library's).
 SAMPLING_METHODS = ('ddpm', 'ddim', 'prk', 'plms', 'pie', 'plms2', 'iplms', 'dpmpp_2m')
 SCHEDULES = ('spliced', 'karras')
+IMAGES_HELP = ('a text file with one image path per line; webdataset tar shards '
+               '(data/{00000..01023}.tar, or a directory of .tar files); parquet files with the '
+               'images in a column (a .parquet file, a directory of them or a glob, as '
+               'img2dataset --output_format parquet writes them); a directory written by '
+               'datasets\' save_to_disk; or hf://OWNER/NAME, a Hugging Face hub dataset')
 
 
 def run(main, prog):
@@ -51,6 +57,24 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
+
+
+def default_workers():
+    """Image loading processes by default: one per CPU this process may use, at most 8."""
+    usable = os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else None
+    return min(8, len(usable) if usable else os.cpu_count() or 1)
+
+
+def add_table_flags(group):
+    """The flags of the images held in tables: parquet files and Hugging Face datasets."""
+    group.add_argument('--image-column',
+                       help='the column of parquet files or datasets that holds the images '
+                       '(default: img2dataset\'s jpg, or the datasets Image column, found from '
+                       'the schema)')
+    group.add_argument('--dataset-split', default='train',
+                       help='the split of a Hugging Face dataset (hf://OWNER/NAME, or a '
+                       'save_to_disk directory of several splits)')
+    return group
 
 
 def whole_number(text, low, high=None):

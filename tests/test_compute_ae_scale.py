@@ -124,6 +124,7 @@ def test_cli_json(assets, capsys):
     (['missing_ae', '{list}'], 'missing_ae.yaml not found'),
     (['{name}', '{list}', '--batches', '0'], 'argument --batches: must be at least 1, got 0'),
     (['{name}', '{list}', '--num-workers', '-1'], 'argument --num-workers: expected a whole'),
+    (['{name}', '{list}', '--image-column', 'jpg'], 'names a column of parquet files or datas'),
 ])
 def test_cli_user_errors(assets, capsys, argv, message):
     (assets.dir / 'empty.txt').write_text('\n\n')
@@ -148,6 +149,24 @@ def test_cli_prints_the_scale_and_the_flag_from_any_directory(assets, tmp_path):
     assert float(value) == pytest.approx(expected, rel=6 * noise)
     assert f'--autoencoder-scale {value}\n' in run.stderr
     assert 'Traceback' not in run.stderr
+
+
+def test_the_scale_of_parquet_rows_is_that_of_the_same_images_as_files(assets, capsys):
+    """The 32 images' bytes in img2dataset's parquet, with a corrupt row: one batch of all of
+    them gives the scale of the files, up to the noise of the latent samples (which fall
+    on the images in another order), well below what a missing [-1, 1] mapping moves."""
+    cells = [Path(p).read_bytes() for p in assets.paths] + [b'not an image']
+    folder = tiny.write_img2dataset_parquet(cells, assets.dir / 'parquet', per_file=11)
+    argv = [assets.amplified_name, str(folder), '--batches', '1', '--batch-size', '33',
+            '--image-size', str(SIZE), '--num-workers', '0', '--device', 'cpu', '--json']
+    with pytest.warns(UserWarning, match='skipping unreadable image'):
+        assert run_scale(argv) == 0
+    ours = json.loads(capsys.readouterr().out)
+    assert (ours['images'], ours['batches'], ours['skipped']) == (32, 1, 1)
+    files = estimate_scale(assets.amplified, assets.paths, batches=1, batch_size=33,
+                           image_size=SIZE, progress=False)
+    _, noise = closed_form_scale(assets.amplified, load_images(assets.paths))
+    assert ours['autoencoder_scale'] == pytest.approx(files.scale, rel=6 * noise)
 
 
 def test_a_list_without_readable_images_stops_after_20_batches(assets, tmp_path, capsys):

@@ -70,6 +70,19 @@ def assets(tmp_path_factory):
         prompts=d / 'prompts.txt')
 
 
+@pytest.fixture(scope='module')
+def parquet_set(assets):
+    """The same images as img2dataset writes them to parquet: two files of 9 rows, each row
+    a row group, with the images' file bytes and then a corrupt image and a failed download."""
+    cells = [Path(p).read_bytes() for p in assets.paths] + [b'not an image', None]
+    return tiny.write_img2dataset_parquet(cells, assets.dir / 'parquet', per_file=9)
+
+
+def as_path(key, assets):
+    """The image file of a parquet row's key (FILE:KEY, KEY its index in assets.paths)."""
+    return assets.paths[int(key.rpartition(':')[2])]
+
+
 def precompute_args(assets, out, *extra):
     return ['--train-set', str(assets.train), '--vqgan-model', assets.autoencoder,
             '--cloob-checkpoint', assets.cloob, '--output', str(out), '--image-size', str(SIZE),
@@ -120,6 +133,30 @@ def test_the_cache_holds_every_readable_image_once_with_its_posterior_and_embedd
         torch.testing.assert_close(record['mean'].float(), mean[i], rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(record['std'].float(), std[i], rtol=1e-3, atol=1e-5)
         torch.testing.assert_close(record['embed'].float(), embed[i], rtol=1e-3, atol=1e-3)
+
+
+def test_parquet_rows_cache_as_the_same_images_given_as_files(assets, models, tmp_path):
+    """A parquet file in the datasets library's schema (image structs, rows keyed by their
+    position) with a landscape image, a corrupt one and a portrait one: the cache holds
+    what the image files give, resized and cropped the same."""
+    files = [tmp_path / 'wide.png', Path(assets.paths[2]), tmp_path / 'tall.png']
+    Image.open(assets.paths[0]).resize((96, 64)).save(files[0])
+    Image.open(assets.paths[1]).resize((64, 112)).save(files[2])
+    cells = [files[0].read_bytes(), b'not an image', files[1].read_bytes(), files[2].read_bytes()]
+    table = tiny.write_datasets_parquet(cells, tmp_path / 'train-00000-of-00001.parquet')
+    out = tmp_path / 'latents'
+    assert tiny.exit_code(precompute_latents.main, 'precompute_latents.py', precompute_args(
+        assets, out, '--train-set', str(table))) == 0
+    found = records(out)
+    rows = [0, 2, 3]
+    assert sorted(found) == [f'{table}:{row}' for row in rows]
+    _, mean, std, embed = direct(models, files)
+    for i, row in enumerate(rows):
+        record = found[f'{table}:{row}']
+        torch.testing.assert_close(record['mean'].float(), mean[i], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(record['std'].float(), std[i], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(record['embed'].float(), embed[i], rtol=1e-3, atol=1e-3)
+    assert latent_cache.read_manifest(out)['skipped'] == 1
 
 
 def test_the_manifest_records_what_made_the_cache_and_the_scale(assets, cached, models):
@@ -215,12 +252,16 @@ def test_a_rerun_with_other_settings_into_the_same_cache_is_refused(assets, cach
     assert 'holds a cache made with other settings (autoencoder differ)' in capsys.readouterr().err
 
 
-def test_killed_precompute_resumes_on_two_processes_to_the_same_cache(assets, cached, tmp_path):
+@pytest.mark.parametrize('data', ['path list', 'parquet'])
+def test_killed_precompute_resumes_on_two_processes_to_the_same_cache(assets, cached, tmp_path,
+                                                                     parquet_set, data):
     """kill -9 mid-run leaves no half part a reader accepts; the same command with two
-    processes finishes it, each image once, with the content of a one-process run."""
+    processes of two loader workers finishes it, each image once, with the content of a
+    one-process run on the path list: from parquet rows too (one part per row group)."""
     out = tmp_path / 'latents'
+    train_set = str(assets.train if data == 'path list' else parquet_set)
     argv = [sys.executable, str(ROOT / 'precompute_latents.py'),
-            *precompute_args(assets, out, '--shard-size', '1')]
+            *precompute_args(assets, out, '--shard-size', '1', '--train-set', train_set)]
     process = subprocess.Popen(argv, cwd=tmp_path, env=subprocess_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -229,22 +270,25 @@ def test_killed_precompute_resumes_on_two_processes_to_the_same_cache(assets, ca
     process.send_signal(signal.SIGKILL)
     process.wait()
     done = len(list(out.glob('parts/part-*/part.json')))
-    assert 0 < done < N + 1 and not (out / latent_cache.MANIFEST).exists()
+    bad = 1 if data == 'path list' else 2  # bad.png; a corrupt row and an empty one
+    assert 0 < done < N + bad and not (out / latent_cache.MANIFEST).exists()
     with pytest.raises(Exception, match='unfinished latent cache'):
         latent_cache.read_manifest(out)
 
-    result = subprocess.run([*argv, '--num-gpus', '2'], cwd=tmp_path, env=subprocess_env(),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*argv, '--num-gpus', '2', '--num-workers', '2'], cwd=tmp_path,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'on 2 process(es); this one has' in result.stderr
     assert not list(out.glob('parts/.*'))  # no temp part left behind
     ours, reference = records(out), records(cached)
+    if data == 'parquet':
+        ours = {as_path(key, assets): record for key, record in ours.items()}
     assert sorted(ours) == sorted(reference)
     for key in ours:  # equal up to fp16 rounding (images were encoded in other batches)
         for name in ('mean', 'std', 'embed'):
             torch.testing.assert_close(ours[key][name], reference[key][name])
     manifest = latent_cache.read_manifest(out)
-    assert (manifest['images'], manifest['skipped'], manifest['parts']) == (N, 1, N + 1)
+    assert (manifest['images'], manifest['skipped'], manifest['parts']) == (N, bad, N + bad)
     assert manifest['autoencoder_scale'] == pytest.approx(
         latent_cache.read_manifest(cached)['autoencoder_scale'], rel=1e-6)
 
@@ -257,7 +301,7 @@ from ccld.train import run as train
 seen, training_step = [], ccld.train.diffusion_module.LightningDiffusion.training_step
 
 def spy(self, batch, batch_idx):  # the keys of each batch of this rank, by epoch
-    seen.append((self.current_epoch, list(batch["keys"])))
+    seen.append((self.current_epoch, list(batch["keys"]), batch["skipped"]))
     return training_step(self, batch, batch_idx)
 
 ccld.train.diffusion_module.LightningDiffusion.training_step = spy
@@ -267,28 +311,34 @@ torch.save(seen, f"{sys.argv[1]}/seen{trainer.global_rank}.pt")
 '''
 
 
-@pytest.mark.parametrize('data', ['tar shards', 'cache'])
-def test_two_ranks_with_two_workers_see_every_sample_once_per_epoch(assets, tmp_path, data):
+@pytest.mark.parametrize('data', ['tar shards', 'cache', 'parquet'])
+def test_two_ranks_with_two_workers_see_every_sample_once_per_epoch(assets, parquet_set,
+                                                                    tmp_path, data):
     """4 tar shards of 4 images, or their cache: each of 2 ranks x 2 workers has a shard
-    per epoch, 2 batches of 2, so 2 epochs are 8 steps."""
+    per epoch, 2 batches of 2, so 2 epochs are 8 steps. The images as 18 parquet rows, two
+    of them bad: each rank has 9 rows an epoch, 5 batches (the last of one), 10 steps."""
+    steps = 10 if data == 'parquet' else 8
     if data == 'cache':
         latents = tmp_path / 'latents'
         assert tiny.exit_code(precompute_latents.main, 'precompute_latents.py', precompute_args(
             assets, latents, '--train-set', str(assets.tars))) == 0
         input_flags = ['--train-latents', str(latents)]
     else:
-        input_flags = ['--train-set', str(assets.tars)]
+        input_flags = ['--train-set', str(assets.tars if data == 'tar shards' else parquet_set)]
     driver = tmp_path / 'driver.py'
     driver.write_text(EPOCHS_DRIVER)
     argv = train_args(assets, 'unused', tmp_path / 'out', '--num-gpus', '2', '--batch-size', '2',
-                      '--num-workers', '2', '--max-steps', '8', '--checkpoint-every', '100')
+                      '--num-workers', '2', '--max-steps', str(steps),
+                      '--checkpoint-every', '100')
     argv[:2] = input_flags
     result = subprocess.run([sys.executable, str(driver), str(tmp_path), *argv], cwd=tmp_path,
                             env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     seen = [torch.load(tmp_path / f'seen{r}.pt') for r in (0, 1)]
-    assert [len(s) for s in seen] == [8, 8]
+    assert [len(s) for s in seen] == [steps, steps]
     for epoch in (0, 1):
-        keys = [k for s in seen for e, batch in s if e == epoch for k in batch]
+        keys = [k for s in seen for e, batch, _ in s if e == epoch for k in batch]
         assert sorted(k.rpartition(':')[2] for k in keys) == [f'{i:09}' for i in range(N)], \
             (epoch, keys)
+        skipped = sum(n for s in seen for e, _, n in s if e == epoch)
+        assert skipped == (2 if data == 'parquet' else 0)

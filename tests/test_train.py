@@ -620,24 +620,27 @@ def test_the_demo_starts_afresh_in_its_own_directory_and_leaves_others_alone(tmp
     assert (tmp_path / 'mine' / 'precious.ckpt').exists()
 
 
-@pytest.mark.parametrize('tar', [False, True])
-def test_the_training_loader_follows_random_flip_and_prefetch_factor(assets, tmp_path, tar):
-    """The loader the run builds from its flags (path list or tar shards) mirrors about
-    half the images with --random-flip, and prefetches as --prefetch-factor says."""
+@pytest.mark.parametrize('kind', ['path list', 'tar', 'parquet'])
+def test_the_training_loader_follows_random_flip_and_prefetch_factor(assets, tmp_path, kind):
+    """The loader the run builds from its flags (path list, tar shards or parquet) mirrors
+    about half the images with --random-flip, and prefetches as --prefetch-factor says."""
     import io
     import tarfile
     picture = Image.new('RGB', (64, 64), (0, 0, 255))
     picture.paste((255, 0, 0), (0, 0, 32, 64))  # red left half
     picture.save(tmp_path / 'half.png')
-    if tar:
-        data = io.BytesIO()
-        picture.save(data, 'PNG')
+    data = io.BytesIO()
+    picture.save(data, 'PNG')
+    if kind == 'tar':
         with tarfile.open(tmp_path / '00000.tar', 'w') as shard:
             for i in range(200):
                 info = tarfile.TarInfo(f'{i:09}.png')
                 info.size = len(data.getvalue())
                 shard.addfile(info, io.BytesIO(data.getvalue()))
         train_set = tmp_path / '00000.tar'
+    elif kind == 'parquet':
+        train_set = tiny.write_img2dataset_parquet([data.getvalue()] * 200, tmp_path / 'pq',
+                                                   per_file=100, row_group_size=20)
     else:
         train_set = tiny.write_path_list([tmp_path / 'half.png'] * 200, tmp_path / 'list.txt')
     args = train_latent_diffusion.parser().parse_args(train_args(
@@ -646,7 +649,8 @@ def test_the_training_loader_follows_random_flip_and_prefetch_factor(assets, tmp
     from ccld.data.sources import Source
     args.source = Source(args.train_set)
     args.cache = None
-    loader = training_run.TrainData(args, seed=0)(SimpleNamespace(global_rank=0, world_size=1))
+    trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=0)
+    loader = training_run.TrainData(args, seed=0)(trainer)
     assert loader.prefetch_factor == 3
     images = torch.cat([batch['images'] for batch in loader])
     flipped = int((images[:, 0, 32, 5] < 0.5).sum())

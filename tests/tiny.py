@@ -5,6 +5,7 @@ Fixtures call these builders (usually once per module); nothing here is a fixtur
 test module can share them.
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,7 +19,8 @@ BASE_CHANNELS, CHANNEL_MULTIPLIERS = 16, (4, 4, 4, 4)
 
 __all__ = ['BASE_CHANNELS', 'CHANNEL_MULTIPLIERS', 'make_images', 'write_path_list',
            'tiny_autoencoder', 'tiny_cloob', 'tiny_diffusion', 'save_bare',
-           'save_ccld_checkpoint', 'save_original_checkpoint', 'inception_weights', 'exit_code']
+           'save_ccld_checkpoint', 'save_original_checkpoint', 'inception_weights', 'exit_code',
+           'write_img2dataset_parquet', 'write_datasets_parquet']
 
 
 def tiny_autoencoder(directory, seed=0):
@@ -92,3 +94,36 @@ def exit_code(main, prog, argv):
     except SystemExit as e:
         return e.code
     return 0
+
+
+def write_img2dataset_parquet(cells, folder, per_file, row_group_size=1):
+    """img2dataset's --output_format parquet, written here with pyarrow: NNNNN.parquet
+    files of `per_file` rows with key, jpg (the image bytes, None for a failed download),
+    caption, width and height. `cells` are the image bytes, row by row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard, start in enumerate(range(0, len(cells), per_file)):
+        rows = range(start, min(start + per_file, len(cells)))
+        table = pa.table({'key': [f'{i:09}' for i in rows],
+                          'jpg': pa.array([cells[i] for i in rows], pa.binary()),
+                          'caption': [f'caption {i}' for i in rows],
+                          'width': [64] * len(rows), 'height': [64] * len(rows)})
+        pq.write_table(table, folder / f'{shard:05}.parquet', row_group_size=row_group_size)
+    return folder
+
+
+def write_datasets_parquet(cells, path, row_group_size=2):
+    """A parquet file as the datasets library writes an image dataset: an `image` struct of
+    bytes and path, a caption, and the features in the schema's metadata; no key column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    features = {'image': {'_type': 'Image'}, 'caption': {'dtype': 'string', '_type': 'Value'}}
+    image = pa.struct([('bytes', pa.binary()), ('path', pa.string())])
+    schema = pa.schema([('image', image), ('caption', pa.string())],
+                       metadata={'huggingface': json.dumps({'info': {'features': features}})})
+    table = pa.table({'image': [{'bytes': c, 'path': None} for c in cells],
+                      'caption': [f'caption {i}' for i in range(len(cells))]}, schema=schema)
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return Path(path)

@@ -16,6 +16,25 @@ from ..files import read_text_lines
 PATHS_CHECKED = 20  # how many paths of a list must include one that exists
 UNREADABLE = 'unreadable'  # what a dataset yields for an image it could not read (not None:
 #                           webdataset drops those, and batches must count what they lost)
+IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'tif', 'tiff', 'gif')
+
+
+class MissingImage(ValueError):
+    """A sample or row that holds no image at all, such as the rows img2dataset writes for
+    its failed downloads: skipped and counted like an unreadable image, but warned about
+    once per process rather than once each, as a set may hold many."""
+
+    def __init__(self):
+        super().__init__('no image in the row')
+
+
+def warn_skipped(key, error):
+    """The warning for an image that is skipped because `error` made it unreadable."""
+    if isinstance(error, MissingImage):  # one text from one line: Python warns once
+        warnings.warn('skipping rows with no image in them (img2dataset writes its failed '
+                      'downloads so); each is counted as skipped, without a warning of its own')
+    else:
+        warnings.warn(f'skipping unreadable image {key}: {type(error).__name__}: {error}')
 
 
 def read_path_list(path):
@@ -86,7 +105,7 @@ class ImagePathDataset(data.Dataset):
         try:
             return path, self.transform(load_image(path))
         except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
-            warnings.warn(f'skipping unreadable image {path}: {type(e).__name__}: {e}')
+            warn_skipped(path, e)
             return path, UNREADABLE
 
 
@@ -117,3 +136,12 @@ def make_loader(paths, image_size, batch_size, num_workers, shuffle=True, seed=N
         worker_init_fn=worker_init_fn,
         prefetch_factor=prefetch_factor if num_workers else None,
     )
+
+
+def batched_loader(dataset, num_workers, worker_init_fn=None, prefetch_factor=2):
+    """A loader of an iterable dataset whose workers batch themselves (streamed sources:
+    they split their data across ranks and workers, so batch_size is theirs, not its)."""
+    return data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                           persistent_workers=num_workers > 0,
+                           prefetch_factor=prefetch_factor if num_workers else None,
+                           pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init_fn)

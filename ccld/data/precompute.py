@@ -22,6 +22,9 @@ from ..files import check_writable_dir, remove_stale_temps
 from .sources import transformed
 
 END = None  # the key that marks the end of a unit in the stream of images
+# The settings a rerun must share with the parts made before (the models are compared by
+# their digests).
+PLANNED = ('image_size', 'source', 'image_column', 'split', 'units', 'unit_size')
 NO_DATA_BATCHES = 20
 
 
@@ -31,8 +34,8 @@ def settings_for(args, source):
     from ..models.cloob import describe as describe_cloob
     return {'autoencoder': describe_autoencoder(args.vqgan_model),
             'cloob': describe_cloob(args.cloob_checkpoint), 'image_size': args.image_size,
-            'source': str(Path(source.spec).resolve()) if not source.is_tar else source.spec,
-            'units': len(source), 'unit_size': source.unit_size}
+            'source': source.location, 'image_column': source.image_column,
+            'split': source.split, 'units': len(source), 'unit_size': source.unit_size}
 
 
 def prepare(root, settings):
@@ -45,8 +48,7 @@ def prepare(root, settings):
     plan_path = root / latent_cache.PLAN
     if plan_path.is_file():
         plan = latent_cache.read_json(plan_path, 'cache plan')
-        changed = [k for k in settings if k in ('image_size', 'source', 'units', 'unit_size')
-                   and plan.get(k) != settings[k]]
+        changed = [k for k in PLANNED if plan.get(k) != settings[k]]
         changed += [k for k in ('autoencoder', 'cloob')
                     if plan.get(k, {}).get('sha256') != settings[k]['sha256']]
         if changed:

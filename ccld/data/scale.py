@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..models import latents
 from .images import make_loader
+from .sources import Source
 from ..errors import RunError
 
 BATCHES_CHECKED = 20  # a run whose first batches hold no readable image stops after these
@@ -27,34 +28,49 @@ class ScaleEstimate:
 
 
 @torch.no_grad()
-def estimate_scale(autoencoder, paths, batches=32, batch_size=64, image_size=256,
-                   num_workers=0, device='cpu', seed=0, progress=True, source='the path list'):
-    """Encodes `batches` shuffled batches of `paths` (all of them if there are fewer).
+def estimate_scale(autoencoder, images, batches=32, batch_size=64, image_size=256,
+                   num_workers=0, device='cpu', seed=0, progress=True):
+    """Encodes `batches` shuffled batches of `images`, a list of paths or a Source (all of
+    them if there are fewer).
 
     Each batch's variance counts by its number of images, so with full batches this is
     the original's plain mean, and a short last batch or skipped files do not tilt it.
-    Raises RunError, naming `source`, if the first BATCHES_CHECKED batches (or all of
-    them, if fewer) hold no readable image: a list of wrong paths would otherwise go
-    through every batch to say so.
+    Raises RunError if the first BATCHES_CHECKED batches (or all of them, if fewer) hold
+    no readable image: a list of wrong paths would otherwise go through every batch to
+    say so.
     """
     device = torch.device(device)
-    loader = make_loader(paths, image_size, batch_size, num_workers, shuffle=True, seed=seed,
-                         drop_last=False)
+    source = images if isinstance(images, Source) else None
+    paths = images if source is None else source.paths
+    if paths is not None:
+        loader = make_loader(paths, image_size, batch_size, num_workers, shuffle=True,
+                             seed=seed, drop_last=False)
+        available = len(loader)
+    else:  # streamed: as many batches as it has rows for, where that is known
+        loader = source.stream_loader(image_size, batch_size, num_workers, seed, rank=0,
+                                      world_size=1)
+        known = source.known_images
+        available = None if known is None else -(-known // batch_size)
     generator = torch.Generator(device).manual_seed(seed)
-    n_batches = min(batches, len(loader))
-    var_sum, images, used, skipped, seen = 0.0, 0, 0, 0, 0
+    n_batches = batches if available is None else min(batches, available)
+    var_sum, encoded, used, skipped, seen = 0.0, 0, 0, 0, 0
     for seen, batch in enumerate(tqdm(itertools.islice(loader, n_batches), total=n_batches,
                                       unit='batch', disable=not progress), 1):
         skipped += batch['skipped']
         if len(batch['images']):
             z = latents.encode(autoencoder, batch['images'].to(device), 1.0, generator)
             var_sum += z.double().var().item() * len(z)
-            images += len(z)
+            encoded += len(z)
             used += 1
-        if not images and seen == BATCHES_CHECKED:
+        if not encoded and seen == BATCHES_CHECKED:
             break
-    if not images:
-        raise RunError(f'none of the {skipped} files tried from {source} ({seen} batch(es)) '
-                       'could be read as an image; check that it lists image paths, one a '
-                       'line, and that the data set is mounted.')
-    return ScaleEstimate(math.sqrt(var_sum / images), images, used, skipped)
+    if not encoded:
+        if paths is not None:
+            name = 'the path list' if source is None else source.spec
+            raise RunError(f'none of the {skipped} files tried from {name} ({seen} batch(es)) '
+                           'could be read as an image; check that it lists image paths, one a '
+                           'line, and that the data set is mounted.')
+        raise RunError(f'none of the {skipped} images tried from {images.spec} ({seen} '
+                       'batch(es)) could be read; check that they are image files (and, for '
+                       'parquet files and datasets, --image-column).')
+    return ScaleEstimate(math.sqrt(var_sum / encoded), encoded, used, skipped)

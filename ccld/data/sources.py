@@ -1,24 +1,26 @@
-"""Where training images come from: a text file of paths, or webdataset tar shards as
+"""Where training images come from: a text file of paths; webdataset tar shards as
 img2dataset writes them (`data/{00000..01023}.tar`, a directory of .tar files, or URLs
-webdataset can open), streamed and split across ranks and loader workers.
+webdataset can open); parquet files (parquet.py); or a Hugging Face dataset, saved to disk
+or on the hub (hf_datasets.py). All but path lists are streamed, and split across ranks
+and loader workers by the source itself.
 
-Both kinds are cut into numbered units (a slice of the path list, or one tar file), the
-granule that precompute_latents.py resumes by and that tar streaming splits by.
+Every kind is cut into numbered units (a slice of the path list, one tar file, a run of
+parquet row groups, a slice of a saved dataset, a hub shard): the granule that
+precompute_latents.py makes one cache part of, and resumes by.
 """
 
 import functools
 import io
 import itertools
-import warnings
 from pathlib import Path
 
-import torch
 from torch.utils import data
 
-from .images import UNREADABLE, check_some_exist, image_transform, load_image, read_path_list
+from .hf_datasets import HUB, HubImages, SavedImages, is_saved_dataset
+from .images import (IMAGE_EXTENSIONS, UNREADABLE, batched_loader, check_some_exist,
+                     image_transform, load_image, read_path_list, warn_skipped)
+from .parquet import ParquetImages, has_parquet_files
 from ..errors import UserError
-
-IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'tif', 'tiff', 'gif')
 
 
 def is_tar_spec(spec):
@@ -28,13 +30,30 @@ def is_tar_spec(spec):
         or Path(spec).is_dir()
 
 
+def kind_of(spec):
+    """What a --train-set names: 'hub', 'saved' (save_to_disk), 'parquet', 'tar' or 'list'."""
+    if spec.startswith(HUB):
+        return 'hub'
+    path = Path(spec)
+    if path.is_dir():
+        if is_saved_dataset(path):
+            return 'saved'
+        if next(path.glob('*.tar'), None) is None and has_parquet_files(path):
+            return 'parquet'  # (img2dataset's tar output has metadata-only parquet beside it)
+        return 'tar'
+    if spec.endswith('.parquet'):
+        return 'parquet'
+    return 'tar' if is_tar_spec(spec) else 'list'
+
+
 def tar_urls(spec):
     """The shard URLs of a tar spec; a directory is listed once, for its .tar files only."""
     import webdataset as wds
     if Path(spec).is_dir():
         urls = sorted(str(p) for p in Path(spec).glob('*.tar'))
         if not urls:
-            raise UserError(f'{spec} is a directory with no .tar shards in it.')
+            raise UserError(f'{spec} is a directory with no .tar shards, .parquet files or '
+                            'saved dataset in it.')
         return urls
     urls = wds.shardlists.expand_urls(str(spec))
     local = [u for u in urls if '://' not in u and not u.startswith('pipe:')]
@@ -46,36 +65,78 @@ def tar_urls(spec):
 
 
 class Source:
-    """A training set cut into units. `spec` is what the user passed."""
+    """A training set cut into units. `spec` is what the user passed; `image_column` (None:
+    found from the schema) and `split` apply to parquet files and datasets, `unit_size` to
+    path lists, parquet files and saved datasets. Exactly one of `paths` (a path list),
+    `urls` (tar shards) and `table` (the rest) is set."""
 
-    def __init__(self, spec, unit_size=10_000):
+    def __init__(self, spec, unit_size=10_000, image_column=None, split='train'):
         self.spec = str(spec)
-        if is_tar_spec(spec):
-            self.urls, self.paths = tar_urls(spec), None
-            self.unit_size = None
-        else:
-            self.paths, self.urls = read_path_list(spec), None
+        self.paths = self.urls = self.table = None
+        self.unit_size = unit_size
+        kind = kind_of(self.spec)
+        if image_column is not None and kind in ('list', 'tar'):
+            raise UserError(f'--image-column {image_column} names a column of parquet files or '
+                            f'datasets; {self.spec} is '
+                            f'{"a path list" if kind == "list" else "a set of tar shards"}.')
+        if kind == 'list':
+            self.paths = read_path_list(spec)
             check_some_exist(self.paths, spec)
-            self.unit_size = unit_size
+        elif kind == 'tar':
+            self.urls, self.unit_size = tar_urls(spec), None
+        elif kind == 'parquet':
+            self.table = ParquetImages(self.spec, image_column, unit_size)
+        elif kind == 'saved':
+            self.table = SavedImages(self.spec, split, image_column, unit_size)
+        else:
+            self.table, self.unit_size = HubImages(self.spec, split, image_column), None
 
     @property
     def is_tar(self):
         return self.urls is not None
 
+    @property
+    def image_column(self):
+        return self.table.columns.image if self.table is not None else None
+
+    @property
+    def split(self):
+        return self.table.split if self.table is not None else None
+
+    @property
+    def location(self):
+        """What names the set in a cache's plan: its resolved path, or the spec of tar
+        shards (which may be URLs) and hub datasets."""
+        if self.is_tar or isinstance(self.table, HubImages):
+            return self.spec
+        return str(Path(self.spec).resolve())
+
+    @property
+    def uneven_shares(self):
+        """Whether the ranks' shares of an epoch can differ in length (tar shards and hub
+        datasets, whose units are not counted before they are read)."""
+        return self.is_tar or isinstance(self.table, HubImages)
+
     def __len__(self):
         """The number of units."""
         if self.is_tar:
             return len(self.urls)
+        if self.table is not None:
+            return len(self.table)
         return -(-len(self.paths) // self.unit_size)
 
     @property
     def known_images(self):
-        """The number of images, where it is known without reading the shards."""
+        """The number of images (rows, for tables), where it is known without reading them."""
+        if self.table is not None:
+            return self.table.rows
         return None if self.is_tar else len(self.paths)
 
     def unit_size_of(self, unit):
         if self.is_tar:
             return None
+        if self.table is not None:
+            return self.table.unit_rows(unit)
         return len(self.paths[unit * self.unit_size:(unit + 1) * self.unit_size])
 
     def items(self, unit):
@@ -83,11 +144,35 @@ class Source:
         if self.is_tar:
             yield from tar_images(self.urls[unit])
             return
+        if self.table is not None:
+            yield from self.table.items(unit)
+            return
         for path in self.paths[unit * self.unit_size:(unit + 1) * self.unit_size]:
             try:
                 yield path, load_image(path)
             except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
                 yield path, e
+
+    def describe(self):
+        if self.is_tar:
+            return f'{len(self.urls)} tar shards of images'
+        if self.table is not None:
+            return self.table.describe()
+        return f'{len(self.paths)} images'
+
+    def stream_loader(self, image_size, batch_size, num_workers, seed, rank, world_size,
+                      worker_init_fn=None, prefetch_factor=2, random_flip=False, epoch=0):
+        """A loader of one rank's batches, for the kinds that split themselves across ranks
+        and workers (all but path lists, which the sampler Lightning adds splits); the
+        order of each epoch follows from `seed` and the epoch, counted from `epoch`."""
+        if self.paths is not None:
+            raise TypeError('a path list is split by its sampler; load it with make_loader')
+        if self.is_tar:
+            return make_tar_loader(self.urls, image_size, batch_size, num_workers, seed, rank,
+                                   world_size, worker_init_fn, prefetch_factor, random_flip,
+                                   epoch)
+        return self.table.loader(image_size, batch_size, num_workers, seed, rank, world_size,
+                                 worker_init_fn, prefetch_factor, random_flip, epoch)
 
 
 def tar_images(url):
@@ -110,7 +195,7 @@ def transformed(items, image_size):
     transform = image_transform(image_size)
     for key, image in items:
         if isinstance(image, Exception):
-            warnings.warn(f'skipping unreadable image {key}: {type(image).__name__}: {image}')
+            warn_skipped(key, image)
             yield key, None
         else:
             yield key, transform(image)
@@ -131,13 +216,14 @@ class TarImages(data.IterableDataset):
     one runs out (LightningDiffusion's even_epochs).
     """
 
-    def __init__(self, urls, image_size, batch_size, seed, rank, world_size, random_flip=False):
+    def __init__(self, urls, image_size, batch_size, seed, rank, world_size, random_flip=False,
+                 epoch=0):
         super().__init__()
         import webdataset as wds
         from .images import collate_skipping_bad
         self.pipeline = wds.DataPipeline(
             wds.SimpleShardList(urls),
-            wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=seed),
+            wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=seed, epoch=epoch - 1),
             functools.partial(split, index=rank, count=world_size),
             wds.split_by_worker,
             wds.tarfile_to_samples(handler=wds.warn_and_continue),
@@ -159,15 +245,12 @@ def decode_sample(sample, transform):
             raise ValueError('no image file in the sample')
         return key, transform(load_image(io.BytesIO(sample[ext])))
     except Exception as e:  # noqa: BLE001
-        warnings.warn(f'skipping unreadable image {key}: {type(e).__name__}: {e}')
+        warn_skipped(key, e)
         return key, UNREADABLE
 
 
 def make_tar_loader(urls, image_size, batch_size, num_workers, seed, rank, world_size,
-                    worker_init_fn=None, prefetch_factor=2, random_flip=False):
+                    worker_init_fn=None, prefetch_factor=2, random_flip=False, epoch=0):
     """A loader of already batched tar images (batch_size=None: the workers batch)."""
-    dataset = TarImages(urls, image_size, batch_size, seed, rank, world_size, random_flip)
-    return data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                           persistent_workers=num_workers > 0,
-                           prefetch_factor=prefetch_factor if num_workers else None,
-                           pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init_fn)
+    dataset = TarImages(urls, image_size, batch_size, seed, rank, world_size, random_flip, epoch)
+    return batched_loader(dataset, num_workers, worker_init_fn, prefetch_factor)

@@ -14,8 +14,7 @@ SIGNALS = ('SIGHUP', 'SIGINT', 'SIGTERM', 'SIGUSR1', 'SIGUSR2')
 PRECISIONS = {'16': '16-mixed', '32': '32-true', 'bf16': 'bf16-mixed', '64': '64-true'}
 LIGHTNING_PRECISIONS = {'16-mixed', 'bf16-mixed', '32-true', '64-true', '16-true',
                         'bf16-true', 'transformer-engine', 'transformer-engine-float16'}
-TRAIN_SET_HELP = ('text file with one image path per line, or webdataset tar shards '
-                  '(data/{00000..01023}.tar, or a directory of .tar files)')
+TRAIN_SET_HELP = cli.IMAGES_HELP
 RESUME_HELP = ('a ccld checkpoint, a checkpoint of the original script, a released model state '
                'dict to finetune, or "auto": the newest good checkpoint in --output-dir (a fresh '
                'start when there is none)')
@@ -40,11 +39,13 @@ def add_image_flags(p, train_set_help=TRAIN_SET_HELP):
     """Training images and how they are loaded."""
     g = p.add_argument_group('training images')
     g.add_argument('--train-set', help=train_set_help)
+    cli.add_table_flags(g)
     g.add_argument('--image-size', type=cli.positive_int, default=256,
                    help='training image size in pixels (latents are 1/8 of it)')
     g.add_argument('--batch-size', type=cli.positive_int, default=64, help='per device')
-    g.add_argument('--num-workers', type=cli.non_negative_int, default=12,
-                   help='data loading processes per device')
+    g.add_argument('--num-workers', type=cli.non_negative_int, default=cli.default_workers(),
+                   help='data loading processes per device (by default one per usable CPU, at '
+                   'most 8)')
     g.add_argument('--prefetch-factor', type=cli.positive_int, default=2,
                    help='batches each loader worker prepares ahead')
     return g

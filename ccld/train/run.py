@@ -58,7 +58,8 @@ def validate(args):
     args.source = args.cache = None
     if args.train_set is not None:
         try:
-            args.source = Source(args.train_set)
+            args.source = Source(args.train_set, image_column=args.image_column,
+                                 split=args.dataset_split)
         except UserError as e:
             raise UserError(f'--train-set: {e}') from None
     args.prompts = read_prompts(args.demo_prompts)
@@ -134,8 +135,9 @@ def read_resume(path):
 
 
 class TrainData:
-    """Builds the training loader once the processes are up (litdata and the tar
-    splitter need each process's rank): a path list, tar shards, or a latent cache."""
+    """Builds the training loader once the processes are up (litdata and the streamed
+    sources split by each process's rank): a path list (split by the sampler Lightning
+    adds), a streamed source (tar shards, parquet files, datasets), or a latent cache."""
 
     def __init__(self, args, seed):
         self.args, self.seed = args, seed
@@ -143,16 +145,15 @@ class TrainData:
     def __call__(self, trainer):
         from ..data.latent_cache import make_cache_loader
         from ..data.images import make_loader
-        from ..data.sources import make_tar_loader
         args = self.args
         if args.cache is not None:
             return make_cache_loader(args.train_latents, args.batch_size, args.num_workers,
                                      self.seed, init_loader_worker, args.prefetch_factor)
-        if args.source.is_tar:
-            return make_tar_loader(args.source.urls, args.image_size, args.batch_size,
-                                   args.num_workers, self.seed, trainer.global_rank,
-                                   trainer.world_size, init_loader_worker, args.prefetch_factor,
-                                   args.random_flip)
+        if args.source.paths is None:
+            return args.source.stream_loader(
+                args.image_size, args.batch_size, args.num_workers, self.seed,
+                trainer.global_rank, trainer.world_size, init_loader_worker,
+                args.prefetch_factor, args.random_flip, epoch=trainer.current_epoch)
         return make_loader(args.source.paths, args.image_size, args.batch_size,
                            args.num_workers, worker_init_fn=init_loader_worker,
                            prefetch_factor=args.prefetch_factor, random_flip=args.random_flip)
@@ -161,9 +162,7 @@ class TrainData:
         args = self.args
         if args.cache is not None:
             return f'{args.cache["images"]} cached latents from {args.train_latents}'
-        if args.source.is_tar:
-            return f'{len(args.source.urls)} tar shards of images'
-        return f'{len(args.source.paths)} images'
+        return args.source.describe()
 
     def known_size(self):
         args = self.args
@@ -251,7 +250,7 @@ def _run(args):
                                 accumulate_grad_batches=args.accumulate_grad_batches,
                                 max_bad_steps=args.max_bad_steps,
                                 from_cache=args.cache is not None,
-                                even_epochs=args.source is not None and args.source.is_tar,
+                                even_epochs=args.source is not None and args.source.uneven_shares,
                                 compile=args.compile, channels_last=args.channels_last,
                                 gradient_checkpointing=args.gradient_checkpointing,
                                 lr_schedule=dict(warmup=args.lr_warmup_steps,

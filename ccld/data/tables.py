@@ -1,0 +1,257 @@
+"""Images in the rows of a table: parquet files (img2dataset's --output_format parquet, the
+hub's parquet shards) and Hugging Face datasets. What they share: which columns hold the
+image and the key, how a row's image is decoded, and how rows are shared out.
+
+A table whose rows are counted before it is read (parquet row groups, a dataset saved to
+disk) is split exactly. Every epoch its pieces are put in a new order, the same on every
+rank; the rows, laid end to end in that order, are cut into one equal share per rank, and
+each share into runs of whole batches, one run per loader worker. So every row is read
+once per epoch (all but the last rows % ranks of the order, a different few each epoch),
+every rank runs the same number of batches, and each worker reads a few pieces whole.
+"""
+
+import itertools
+import io
+import json
+from typing import NamedTuple
+
+import numpy as np
+from torch.utils import data
+
+from ..errors import UserError
+from .images import (IMAGE_EXTENSIONS, UNREADABLE, MissingImage, batched_loader,
+                     collate_skipping_bad, image_transform, load_image, warn_skipped)
+
+KEY_COLUMNS = ('key', 'id', '__key__')  # img2dataset's, the usual one, webdataset's
+# Binary columns taken for images by their name: img2dataset names its column after
+# --encode_format (jpg by default).
+IMAGE_NAMES = (*IMAGE_EXTENSIONS, 'image', 'img')
+# A worker shuffles its rows in a buffer of at most this many rows and bytes of images.
+SHUFFLE_ROWS = 1000
+SHUFFLE_BYTES = 128 << 20
+
+
+class Columns(NamedTuple):
+    image: str
+    key: str | None  # None: rows are keyed by their position
+
+    def names(self):
+        return [self.image] + ([self.key] if self.key else [])
+
+
+def holds_images(kind):
+    """Whether an arrow type can hold images: bytes, or a datasets Image struct."""
+    import pyarrow as pa
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return True
+    return (pa.types.is_struct(kind) and kind.get_field_index('bytes') >= 0
+            and holds_images(kind.field('bytes').type))
+
+
+def declared_images(schema):
+    """The columns that the datasets library's metadata in a schema declares as images."""
+    try:
+        features = json.loads(schema.metadata[b'huggingface'])['info']['features']
+        return [name for name, f in features.items() if f.get('_type') == 'Image']
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return []
+
+
+def find_columns(schema, image_column, where):
+    """The image column (`image_column`, or the one the schema shows) and the key column.
+
+    Without `image_column`: a binary column named after an image format (img2dataset's
+    `jpg`), else a datasets Image column, else any struct of image bytes. UserError, naming
+    `where` and its columns, when there is none or `image_column` holds no images.
+    """
+    names = schema.names
+    listed = ', '.join(names)
+    if image_column is None:
+        images = [n for n in names if holds_images(schema.field(n).type)]
+        named = [n for n in images if n in IMAGE_NAMES and not schema.field(n).type.num_fields]
+        structs = [n for n in images if schema.field(n).type.num_fields]
+        declared = [n for n in declared_images(schema) if n in images]
+        image_column = next(iter(named + declared + structs), None)
+        if image_column is None:
+            raise UserError(f'{where} has no column of images that ccld recognises (its columns: '
+                            f'{listed}); name the one that holds the image bytes with '
+                            '--image-column.')
+    elif image_column not in names:
+        raise UserError(f'{where} has no column {image_column!r} (its columns: {listed}); pass '
+                        'one of them to --image-column.')
+    elif not holds_images(schema.field(image_column).type):
+        raise UserError(f'column {image_column!r} of {where} holds '
+                        f'{schema.field(image_column).type}, not image bytes; pass the column '
+                        'of images to --image-column.')
+    key = next((k for k in KEY_COLUMNS if k in names and k != image_column), None)
+    return Columns(image_column, key)
+
+
+def image_of(cell):
+    """A row's image: its bytes, or a datasets Image struct of bytes or a path, decoded as
+    image files are. MissingImage for an empty cell."""
+    if isinstance(cell, dict):
+        if cell.get('bytes') is None:
+            if not cell.get('path'):
+                raise MissingImage()
+            if '://' not in cell['path']:
+                return load_image(cell['path'])
+            import fsspec  # a hub dataset's files (hf://..., zip://...::hf://...)
+            with fsspec.open(cell['path'], 'rb') as f:
+                return load_image(f)
+        cell = cell['bytes']
+    if cell is None:
+        raise MissingImage()
+    return load_image(io.BytesIO(cell))
+
+
+def decoded(cell):
+    """image_of(cell), or the exception that made it unreadable (what Source.items yields)."""
+    try:
+        return image_of(cell)
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this row"
+        return e
+
+
+def cell_bytes(cell):
+    if isinstance(cell, dict):
+        cell = cell.get('bytes')
+    return len(cell) if cell is not None else 0
+
+
+def rows_of(table, columns, first, prefix):
+    """(key, image cell) of each row of an arrow table or batch whose first row is the
+    `first`-th of its file or dataset; keys are `prefix:KEY`, KEY the key column's value or
+    the row's position."""
+    cells = table.column(columns.image).to_pylist()
+    keys = (table.column(columns.key).to_pylist() if columns.key
+            else range(first, first + len(cells)))
+    return [(f'{prefix}:{key}', cell) for key, cell in zip(keys, cells)]
+
+
+def shuffled(rows, rng, max_rows=SHUFFLE_ROWS, max_bytes=SHUFFLE_BYTES):
+    """`rows` in a random order, drawn from a buffer of at most max_rows rows and max_bytes
+    of image bytes, so that memory stays bounded however long the stream."""
+    buffer, held = [], 0
+    for row in rows:
+        buffer.append(row)
+        held += cell_bytes(row[1])
+        while len(buffer) >= max_rows or held > max_bytes:
+            i = rng.integers(len(buffer))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            out = buffer.pop()
+            held -= cell_bytes(out[1])
+            yield out
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def batches_of(rows, batch_size, transform):
+    """Collated batches of (key, image cell) rows; an unreadable image is counted in the
+    batch's 'skipped', with a warning."""
+    rows = iter(rows)
+    while chunk := list(itertools.islice(rows, batch_size)):
+        batch = []
+        for key, cell in chunk:
+            try:
+                batch.append((key, transform(image_of(cell))))
+            except Exception as e:  # noqa: BLE001
+                warn_skipped(key, e)
+                batch.append((key, UNREADABLE))
+        yield collate_skipping_bad(batch)
+
+
+def worker_slot():
+    """(this loader worker's index, the number of workers); (0, 1) in the main process."""
+    info = data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def pack(sizes, limit):
+    """Consecutive indices of `sizes` in runs of at most `limit` in total (a larger one
+    makes a run alone)."""
+    runs, run, total = [], [], 0
+    for i, size in enumerate(sizes):
+        if run and total + size > limit:
+            runs.append(run)
+            run, total = [], 0
+        run.append(i)
+        total += size
+    return runs + [run] if run else runs
+
+
+class ImageTable:
+    """Rows in pieces of known length, each read on its own (a parquet row group, a slice of
+    a saved dataset). The units, which a latent cache makes one part of each, are runs of
+    whole pieces of about unit_size rows. Subclasses read the pieces and describe the set."""
+
+    split = None
+
+    def __init__(self, columns, piece_rows, unit_size, where):
+        self.columns, self.piece_rows = columns, list(piece_rows)
+        self.rows = sum(self.piece_rows)
+        if not self.rows:
+            raise UserError(f'{where} has no rows.')
+        self.units = pack(self.piece_rows, unit_size)
+
+    def read(self, piece, start, stop):
+        """(key, image cell) of rows start to stop of a piece."""
+        raise NotImplementedError
+
+    def __len__(self):
+        return len(self.units)
+
+    def unit_rows(self, unit):
+        return sum(self.piece_rows[p] for p in self.units[unit])
+
+    def items(self, unit):
+        """(key, PIL image or the exception that made it unreadable) of a unit, in order."""
+        for piece in self.units[unit]:
+            for key, cell in self.read(piece, 0, self.piece_rows[piece]):
+                yield key, decoded(cell)
+
+    def rows_between(self, order, start, stop):
+        """The rows at positions start to stop of the pieces laid end to end in `order`."""
+        offset = 0
+        for piece in order:
+            rows = self.piece_rows[piece]
+            if offset < stop and offset + rows > start:
+                yield from self.read(piece, max(start - offset, 0), min(stop - offset, rows))
+            offset += rows
+            if offset >= stop:
+                return
+
+    def loader(self, image_size, batch_size, num_workers, seed, rank, world_size,
+               worker_init_fn=None, prefetch_factor=2, random_flip=False, epoch=0):
+        if self.rows < world_size:
+            raise UserError(f'{self.describe()} cannot be shared out to {world_size} '
+                            'processes, fewer rows than processes.')
+        dataset = RowShares(self, image_size, batch_size, seed, rank, world_size, random_flip,
+                            epoch)
+        return batched_loader(dataset, num_workers, worker_init_fn, prefetch_factor)
+
+
+class RowShares(data.IterableDataset):
+    """One rank's batches of an ImageTable, split as the module docstring says."""
+
+    def __init__(self, table, image_size, batch_size, seed, rank, world_size, random_flip=False,
+                 epoch=0):
+        super().__init__()
+        self.table, self.batch_size, self.seed = table, batch_size, seed % (1 << 64)
+        self.rank, self.world_size = rank, world_size
+        self.transform = image_transform(image_size, random_flip)
+        self.epoch = epoch - 1  # one up at each pass, in each worker: one pass per epoch
+
+    def __iter__(self):
+        self.epoch += 1
+        worker, workers = worker_slot()
+        share = self.table.rows // self.world_size
+        batches = -(-share // self.batch_size)
+        first, last = batches * worker // workers, batches * (worker + 1) // workers
+        start = self.rank * share + first * self.batch_size
+        stop = self.rank * share + min(last * self.batch_size, share)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(
+            len(self.table.piece_rows)).tolist()
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        rows = shuffled(self.table.rows_between(order, start, stop), rng)
+        return batches_of(rows, self.batch_size, self.transform)
