@@ -28,10 +28,12 @@ def parser():
     p.add_argument('--prompts-file', metavar='FILE',
                    help='one prompt a line ("text" or "text:weight"; blank lines and # comments '
                    'skipped), -n images of each (default: eval_prompts.txt beside evaluate.py)')
-    p.add_argument('--reference-set', metavar='SET',
-                   help='images to compare against: a text file with one image path per line, '
-                   'or webdataset tar shards (anything --train-set takes); without it, no '
-                   'Frechet distance or KID')
+    reference = p.add_argument_group('the reference set')
+    reference.add_argument('--reference-set', metavar='SET',
+                           help='images to compare against: anything --train-set takes (a path '
+                           'list, tar shards, parquet files, a Hugging Face dataset); without '
+                           'it, no Frechet distance or KID')
+    cli.add_table_flags(reference)
     p.add_argument('--features', default='inception', choices=FEATURES,
                    help='the network whose features are compared: InceptionV3 (the FID '
                    'network, comparable with papers; its weights download on first use) or the '

@@ -483,3 +483,30 @@ def test_the_prompt_set_that_ships_is_a_few_dozen_varied_prompts():
     prompts = read_prompts_file(evaluation.DEFAULT_PROMPTS, 3.0)
     assert 30 <= len(prompts) <= 80
     assert len({text for _, text, _ in prompts}) == len(prompts)
+
+
+def test_a_parquet_reference_set_matches_its_files_and_a_changed_file_is_recomputed(
+        assets, tmp_path):
+    """The reference set is read as --train-set is: a parquet file of the same images gives
+    the same features; rewriting the file (new content) misses the cache."""
+    from ccld.data.sources import Source
+    args = evaluate.parser().parse_args(base_args(
+        assets, tmp_path / 'eval', '--checkpoint', str(assets.bare), '--features', 'cloob',
+        '--reference-set', str(assets.reference_list)))
+    plan = evaluation.make_plan(args)
+    network = evaluation.FrozenModels(args, torch.device('cpu')).feature_network(plan)
+    cells = [Path(p).read_bytes() for p in assets.references]
+    table = tiny.write_img2dataset_parquet(cells, tmp_path / 'parquet', per_file=len(cells))
+    from_files = reference_set.reference_features(Source(assets.reference_list), network, SIZE,
+                                                  tmp_path / 'cache', 4, 0)
+    from_table = reference_set.reference_features(Source(table), network, SIZE,
+                                                  tmp_path / 'cache', 4, 0)
+    assert not from_table.cached and from_table.skipped == 0
+    # (the same images in other batches: equal up to float rounding)
+    np.testing.assert_allclose(from_table.features, from_files.features, rtol=1e-5, atol=1e-6)
+    assert reference_set.reference_features(Source(table), network, SIZE,
+                                            tmp_path / 'cache', 4, 0).cached
+    tiny.write_img2dataset_parquet(cells[:3], tmp_path / 'parquet', per_file=len(cells))
+    again = reference_set.reference_features(Source(table), network, SIZE, tmp_path / 'cache',
+                                             4, 0)
+    assert not again.cached and len(again.features) == 3

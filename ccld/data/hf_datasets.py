@@ -48,6 +48,7 @@ class SavedImages(ImageTable):
             dataset, self.split = dataset[split], split
         columns = find_columns(dataset.features.arrow_schema, image_column, path)
         self.dataset = dataset.with_format('arrow', columns=columns.names())
+        self.files = sorted(f['filename'] for f in dataset.cache_files)
         rows = [min(PIECE_ROWS, len(dataset) - start)
                 for start in range(0, len(dataset), PIECE_ROWS)]
         super().__init__(columns, rows, unit_size, path)

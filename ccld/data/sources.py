@@ -112,6 +112,14 @@ class Source:
         return str(Path(self.spec).resolve())
 
     @property
+    def files(self):
+        """The files the set is read from, where they are local: the listed images, the tar
+        shards, the parquet files, a saved dataset's arrow files; [] for a hub dataset."""
+        if self.table is None:
+            return list(self.paths or self.urls)
+        return [str(f) for f in getattr(self.table, 'files', [])]
+
+    @property
     def uneven_shares(self):
         """Whether the ranks' shares of an epoch can differ in length (tar shards and hub
         datasets, whose units are not counted before they are read)."""

@@ -148,7 +148,8 @@ def make_plan(args):
     source, cache = None, Path(args.reference_cache or out / 'reference_cache')
     if args.reference_set:
         try:
-            source = Source(args.reference_set, REFERENCE_UNIT)
+            source = Source(args.reference_set, REFERENCE_UNIT, args.image_column,
+                            args.dataset_split)
         except UserError as e:
             raise UserError(f'--reference-set: {e}') from None
         check_writable_dir(cache, '--reference-cache')

@@ -41,11 +41,11 @@ class ReferenceFeatures:
 
 
 def listing(source):
-    """What the set is made of, cheaply: each local file with its size and mtime, each
-    remote shard by its URL; a kind of Source that lists neither is known by its spec."""
-    entries = getattr(source, 'paths', None) or getattr(source, 'urls', None) or [source.spec]
-    described = []
-    for entry in entries:
+    """What the set is made of, cheaply: each local file with its size and mtime (listed
+    images, tar shards, parquet or dataset files), each remote shard by its URL, a hub
+    dataset by its name; with the column and split its images are taken from."""
+    described = [[source.image_column, source.split]]
+    for entry in source.files or [source.spec]:
         try:
             stat = os.stat(entry)
             described.append([str(entry), stat.st_size, stat.st_mtime_ns])
