@@ -21,6 +21,7 @@ from ccld.models.autoencoder import load_autoencoder
 from ccld.models.cloob import load_cloob
 from ccld.train.demo_grids import DemoCallback
 from ccld.train.ema import ema_decay, ema_update
+from ccld.train import diffusion_module
 from ccld.train.diffusion_module import LightningDiffusion
 from ccld.models.unet import DiffusionModel
 
@@ -566,6 +567,33 @@ def test_lr_schedule_flags_are_checked(assets, tmp_path, capsys):
                            'argument --lr-min: must be 0 or more')):
         assert run_cli(argv) == 2
         assert message in capsys.readouterr().err
+
+
+class LearningRates:
+    """Spies on optimizer steps: the LR each one ran at, and the batches between them."""
+
+    def __init__(self, monkeypatch):
+        self.lrs, self.batches = [], []
+        step, objective = LightningDiffusion.optimizer_step_or_skip, diffusion_module.v_objective
+
+        def stepped(module):
+            step(module)
+            self.lrs.append(module.optimizers().param_groups[0]['lr'])
+
+        def counted(*args):
+            self.batches.append(len(self.lrs))  # the optimizer steps before this batch
+            return objective(*args)
+        monkeypatch.setattr(LightningDiffusion, 'optimizer_step_or_skip', stepped)
+        monkeypatch.setattr(diffusion_module, 'v_objective', counted)
+
+
+def test_accumulate_grad_batches_makes_one_step_of_that_many_batches(assets, tmp_path,
+                                                                     monkeypatch):
+    """Three batches to a step, on one device too (which has no gradient sync to skip)."""
+    spy = LearningRates(monkeypatch)
+    trainer, _ = train(train_args(assets, tmp_path, '--accumulate-grad-batches', '3',
+                                  '--max-steps', '2', '--demo-every', '1000'))
+    assert trainer.global_step == 2 and spy.batches == [0, 0, 0, 1, 1, 1]
 
 
 def test_random_flip_mirrors_about_half_the_images_and_is_recorded(assets, tmp_path):
