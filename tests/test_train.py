@@ -397,30 +397,46 @@ def test_script_error_is_one_line_from_any_directory(assets, tmp_path):
 DDP_DRIVER = '''
 import sys, torch
 import ccld.train.diffusion_module
+import ccld.train.throughput
 import train_latent_diffusion
 from ccld.train import run as train
-seen, v_objective = [], ccld.train.diffusion_module.v_objective
+seen, ticks, v_objective = [], [], ccld.train.diffusion_module.v_objective
 
 def spy(model, x0, cond, t):  # the latents and timesteps of each step of this rank
     seen.append({"x0": x0.detach().clone(), "t": t.detach().clone()})
     return v_objective(model, x0, cond, t)
 
+def clock():  # the throughput meter's clock: k^2 / 4 seconds at its k-th reading
+    ticks.append(len(ticks) ** 2 / 4)
+    return ticks[-1]
+
 ccld.train.diffusion_module.v_objective = spy
+ccld.train.throughput.perf_counter = clock
 args = train_latent_diffusion.parser().parse_args(sys.argv[2:])
 trainer, module = train.run(train.validate(args))
 torch.save({"model": module.model.state_dict(), "model_ema": module.model_ema.state_dict(),
-            "step": trainer.global_step, "world_size": trainer.world_size, "seen": seen},
-           f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
+            "step": trainer.global_step, "world_size": trainer.world_size, "seen": seen,
+            "ticks": ticks}, f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
 '''
 
 
-def test_two_process_cpu_ddp_keeps_both_ranks_identical(assets, tmp_path):
+def test_two_process_cpu_ddp_keeps_both_ranks_identical_and_logs_the_images_of_both(
+        assets, tmp_path):
     """Both ranks end with the same weights, having trained on different images at
-    different timesteps (each rank has its own Sobol sequence)."""
+    different timesteps (each rank has its own Sobol sequence).
+
+    4 images in batches of 2 on 2 ranks: one step an epoch, so every step is logged.
+    With the meter's clock read at the start and at every step (its k-th reading is
+    k^2 / 4 s, so the intervals differ), perf/images_per_sec is the images both ranks
+    trained on over the meter's window divided by the window's time; perf/mfu is
+    perf/tflops_per_device over --peak-tflops."""
+    from ccld.train.throughput import UPDATES_PER_WINDOW
     driver = tmp_path / 'driver.py'
     driver.write_text(DDP_DRIVER)
-    argv = train_args(assets, tmp_path / 'out', '--num-gpus', '2', '--batch-size', '2',
-                      '--max-steps', '3', '--demo-every', '1000')
+    four = tiny.write_path_list(assets.paths[:4], tmp_path / 'four.txt')
+    argv = train_args(assets, tmp_path / 'out', '--train-set', str(four), '--num-gpus', '2',
+                      '--batch-size', '2', '--max-steps', '5', '--demo-every', '1000',
+                      '--peak-tflops', '0.5')
     # The driver lives outside the checkout: it must import this checkout's code.
     path = [str(ROOT), str(ROOT / 'latent-diffusion'), os.environ.get('PYTHONPATH', '')]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
@@ -428,16 +444,28 @@ def test_two_process_cpu_ddp_keeps_both_ranks_identical(assets, tmp_path):
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [load(tmp_path / f'rank{r}.pt') for r in (0, 1)]
-    assert [(r['step'], r['world_size']) for r in ranks] == [(3, 2), (3, 2)]
+    assert [(r['step'], r['world_size']) for r in ranks] == [(5, 2), (5, 2)]
     for name in ('model', 'model_ema'):
         assert_same_tensors(ranks[0][name], ranks[1][name])
-    assert [len(r['seen']) for r in ranks] == [3, 3]
+    assert [len(r['seen']) for r in ranks] == [5, 5]
     for step, (a, b) in enumerate(zip(ranks[0]['seen'], ranks[1]['seen'])):
         assert a['x0'].shape == b['x0'].shape == (2, 4, 8, 8)
         assert not torch.equal(a['x0'], b['x0']), f'step {step}: both ranks had the same latents'
         assert not torch.equal(a['t'], b['t']), f'step {step}: both ranks drew timesteps {a["t"]}'
     assert (tmp_path / 'out' / 'checkpoints' / 'last.ckpt').is_file()
     assert len(list((tmp_path / 'out' / 'demos').iterdir())) == 1  # rank zero only
+
+    logged = [r for r in metrics(tmp_path / 'out') if r.get('perf/images_per_sec')]
+    assert len(logged) == 1  # the window is full at the 5th reading after the start
+    last, first = 5, 5 - UPDATES_PER_WINDOW + 1  # the steps whose readings bound the window
+    images = sum(len(r['seen'][step - 1]['x0']) for r in ranks for step in range(first + 1,
+                                                                               last + 1))
+    seconds = ranks[0]['ticks'][last] - ranks[0]['ticks'][first]
+    assert images == 16 and seconds == 6
+    logged = {k: float(v) for k, v in logged[0].items() if k.startswith('perf/')}
+    # (metrics are logged in float32)
+    assert logged['perf/images_per_sec'] == pytest.approx(images / seconds, rel=1e-6)
+    assert logged['perf/mfu'] == pytest.approx(logged['perf/tflops_per_device'] / 0.5, rel=1e-6)
 
 
 def test_wandb_offline_run_logs_the_demo_grid_and_prompts(assets, tmp_path):
