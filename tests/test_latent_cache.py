@@ -230,6 +230,18 @@ def test_training_from_the_cache_leaves_the_encoder_and_image_tower_out(assets, 
         assert 'demo/cloob_score' in f.readline()
 
 
+def test_the_cache_loader_follows_batch_size_num_workers_and_prefetch_factor(assets, cached,
+                                                                            tmp_path):
+    """The loader the run builds from its flags for a latent cache."""
+    from ccld.train import run as training_run
+    args = train_latent_diffusion.parser().parse_args(train_args(
+        assets, cached, tmp_path, '--batch-size', '3', '--num-workers', '1',
+        '--prefetch-factor', '5'))
+    args.cache = latent_cache.read_manifest(cached)
+    loader = training_run.TrainData(args, seed=0)(SimpleNamespace(global_rank=0, world_size=1))
+    assert (loader.batch_size, loader.num_workers, loader.prefetch_factor) == (3, 1, 5)
+
+
 def test_a_rerun_with_other_settings_into_the_same_cache_is_refused(assets, cached, capsys):
     argv = precompute_args(assets, cached, '--vqgan-model', assets.other_autoencoder)
     assert tiny.exit_code(precompute_latents.main, 'precompute_latents.py', argv) == 2
@@ -320,6 +332,27 @@ def test_a_rerun_encodes_only_the_parts_an_interrupted_run_left_unfinished(
     manifest = latent_cache.read_manifest(out)
     assert (manifest['images'], manifest['skipped'], manifest['parts']) == (N, 1, 4)
     assert json.loads(capsys.readouterr().out) == manifest
+
+
+def test_precompute_asks_fabric_for_the_nodes_and_processes_of_its_flags(assets, tmp_path,
+                                                                          monkeypatch):
+    """Several nodes cannot run in a test: the Fabric the run asks for is checked (two
+    nodes of one CPU process each need a DDP strategy)."""
+    import lightning_fabric
+    from lightning_fabric.strategies import DDPStrategy
+    asked = {}
+
+    class Asked(Exception):
+        pass
+
+    def fabric(**kwargs):
+        asked.update(kwargs)
+        raise Asked
+    monkeypatch.setattr(lightning_fabric, 'Fabric', fabric)
+    with pytest.raises(Asked):
+        precompute_latents.main(precompute_args(assets, tmp_path / 'latents', '--num-nodes', '2'))
+    assert (asked['accelerator'], asked['devices'], asked['num_nodes']) == ('cpu', 1, 2)
+    assert isinstance(asked['strategy'], DDPStrategy)
 
 
 EPOCHS_DRIVER = '''

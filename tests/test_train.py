@@ -146,6 +146,7 @@ def test_frozen_models_stay_in_eval_mode_and_untrained(first_run, assets):
     assert not module.model_ema.training
     fresh = load_autoencoder(assets.autoencoder)
     assert_same_tensors(module.ae_model.state_dict(), fresh.state_dict())
+    assert_same_tensors(module.cloob.state_dict(), load_cloob(str(assets.cloob)).state_dict())
 
 
 def test_resume_continues_at_the_exact_step_with_optimizer_ema_and_new_lr(
@@ -263,6 +264,21 @@ def test_demo_grids_do_not_change_the_training_random_stream(first_run, assets, 
     _, module = train(train_args(assets, tmp_path, '--demo-every', '1'))
     assert len(list((tmp_path / 'demos').iterdir())) == 4
     assert_same_tensors(module.model.state_dict(), first_run.module.model.state_dict())
+
+
+def test_the_seed_picks_the_timesteps(assets, tmp_path, monkeypatch):
+    """--seed 5: the first step's timesteps are the first draws of the scrambled Sobol
+    sequence of seed 5 (rank zero's). (Without it, a run picks a seed at random, or the
+    one an earlier run in this process left in PL_GLOBAL_SEED.)"""
+    seen, objective = [], diffusion_module.v_objective
+
+    def spy(model, x0, cond, t):
+        seen.append(t.clone())
+        return objective(model, x0, cond, t)
+    monkeypatch.setattr(diffusion_module, 'v_objective', spy)
+    train(train_args(assets, tmp_path, '--seed', '5', '--max-steps', '1', '--demo-every', '1000'))
+    expected = torch.quasirandom.SobolEngine(1, scramble=True, seed=5).draw(4)[:, 0]
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('n', [1, 5, 17])
@@ -615,6 +631,20 @@ class LearningRates:
         monkeypatch.setattr(diffusion_module, 'v_objective', counted)
 
 
+@pytest.mark.parametrize('schedule, lr_min, expected', [
+    # lr_min + (lr - lr_min) (1 + cos(pi step / max_steps)) / 2
+    ('cosine', 1e-5, [3e-5, 1e-5 + 2e-5 * 0.75, 1e-5 + 2e-5 * 0.25]),
+    # lr / sqrt(step) from step 1 (no warmup), floored at lr_min
+    ('inverse-sqrt', 2.2e-5, [3e-5, 3e-5, 2.2e-5]),
+])
+def test_the_lr_schedule_flags_set_the_lr_of_each_step(assets, tmp_path, monkeypatch, schedule,
+                                                       lr_min, expected):
+    spy = LearningRates(monkeypatch)
+    train(train_args(assets, tmp_path, '--lr-schedule', schedule, '--lr-min', str(lr_min),
+                     '--max-steps', '3', '--demo-every', '1000'))
+    assert spy.lrs == pytest.approx(expected, rel=1e-9)
+
+
 def test_accumulate_grad_batches_makes_one_step_of_that_many_batches(assets, tmp_path,
                                                                      monkeypatch):
     """Three batches to a step, on one device too (which has no gradient sync to skip)."""
@@ -622,6 +652,43 @@ def test_accumulate_grad_batches_makes_one_step_of_that_many_batches(assets, tmp
     trainer, _ = train(train_args(assets, tmp_path, '--accumulate-grad-batches', '3',
                                   '--max-steps', '2', '--demo-every', '1000'))
     assert trainer.global_step == 2 and spy.batches == [0, 0, 0, 1, 1, 1]
+
+
+def test_the_demo_flags_choose_the_demo_sampler_schedule_and_steps(assets, tmp_path,
+                                                                   monkeypatch):
+    from ccld.diffusion.schedule import sampling_timesteps
+    from ccld.train import demo_grids
+    runs, sample_latents = [], demo_grids.sample_latents
+
+    def spy(model_fn, x, ts, method, *args, **kwargs):
+        runs.append((method, ts.tolist()))
+        return sample_latents(model_fn, x, ts, method, *args, **kwargs)
+    monkeypatch.setattr(demo_grids, 'sample_latents', spy)
+    train(train_args(assets, tmp_path, '--max-steps', '1', '--demo-steps', '3',
+                     '--demo-method', 'plms2', '--demo-schedule', 'karras'))
+    assert runs == [('plms2', sampling_timesteps(3, schedule='karras').tolist())]
+
+
+def test_the_run_asks_lightning_for_the_nodes_strategy_accelerator_and_precision(
+        assets, tmp_path, monkeypatch):
+    """Several nodes cannot run in a test: the Trainer the run asks for is checked. With
+    16 images in batches of 4 on 3 nodes an epoch is one step, so it logs every step."""
+    import pytorch_lightning as pl
+    asked = {}
+
+    class Asked(Exception):
+        pass
+
+    def trainer(**kwargs):
+        asked.update(kwargs)
+        raise Asked
+    monkeypatch.setattr(pl, 'Trainer', trainer)
+    with pytest.raises(Asked):
+        train(train_args(assets, tmp_path, '--num-nodes', '3', '--strategy', 'ddp_spawn',
+                         '--fprecision', 'bf16'))
+    assert (asked['num_nodes'], asked['strategy'], asked['accelerator'], asked['precision'],
+            asked['devices'], asked['log_every_n_steps']) == (3, 'ddp_spawn', 'cpu',
+                                                              'bf16-mixed', 1, 1)
 
 
 def test_random_flip_mirrors_about_half_the_images_and_is_recorded(assets, tmp_path):
@@ -703,7 +770,11 @@ def test_the_training_loader_follows_random_flip_and_prefetch_factor(assets, tmp
     args.source = Source(args.train_set)
     args.cache = None
     loader = training_run.TrainData(args, seed=0)(SimpleNamespace(global_rank=0, world_size=1))
-    assert loader.prefetch_factor == 3
+    settings = loader.num_workers, loader.prefetch_factor
     images = torch.cat([batch['images'] for batch in loader])
+    # Its worker ignores SIGTERM (as training's do): kept alive by a failure's traceback,
+    # it would hang the end of the tests instead of letting them report.
+    del loader
+    assert settings == (1, 3)
     flipped = int((images[:, 0, 32, 5] < 0.5).sum())
     assert len(images) == 200 and 70 < flipped < 130  # binomial(200, 0.5): sd 7
