@@ -118,6 +118,33 @@ def test_cli_json(assets, capsys):
     assert 'skipped 2 unreadable images' in err
 
 
+def test_cli_seed_workers_and_device_are_the_estimates(assets, tmp_path, capsys, monkeypatch):
+    """--seed picks the images and latent samples as the library's seed does (and another
+    seed gives another scale); --num-workers loads them; --device cpu runs them (the
+    default device here made one that cannot run)."""
+    from ccld import cli
+    from ccld.data import scale as scale_module
+    paths = assets.paths[:12]
+    train = tiny.write_path_list(paths, tmp_path / 'train.txt')
+    expected = estimate_scale(load_autoencoder(assets.name), paths, batches=1, batch_size=4,
+                              image_size=SIZE, seed=1, progress=False).scale
+    workers, make_loader = [], scale_module.make_loader
+
+    def loader_spy(paths, image_size, batch_size, num_workers, **kwargs):
+        workers.append(num_workers)
+        return make_loader(paths, image_size, batch_size, num_workers, **kwargs)
+    monkeypatch.setattr(scale_module, 'make_loader', loader_spy)
+    monkeypatch.setattr(cli, 'default_device', lambda: torch.device('meta'))
+
+    def cli_scale(seed):
+        assert run_scale([assets.name, str(train), '--batches', '1', '--batch-size', '4',
+                          '--image-size', str(SIZE), '--num-workers', '0', '--device', 'cpu',
+                          '--seed', str(seed), '--json']) == 0
+        return json.loads(capsys.readouterr().out)['autoencoder_scale']
+    assert cli_scale(1) == expected != cli_scale(2)
+    assert workers == [0, 0]
+
+
 @pytest.mark.parametrize('argv, message', [
     (['{name}', 'missing.txt'], 'path list missing.txt does not exist'),
     (['{name}', '{dir}/empty.txt'], 'has no image paths in it'),

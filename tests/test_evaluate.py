@@ -446,10 +446,22 @@ def test_offline_inception_without_weights_is_one_line(assets, tmp_path, monkeyp
     (['--size', '100'], 'image size 100 is not a multiple of 64'),
     (['--method', 'ddim', '--eta', '2'], 'eta 2.0 is outside [0, 1]'),
     (['--features', 'vgg'], "argument --features: invalid choice: 'vgg'"),
+    (['--base-channels', '32', '--channel-multipliers', '4,4,8,8'], 'do not give'),
+    (['--reference-set', '{dir}/reference.txt', '--image-column', 'jpg'],
+     'names a column of parquet files or datasets'),
+    (['--reference-set', '{dir}/splits', '--dataset-split', 'val'],
+     "holds the splits train, test, not 'val'"),
 ])
 def test_user_errors(assets, tmp_path, monkeypatch, capsys, extra, message):
     (assets.dir / 'bad_prompts.txt').write_text('a fox\na cow:1,5\n')
     (assets.dir / 'nowhere.txt').write_text('/nowhere/0.png\n')
+    if '--dataset-split' in extra and not (assets.dir / 'splits').exists():
+        import datasets
+        saved = datasets.Dataset.from_dict({'image': [None]}, features=datasets.Features(
+            {'image': datasets.Image()}))
+        datasets.DatasetDict({'train': saved, 'test': saved}).save_to_disk(
+            str(assets.dir / 'splits'))
+        capsys.readouterr()  # (datasets' progress bar)
     refuse_models(monkeypatch)
     fill = lambda s: s.format(dir=assets.dir)  # noqa: E731
     argv = [*base_args(assets, tmp_path / 'eval', '--checkpoint', str(assets.bare)),
@@ -510,3 +522,59 @@ def test_a_parquet_reference_set_matches_its_files_and_a_changed_file_is_recompu
     again = reference_set.reference_features(Source(table), network, SIZE, tmp_path / 'cache',
                                              4, 0)
     assert not again.cached and len(again.features) == 3
+
+
+def test_the_sampling_flags_reach_every_column_as_they_reach_sample_py(assets, tmp_path,
+                                                                       monkeypatch):
+    """Flags away from their defaults (seed, guidance scale, schedule, eta with a batch size
+    that then matters, autoencoder scale, device) give evaluate.py the images sample.py
+    makes with them; and the reference set is read by --num-workers processes. The default
+    device here is made one that cannot run: --device cpu must be what runs."""
+    from ccld import cli
+    monkeypatch.setattr(cli, 'default_device', lambda: torch.device('meta'))
+    compute, asked = reference_set.compute, []
+
+    def spy(source, network, size, batch_size, num_workers):
+        asked.append(num_workers)
+        return compute(source, network, size, batch_size, 0)
+    monkeypatch.setattr(reference_set, 'compute', spy)
+    (tmp_path / 'one.txt').write_text('a red fox\n')
+    flags = ['--prompts-file', str(tmp_path / 'one.txt'), '--seed', '7', '--cond-scale', '1.5',
+             '--schedule', 'karras', '--eta', '0.5', '--batch-size', '1',
+             '--autoencoder-scale', '2.5', '--device', 'cpu']
+    assert run_evaluate(sampling_args(assets, tmp_path / 'eval', '--checkpoint', str(assets.bare),
+                                      '--reference-set', str(assets.reference_list),
+                                      '--features', 'cloob', '--num-workers', '1', *flags)) == 0
+    assert asked == [1]
+    assert tiny.exit_code(sample.main, 'sample.py', [
+        *sampling_args(assets, tmp_path / 'sample', '--checkpoint', str(assets.bare)),
+        *flags, '--no-grid']) == 0
+    report = json.loads((tmp_path / 'eval' / 'report.json').read_text())
+    made = sorted((tmp_path / 'eval' / report['checkpoints'][0]['images']).glob('*.png'))
+    expected = sorted((tmp_path / 'sample').glob('*.png'))
+    assert len(made) == len(expected) == N
+    for ours, theirs in zip(made, expected):
+        assert np.array_equal(pixels(ours), pixels(theirs))
+    default = tmp_path / 'default'
+    assert tiny.exit_code(sample.main, 'sample.py', [
+        *sampling_args(assets, default, '--checkpoint', str(assets.bare)), '--prompts-file',
+        str(tmp_path / 'one.txt'), '--device', 'cpu', '--no-grid']) == 0
+    assert not np.array_equal(pixels(made[0]), pixels(sorted(default.glob('*.png'))[0]))
+
+
+def test_evaluate_asks_fabric_for_the_nodes_and_processes_of_its_flags(assets, tmp_path,
+                                                                       monkeypatch):
+    import lightning_fabric
+    asked = {}
+
+    class Asked(Exception):
+        pass
+
+    def fabric(**kwargs):
+        asked.update(kwargs)
+        raise Asked
+    monkeypatch.setattr(lightning_fabric, 'Fabric', fabric)
+    with pytest.raises(Asked):
+        evaluate.main(base_args(assets, tmp_path / 'eval', '--checkpoint', str(assets.bare),
+                                '--num-nodes', '2'))
+    assert (asked['accelerator'], asked['devices'], asked['num_nodes']) == ('cpu', 1, 2)

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from PIL import Image
 import precompute_latents
 import tiny
 import train_latent_diffusion
-from ccld.data import latent_cache
+from ccld import cli
+from ccld.data import latent_cache, precompute
 from ccld.models.autoencoder import load_autoencoder
 from ccld.models.cloob import load_cloob
 from ccld.data.images import image_transform, load_image
@@ -191,6 +193,25 @@ def test_the_loss_from_the_cache_is_the_loss_from_the_images(assets, cached, mod
     assert losses[0] == pytest.approx(losses[1], rel=2e-3), losses
 
 
+def test_every_draw_from_a_cached_record_is_a_new_posterior_sample(assets, cached, models):
+    """The cache stores the posterior, not a sample of it, so that training from it sees
+    what training from the images sees: a new sample of N(mean, std^2) / scale at every
+    step. 4000 draws of one record through the function training runs on cached
+    batches: two draws differ, and per latent element their mean and standard
+    deviation are the stored mean and std over the scale, within 5 standard errors
+    (se of a mean: std / sqrt(n); of a standard deviation: std / sqrt(2 n))."""
+    record, n, scale = records(cached)[assets.paths[0]], 4000, 1.5
+    batch = {name: record[name][None].expand(n, *record[name].shape)
+             for name in ('mean', 'std', 'embed')}
+    torch.manual_seed(0)
+    x0, cond = latents_and_conditions(batch, models.ae, models.cloob, scale)
+    assert not torch.equal(x0[0], x0[1])
+    mean, std, drawn = record['mean'].double() / scale, record['std'].double() / scale, x0.double()
+    assert ((drawn.mean(0) - mean).abs() <= 5 * std / n ** 0.5).all()
+    assert ((drawn.std(0) - std).abs() <= 5 * std / (2 * n) ** 0.5).all()
+    torch.testing.assert_close(cond, record['embed'].float().expand(n, -1), rtol=0, atol=0)
+
+
 def train_args(assets, latents, out, *extra):
     return ['--train-latents', str(latents), '--vqgan-model', assets.autoencoder,
             '--autoencoder-scale', '1.5', '--cloob-checkpoint', assets.cloob,
@@ -246,6 +267,18 @@ def test_training_from_the_cache_leaves_the_encoder_and_image_tower_out(assets, 
         assert 'demo/cloob_score' in f.readline()
 
 
+def test_the_cache_loader_follows_batch_size_num_workers_and_prefetch_factor(assets, cached,
+                                                                            tmp_path):
+    """The loader the run builds from its flags for a latent cache."""
+    from ccld.train import run as training_run
+    args = train_latent_diffusion.parser().parse_args(train_args(
+        assets, cached, tmp_path, '--batch-size', '3', '--num-workers', '1',
+        '--prefetch-factor', '5'))
+    args.cache = latent_cache.read_manifest(cached)
+    loader = training_run.TrainData(args, seed=0)(SimpleNamespace(global_rank=0, world_size=1))
+    assert (loader.batch_size, loader.num_workers, loader.prefetch_factor) == (3, 1, 5)
+
+
 def test_a_rerun_with_other_settings_into_the_same_cache_is_refused(assets, cached, capsys):
     argv = precompute_args(assets, cached, '--vqgan-model', assets.other_autoencoder)
     assert tiny.exit_code(precompute_latents.main, 'precompute_latents.py', argv) == 2
@@ -291,6 +324,79 @@ def test_killed_precompute_resumes_on_two_processes_to_the_same_cache(assets, ca
     assert (manifest['images'], manifest['skipped'], manifest['parts']) == (N, bad, N + bad)
     assert manifest['autoencoder_scale'] == pytest.approx(
         latent_cache.read_manifest(cached)['autoencoder_scale'], rel=1e-6)
+
+
+def test_a_rerun_encodes_only_the_parts_an_interrupted_run_left_unfinished(
+        assets, cached, tmp_path, monkeypatch, capsys):
+    """Parts 0 and 2 finished, 1 and 3 not (two processes, the second killed at once).
+    Parts 1 and 3 are the list's paths 5-9 (one unreadable) and 15-16, from 0: the rerun
+    encodes those 6 images, in batches of --batch-size 4 lines (3 readable in each),
+    writes parts 1 and 3 only, leaves 0 and 2 as they were, and ends with the cache of
+    an uninterrupted run, printed with --json. It loads on --num-workers 0 and runs on
+    --device cpu (the default device here is made one that cannot run)."""
+    out = tmp_path / 'latents'
+    shutil.copytree(cached, out)
+    for unit in (1, 3):
+        shutil.rmtree(latent_cache.part_dir(out, unit))
+    for name in (latent_cache.MANIFEST, 'index.json'):
+        (out / name).unlink()
+    finished = {unit: os.stat(latent_cache.part_dir(out, unit) / 'part.json')
+                for unit in (0, 2)}
+    encoded, written, loaders = [], [], []
+    encode, write_part = precompute.encode, latent_cache.write_part
+    loader = precompute.data.DataLoader
+
+    def encode_spy(ae_model, cloob, images):
+        encoded.append(len(images))
+        return encode(ae_model, cloob, images)
+
+    def write_part_spy(root, unit, *args):
+        written.append(unit)
+        return write_part(root, unit, *args)
+
+    def loader_spy(*args, **kwargs):
+        loaders.append(kwargs['num_workers'])
+        return loader(*args, **kwargs)
+    monkeypatch.setattr(precompute, 'encode', encode_spy)
+    monkeypatch.setattr(latent_cache, 'write_part', write_part_spy)
+    monkeypatch.setattr(precompute.data, 'DataLoader', loader_spy)
+    monkeypatch.setattr(cli, 'default_device', lambda: torch.device('meta'))
+    argv = precompute_args(assets, out, '--json')
+    with pytest.warns(UserWarning, match='skipping unreadable image'):
+        assert tiny.exit_code(precompute_latents.main, 'precompute_latents.py', argv) == 0
+    assert (encoded, written, loaders) == ([3, 3], [1, 3], [0])
+    for unit, before in finished.items():
+        after = os.stat(latent_cache.part_dir(out, unit) / 'part.json')
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    ours, reference = records(out), records(cached)
+    assert sorted(ours) == sorted(reference)
+    for key in ours:
+        for name in ('mean', 'std', 'embed'):
+            torch.testing.assert_close(ours[key][name], reference[key][name])
+    manifest = latent_cache.read_manifest(out)
+    assert (manifest['images'], manifest['skipped'], manifest['parts']) == (N, 1, 4)
+    assert json.loads(capsys.readouterr().out) == manifest
+
+
+def test_precompute_asks_fabric_for_the_nodes_and_processes_of_its_flags(assets, tmp_path,
+                                                                          monkeypatch):
+    """Several nodes cannot run in a test: the Fabric the run asks for is checked (two
+    nodes of one CPU process each need a DDP strategy)."""
+    import lightning_fabric
+    from lightning_fabric.strategies import DDPStrategy
+    asked = {}
+
+    class Asked(Exception):
+        pass
+
+    def fabric(**kwargs):
+        asked.update(kwargs)
+        raise Asked
+    monkeypatch.setattr(lightning_fabric, 'Fabric', fabric)
+    with pytest.raises(Asked):
+        precompute_latents.main(precompute_args(assets, tmp_path / 'latents', '--num-nodes', '2'))
+    assert (asked['accelerator'], asked['devices'], asked['num_nodes']) == ('cpu', 1, 2)
+    assert isinstance(asked['strategy'], DDPStrategy)
 
 
 EPOCHS_DRIVER = '''

@@ -148,3 +148,43 @@ def test_rows_without_an_image_are_each_counted_and_warned_about_once(tmp_path):
     assert [str(w.message) for w in caught] == [
         'skipping rows with no image in them (img2dataset writes its failed downloads so); '
         'each is counted as skipped, without a warning of its own']
+
+
+@pytest.fixture(scope='module')
+def splits(sets):
+    """The first rows as a saved dataset of two splits."""
+    import datasets
+    saved = datasets.Dataset.from_dict(
+        {'image': [{'bytes': c, 'path': None} for c in sets.cells[:2]]},
+        features=datasets.Features({'image': datasets.Image()}))
+    path = sets.dir / 'splits'
+    datasets.DatasetDict({'train': saved, 'test': saved}).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize('tool', ['train_latent_diffusion.py', 'precompute_latents.py',
+                                  'compute_ae_scale.py'])
+@pytest.mark.parametrize('flag', ['--image-column', '--dataset-split'])
+def test_the_table_flags_reach_the_set_each_tool_reads(sets, splits, frozen, tmp_path, capsys,
+                                                       tool, flag):
+    """A column the files lack, or a split the dataset lacks, is the user's mistake named by
+    the tool: the flag reached the set it reads."""
+    import compute_ae_scale
+    import train_latent_diffusion
+    spec, value, message = (sets.img2dataset, 'jpeg', "has no column 'jpeg'") \
+        if flag == '--image-column' else (splits, 'val', "holds the splits train, test, not 'val'")
+    if tool == 'compute_ae_scale.py':
+        main, argv = compute_ae_scale.main, [frozen.ae, str(spec), '--device', 'cpu']
+    elif tool == 'precompute_latents.py':
+        main, argv = precompute_latents.main, [
+            '--train-set', str(spec), '--vqgan-model', frozen.ae, '--cloob-checkpoint',
+            frozen.cloob, '--output', str(tmp_path / 'out'), '--device', 'cpu']
+    else:
+        main, argv = train_latent_diffusion.main, [
+            '--train-set', str(spec), '--vqgan-model', frozen.ae, '--cloob-checkpoint',
+            frozen.cloob, '--autoencoder-scale', '1', '--demo-prompts', str(tmp_path / 'p.txt'),
+            '--output-dir', str(tmp_path / 'out'), '--accelerator', 'cpu']
+    capsys.readouterr()
+    assert tiny.exit_code(main, tool, [*argv, flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f'{tool}: error: ') and message in err[0], err

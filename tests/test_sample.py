@@ -17,6 +17,7 @@ from PIL import Image
 
 import sample
 import tiny
+from ccld import cli
 from ccld.sample import generate, prompts, run as sample_run
 from ccld.models.autoencoder import load_autoencoder
 from ccld.models.cloob import load_cloob
@@ -88,14 +89,15 @@ class SampleSpy:
     latents it ends with."""
 
     def __init__(self, monkeypatch):
-        self.starts, self.ends = [], []
+        self.starts, self.ends, self.settings = [], [], []
         self.sample_latents = generate.sample_latents
         monkeypatch.setattr(generate, 'sample_latents', self)
 
-    def __call__(self, model_fn, x, *args, **kwargs):
-        out = self.sample_latents(model_fn, x, *args, **kwargs)
+    def __call__(self, model_fn, x, ts, method, eta, progress):
+        out = self.sample_latents(model_fn, x, ts, method, eta, progress)
         self.starts.append(x.clone())
         self.ends.append(out.clone())
+        self.settings.append((ts.tolist(), method, eta))
         return out
 
     def take(self):
@@ -297,12 +299,12 @@ def test_cli_writes_images_grid_and_metadata_and_reads_the_scale(assets, models,
     spy = SampleSpy(monkeypatch)
     out = tmp_path / 'out'
     argv = base_args(assets, 'a fox:2', 'a hen', '--images', f'{assets.images[0]}:0.5', '-n', '3',
-                     '--batch-size', '2', '--grid-cols', '2', '--output-dir', str(out),
+                     '--batch-size', '2', '--grid-cols', '3', '--output-dir', str(out),
                      '--prefix', 'fox', '--method', 'ddim', '--seed', '4')
     assert run_sample(argv) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ['fox_00000.png', 'fox_00001.png', 'fox_00002.png', 'fox_grid.png']
-    assert Image.open(out / 'fox_grid.png').size == (128, 128)  # 2 columns, 2 rows of 64
+    assert Image.open(out / 'fox_grid.png').size == (192, 64)  # 3 columns (near-square: 2)
     text = Image.open(out / 'fox_00002.png').text
     assert json.loads(text['prompts']) == [['a fox', 2.0], ['a hen', 3.0]]
     assert json.loads(text['image_prompts']) == [[str(assets.images[0]), 0.5]]
@@ -311,7 +313,7 @@ def test_cli_writes_images_grid_and_metadata_and_reads_the_scale(assets, models,
     assert float(text['cond_scale']) == 3.0 and float(text['autoencoder_scale']) == SCALE
     assert 'index' not in Image.open(out / 'fox_grid.png').text
     grid = pixels(out / 'fox_grid.png')
-    assert np.array_equal(grid[64:, :64], pixels(out / 'fox_00002.png'))
+    assert np.array_equal(grid[:, 128:], pixels(out / 'fox_00002.png'))
     # Sampling starts from the --seed noise; the PNGs are the latents decoded at the scale
     # the checkpoint stores.
     noise, ends = spy.take()
@@ -336,6 +338,42 @@ def test_cli_writes_images_grid_and_metadata_and_reads_the_scale(assets, models,
     torch.testing.assert_close(noise, seeded_noise(5, 1), rtol=0, atol=0)
     other = pixels(tmp_path / 'seed5' / 'fox_00000.png').astype(int)
     assert np.abs(other - pixels(out / 'fox_00000.png')).max() > 10
+
+
+def test_cli_sampler_flags_set_what_the_sampler_runs(assets, tmp_path, monkeypatch):
+    """--method, --eta, --steps and --schedule reach the sampler; --init and --strength
+    start it from the init image's noised latent, at the timesteps <= --strength."""
+    spy = SampleSpy(monkeypatch)
+    assert run_sample(base_args(assets, 'a fox', '--method', 'ddim', '--eta', '0.5', '--steps',
+                                '3', '--schedule', 'karras', '--output-dir',
+                                str(tmp_path / 'karras'))) == 0
+    assert spy.settings == [(sampling_timesteps(3, schedule='karras').tolist(), 'ddim', 0.5)]
+    for i, image in enumerate(assets.images):
+        assert run_sample(base_args(assets, 'a fox', '--init', str(image), '--strength', '0.6',
+                                    '--steps', '5', '--output-dir', str(tmp_path / f'{i}'))) == 0
+    ts = sampling_timesteps(5)
+    assert spy.settings[1:] == [(ts[ts <= 0.6].tolist(), 'plms', 0.0)] * 2
+    _, from_first, from_second = spy.starts
+    noise = seeded_noise(0, 1)
+    assert not torch.allclose(from_first, noise) and not torch.allclose(from_first, from_second)
+
+
+def test_prompts_without_a_weight_are_guided_at_cond_scale_and_image_prompts_guide(
+        assets, tmp_path, monkeypatch):
+    """'a hen' with --cond-scale 5 gives the images of 'a hen:5', not those of 'a hen'
+    (at the default 3); two --images prompts give two different samples. The runs are
+    on --device cpu, the default device here made one that cannot run."""
+    monkeypatch.setattr(cli, 'default_device', lambda: torch.device('meta'))
+
+    def sampled(name, *prompts):
+        assert run_sample(base_args(assets, *prompts, '--method', 'ddim', '--device', 'cpu',
+                                    '--no-grid', '--output-dir', str(tmp_path / name))) == 0
+        return pixels(tmp_path / name / 'out_00000.png')
+    five = sampled('five', 'a hen', '--cond-scale', '5')
+    assert np.array_equal(five, sampled('weighted', 'a hen:5'))
+    assert not np.array_equal(five, sampled('three', 'a hen'))
+    first, second = (sampled(f'image{i}', '--images', str(p)) for i, p in enumerate(assets.images))
+    assert not np.array_equal(first, second)
 
 
 def test_cli_samples_at_the_image_size_the_checkpoint_records(assets, tmp_path):
@@ -363,6 +401,7 @@ def test_cli_init_image(assets, tmp_path):
     (['--checkpoint', 'missing.pth'], 'checkpoint missing.pth does not exist'),
     (['--checkpoint', '{dir}/wrong_shape.pth'], "shapes match no DiffusionModel width"),
     (['--base-channels', '32', '--channel-multipliers', '4,4,8,8'], 'do not give'),
+    (['--base-channels', '48'], 'base channels 48 and multipliers 1,1,1,1 do not give'),
     (['--images', 'missing.png'], 'cannot read image prompt missing.png'),
     (['--images', '{dir}/notes.txt:2'], 'cannot read image prompt {dir}/notes.txt'),
     (['--init', 'missing.png'], 'cannot read init image missing.png'),

@@ -1,5 +1,5 @@
-"""The training speed flags: each trains and saves a checkpoint that a model built without
-it loads, and none changes the math."""
+"""The training speed flags: each takes effect in the run, trains and saves a checkpoint
+that a model built without it loads, and none changes the math."""
 
 import copy
 from types import SimpleNamespace
@@ -9,6 +9,7 @@ import torch
 
 import tiny
 import train_latent_diffusion
+from ccld.models import unet
 from ccld.train import diffusion_module, run as training_run
 from ccld.models.checkpoint_files import build_model, read_checkpoint
 from ccld.train.diffusion_module import v_objective
@@ -35,19 +36,57 @@ def train_args(assets, out, *extra):
             '--demo-steps', '2', '--seed', '0', *extra]
 
 
-@pytest.mark.parametrize('flags', [
-    ['--compile'], ['--channels-last'], ['--tf32'], ['--no-tf32'], ['--gradient-checkpointing'],
-    ['--fprecision', 'bf16'], ['--fprecision', '16', '--grad-clip', '1'],
-    ['--num-workers', '2', '--prefetch-factor', '4'],
-])
-def test_each_speed_flag_trains_and_saves_a_checkpoint_a_plain_model_loads(
-        assets, tmp_path, monkeypatch, flags):
-    # Inductor's code generation takes minutes on a small CPU; aot_eager still captures
-    # the graph with dynamo and runs it through AOT autograd.
-    monkeypatch.setattr(diffusion_module, 'COMPILE_BACKEND', 'aot_eager')
+def tf32():
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def first_conv(run):
+    return run.module.model.net[0].main[0].weight
+
+
+SPEED_FLAGS = [  # (flags, what they change in the run they are given to)
+    (['--compile'], lambda run: run.graphs > 0),
+    (['--channels-last'],
+     lambda run: first_conv(run).is_contiguous(memory_format=torch.channels_last)),
+    (['--tf32'], lambda run: run.tf32 == (True, True)),
+    (['--no-tf32'], lambda run: run.tf32 == (False, False)),
+    (['--gradient-checkpointing'], lambda run: run.checkpointed > 0),
+    (['--fprecision', 'bf16'], lambda run: run.trainer.precision == 'bf16-mixed'),
+    (['--fprecision', '16', '--grad-clip', '1'],  # (Lightning runs it as bf16 on a CPU)
+     lambda run: run.trainer.precision in ('16-mixed', 'bf16-mixed')),
+    (['--num-workers', '2', '--prefetch-factor', '4'],
+     lambda run: (run.loader.num_workers, run.loader.prefetch_factor) == (2, 4)),
+]
+
+
+@pytest.mark.parametrize('flags, applied', SPEED_FLAGS, ids=[' '.join(f) for f, _ in SPEED_FLAGS])
+def test_each_speed_flag_takes_effect_and_saves_a_checkpoint_a_plain_model_loads(
+        assets, tmp_path, monkeypatch, flags, applied):
+    run = SimpleNamespace(graphs=0, checkpointed=0)
+
+    # Inductor's code generation takes minutes on a small CPU; this backend counts the
+    # graphs dynamo captures and runs them as they are.
+    def backend(graph, example_inputs):
+        run.graphs += 1
+        return graph.forward
+
+    def counted(*args, **kwargs):
+        run.checkpointed += 1
+        return checkpoint(*args, **kwargs)
+    checkpoint = unet.checkpoint
+    monkeypatch.setattr(diffusion_module, 'COMPILE_BACKEND', backend)
+    monkeypatch.setattr(unet, 'checkpoint', counted)
     args = train_latent_diffusion.parser().parse_args(train_args(assets, tmp_path, *flags))
-    trainer, module = training_run.run(training_run.validate(args))
-    assert trainer.global_step == 2
+    before = tf32()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    try:  # from torch's defaults, which are put back after the run
+        run.trainer, run.module = training_run.run(training_run.validate(args))
+        run.tf32 = tf32()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    run.loader = run.trainer.train_dataloader
+    assert applied(run)
+    assert run.trainer.global_step == 2
     assert len(list((tmp_path / 'demos').iterdir())) == 2  # the demo works with every flag
     saved = read_checkpoint(tmp_path / 'checkpoints' / 'last.ckpt')
     assert not [k for k in saved.raw['state_dict'] if '_orig_mod' in k]

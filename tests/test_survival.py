@@ -182,6 +182,28 @@ def test_a_second_signal_exits_at_once(monkeypatch):
     assert exits == [128 + signal.SIGTERM]
 
 
+def test_the_signal_flag_chooses_the_warning_signal(assets, tmp_path, monkeypatch, capsys):
+    """--signal SIGUSR2, sent during the first step (in this process): the run saves
+    step 1 and exits 128 + SIGUSR2. (SIGUSR1 is the default; for a run that ignored the
+    flag, SIGUSR2 meets a handler that does nothing instead of ending the tests.)"""
+    from ccld.train import diffusion_module
+    objective = diffusion_module.v_objective
+
+    def signalled(*args):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        return objective(*args)
+    monkeypatch.setattr(diffusion_module, 'v_objective', signalled)
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: None)
+    try:
+        code = tiny.exit_code(train_latent_diffusion.main, 'train', train_args(
+            assets, tmp_path, '--signal', 'SIGUSR2', '--max-steps', '3'))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert code == 128 + signal.SIGUSR2
+    assert 'stopped by SIGUSR2 at step 1' in capsys.readouterr().err
+    assert weights(tmp_path / 'checkpoints' / 'last.ckpt')[2] == 1
+
+
 def test_kill_9_never_leaves_an_unloadable_checkpoint_or_an_orphan(assets, tmp_path):
     """Checkpoints every step (the newest kept), killed once in the middle of a write and
     twice at random moments, TMPDIR on another file system: every *.ckpt left loads,

@@ -21,6 +21,7 @@ from ccld.models.autoencoder import load_autoencoder
 from ccld.models.cloob import load_cloob
 from ccld.train.demo_grids import DemoCallback
 from ccld.train.ema import ema_decay, ema_update
+from ccld.train import diffusion_module
 from ccld.train.diffusion_module import LightningDiffusion
 from ccld.models.unet import DiffusionModel
 
@@ -145,6 +146,7 @@ def test_frozen_models_stay_in_eval_mode_and_untrained(first_run, assets):
     assert not module.model_ema.training
     fresh = load_autoencoder(assets.autoencoder)
     assert_same_tensors(module.ae_model.state_dict(), fresh.state_dict())
+    assert_same_tensors(module.cloob.state_dict(), load_cloob(str(assets.cloob)).state_dict())
 
 
 def test_resume_continues_at_the_exact_step_with_optimizer_ema_and_new_lr(
@@ -262,6 +264,21 @@ def test_demo_grids_do_not_change_the_training_random_stream(first_run, assets, 
     _, module = train(train_args(assets, tmp_path, '--demo-every', '1'))
     assert len(list((tmp_path / 'demos').iterdir())) == 4
     assert_same_tensors(module.model.state_dict(), first_run.module.model.state_dict())
+
+
+def test_the_seed_picks_the_timesteps(assets, tmp_path, monkeypatch):
+    """--seed 5: the first step's timesteps are the first draws of the scrambled Sobol
+    sequence of seed 5 (rank zero's). (Without it, a run picks a seed at random, or the
+    one an earlier run in this process left in PL_GLOBAL_SEED.)"""
+    seen, objective = [], diffusion_module.v_objective
+
+    def spy(model, x0, cond, t):
+        seen.append(t.clone())
+        return objective(model, x0, cond, t)
+    monkeypatch.setattr(diffusion_module, 'v_objective', spy)
+    train(train_args(assets, tmp_path, '--seed', '5', '--max-steps', '1', '--demo-every', '1000'))
+    expected = torch.quasirandom.SobolEngine(1, scramble=True, seed=5).draw(4)[:, 0]
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('n', [1, 5, 17])
@@ -396,30 +413,46 @@ def test_script_error_is_one_line_from_any_directory(assets, tmp_path):
 DDP_DRIVER = '''
 import sys, torch
 import ccld.train.diffusion_module
+import ccld.train.throughput
 import train_latent_diffusion
 from ccld.train import run as train
-seen, v_objective = [], ccld.train.diffusion_module.v_objective
+seen, ticks, v_objective = [], [], ccld.train.diffusion_module.v_objective
 
 def spy(model, x0, cond, t):  # the latents and timesteps of each step of this rank
     seen.append({"x0": x0.detach().clone(), "t": t.detach().clone()})
     return v_objective(model, x0, cond, t)
 
+def clock():  # the throughput meter's clock: k^2 / 4 seconds at its k-th reading
+    ticks.append(len(ticks) ** 2 / 4)
+    return ticks[-1]
+
 ccld.train.diffusion_module.v_objective = spy
+ccld.train.throughput.perf_counter = clock
 args = train_latent_diffusion.parser().parse_args(sys.argv[2:])
 trainer, module = train.run(train.validate(args))
 torch.save({"model": module.model.state_dict(), "model_ema": module.model_ema.state_dict(),
-            "step": trainer.global_step, "world_size": trainer.world_size, "seen": seen},
-           f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
+            "step": trainer.global_step, "world_size": trainer.world_size, "seen": seen,
+            "ticks": ticks}, f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
 '''
 
 
-def test_two_process_cpu_ddp_keeps_both_ranks_identical(assets, tmp_path):
+def test_two_process_cpu_ddp_keeps_both_ranks_identical_and_logs_the_images_of_both(
+        assets, tmp_path):
     """Both ranks end with the same weights, having trained on different images at
-    different timesteps (each rank has its own Sobol sequence)."""
+    different timesteps (each rank has its own Sobol sequence).
+
+    4 images in batches of 2 on 2 ranks: one step an epoch, so every step is logged.
+    With the meter's clock read at the start and at every step (its k-th reading is
+    k^2 / 4 s, so the intervals differ), perf/images_per_sec is the images both ranks
+    trained on over the meter's window divided by the window's time; perf/mfu is
+    perf/tflops_per_device over --peak-tflops."""
+    from ccld.train.throughput import UPDATES_PER_WINDOW
     driver = tmp_path / 'driver.py'
     driver.write_text(DDP_DRIVER)
-    argv = train_args(assets, tmp_path / 'out', '--num-gpus', '2', '--batch-size', '2',
-                      '--max-steps', '3', '--demo-every', '1000')
+    four = tiny.write_path_list(assets.paths[:4], tmp_path / 'four.txt')
+    argv = train_args(assets, tmp_path / 'out', '--train-set', str(four), '--num-gpus', '2',
+                      '--batch-size', '2', '--max-steps', '5', '--demo-every', '1000',
+                      '--peak-tflops', '0.5')
     # The driver lives outside the checkout: it must import this checkout's code.
     path = [str(ROOT), str(ROOT / 'latent-diffusion'), os.environ.get('PYTHONPATH', '')]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
@@ -427,16 +460,28 @@ def test_two_process_cpu_ddp_keeps_both_ranks_identical(assets, tmp_path):
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [load(tmp_path / f'rank{r}.pt') for r in (0, 1)]
-    assert [(r['step'], r['world_size']) for r in ranks] == [(3, 2), (3, 2)]
+    assert [(r['step'], r['world_size']) for r in ranks] == [(5, 2), (5, 2)]
     for name in ('model', 'model_ema'):
         assert_same_tensors(ranks[0][name], ranks[1][name])
-    assert [len(r['seen']) for r in ranks] == [3, 3]
+    assert [len(r['seen']) for r in ranks] == [5, 5]
     for step, (a, b) in enumerate(zip(ranks[0]['seen'], ranks[1]['seen'])):
         assert a['x0'].shape == b['x0'].shape == (2, 4, 8, 8)
         assert not torch.equal(a['x0'], b['x0']), f'step {step}: both ranks had the same latents'
         assert not torch.equal(a['t'], b['t']), f'step {step}: both ranks drew timesteps {a["t"]}'
     assert (tmp_path / 'out' / 'checkpoints' / 'last.ckpt').is_file()
     assert len(list((tmp_path / 'out' / 'demos').iterdir())) == 1  # rank zero only
+
+    logged = [r for r in metrics(tmp_path / 'out') if r.get('perf/images_per_sec')]
+    assert len(logged) == 1  # the window is full at the 5th reading after the start
+    last, first = 5, 5 - UPDATES_PER_WINDOW + 1  # the steps whose readings bound the window
+    images = sum(len(r['seen'][step - 1]['x0']) for r in ranks for step in range(first + 1,
+                                                                               last + 1))
+    seconds = ranks[0]['ticks'][last] - ranks[0]['ticks'][first]
+    assert images == 16 and seconds == 6
+    logged = {k: float(v) for k, v in logged[0].items() if k.startswith('perf/')}
+    # (metrics are logged in float32)
+    assert logged['perf/images_per_sec'] == pytest.approx(images / seconds, rel=1e-6)
+    assert logged['perf/mfu'] == pytest.approx(logged['perf/tflops_per_device'] / 0.5, rel=1e-6)
 
 
 def test_wandb_offline_run_logs_the_demo_grid_and_prompts(assets, tmp_path):
@@ -568,6 +613,84 @@ def test_lr_schedule_flags_are_checked(assets, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+class LearningRates:
+    """Spies on optimizer steps: the LR each one ran at, and the batches between them."""
+
+    def __init__(self, monkeypatch):
+        self.lrs, self.batches = [], []
+        step, objective = LightningDiffusion.optimizer_step_or_skip, diffusion_module.v_objective
+
+        def stepped(module):
+            step(module)
+            self.lrs.append(module.optimizers().param_groups[0]['lr'])
+
+        def counted(*args):
+            self.batches.append(len(self.lrs))  # the optimizer steps before this batch
+            return objective(*args)
+        monkeypatch.setattr(LightningDiffusion, 'optimizer_step_or_skip', stepped)
+        monkeypatch.setattr(diffusion_module, 'v_objective', counted)
+
+
+@pytest.mark.parametrize('schedule, lr_min, expected', [
+    # lr_min + (lr - lr_min) (1 + cos(pi step / max_steps)) / 2
+    ('cosine', 1e-5, [3e-5, 1e-5 + 2e-5 * 0.75, 1e-5 + 2e-5 * 0.25]),
+    # lr / sqrt(step) from step 1 (no warmup), floored at lr_min
+    ('inverse-sqrt', 2.2e-5, [3e-5, 3e-5, 2.2e-5]),
+])
+def test_the_lr_schedule_flags_set_the_lr_of_each_step(assets, tmp_path, monkeypatch, schedule,
+                                                       lr_min, expected):
+    spy = LearningRates(monkeypatch)
+    train(train_args(assets, tmp_path, '--lr-schedule', schedule, '--lr-min', str(lr_min),
+                     '--max-steps', '3', '--demo-every', '1000'))
+    assert spy.lrs == pytest.approx(expected, rel=1e-9)
+
+
+def test_accumulate_grad_batches_makes_one_step_of_that_many_batches(assets, tmp_path,
+                                                                     monkeypatch):
+    """Three batches to a step, on one device too (which has no gradient sync to skip)."""
+    spy = LearningRates(monkeypatch)
+    trainer, _ = train(train_args(assets, tmp_path, '--accumulate-grad-batches', '3',
+                                  '--max-steps', '2', '--demo-every', '1000'))
+    assert trainer.global_step == 2 and spy.batches == [0, 0, 0, 1, 1, 1]
+
+
+def test_the_demo_flags_choose_the_demo_sampler_schedule_and_steps(assets, tmp_path,
+                                                                   monkeypatch):
+    from ccld.diffusion.schedule import sampling_timesteps
+    from ccld.train import demo_grids
+    runs, sample_latents = [], demo_grids.sample_latents
+
+    def spy(model_fn, x, ts, method, *args, **kwargs):
+        runs.append((method, ts.tolist()))
+        return sample_latents(model_fn, x, ts, method, *args, **kwargs)
+    monkeypatch.setattr(demo_grids, 'sample_latents', spy)
+    train(train_args(assets, tmp_path, '--max-steps', '1', '--demo-steps', '3',
+                     '--demo-method', 'plms2', '--demo-schedule', 'karras'))
+    assert runs == [('plms2', sampling_timesteps(3, schedule='karras').tolist())]
+
+
+def test_the_run_asks_lightning_for_the_nodes_strategy_accelerator_and_precision(
+        assets, tmp_path, monkeypatch):
+    """Several nodes cannot run in a test: the Trainer the run asks for is checked. With
+    16 images in batches of 4 on 3 nodes an epoch is one step, so it logs every step."""
+    import pytorch_lightning as pl
+    asked = {}
+
+    class Asked(Exception):
+        pass
+
+    def trainer(**kwargs):
+        asked.update(kwargs)
+        raise Asked
+    monkeypatch.setattr(pl, 'Trainer', trainer)
+    with pytest.raises(Asked):
+        train(train_args(assets, tmp_path, '--num-nodes', '3', '--strategy', 'ddp_spawn',
+                         '--fprecision', 'bf16'))
+    assert (asked['num_nodes'], asked['strategy'], asked['accelerator'], asked['precision'],
+            asked['devices'], asked['log_every_n_steps']) == (3, 'ddp_spawn', 'cpu',
+                                                              'bf16-mixed', 1, 1)
+
+
 def test_random_flip_mirrors_about_half_the_images_and_is_recorded(assets, tmp_path):
     from ccld.data.images import ImagePathDataset
     picture = Image.new('RGB', (64, 64), (0, 0, 255))
@@ -651,7 +774,11 @@ def test_the_training_loader_follows_random_flip_and_prefetch_factor(assets, tmp
     args.cache = None
     trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=0)
     loader = training_run.TrainData(args, seed=0)(trainer)
-    assert loader.prefetch_factor == 3
+    settings = loader.num_workers, loader.prefetch_factor
     images = torch.cat([batch['images'] for batch in loader])
+    # Its worker ignores SIGTERM (as training's do): kept alive by a failure's traceback,
+    # it would hang the end of the tests instead of letting them report.
+    del loader
+    assert settings == (1, 3)
     flipped = int((images[:, 0, 32, 5] < 0.5).sum())
     assert len(images) == 200 and 70 < flipped < 130  # binomial(200, 0.5): sd 7

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import ParallelStrategy
 from pytorch_lightning.utilities import rank_zero_warn
 
 from ..diffusion.objective import v_objective
@@ -203,8 +204,9 @@ class LightningDiffusion(pl.LightningModule):
             loss = sum(p.sum() for p in self.model.parameters()) * 0.0
         self.micro_batches += 1
         stepping = self.micro_batches % self.accumulate == 0
-        sync = nullcontext() if stepping else self.trainer.strategy.block_backward_sync()
-        with sync:
+        strategy = self.trainer.strategy  # (only parallel strategies have a sync to skip)
+        skip_sync = not stepping and isinstance(strategy, ParallelStrategy)
+        with strategy.block_backward_sync() if skip_sync else nullcontext():
             self.manual_backward(loss / self.accumulate)
         if stepping:
             self.optimizer_step_or_skip()

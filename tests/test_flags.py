@@ -1,0 +1,243 @@
+"""Every flag of every command-line tool has a test that fails when the flag is ignored
+(the run behaves as if it were not given), through the path a user takes: the tool in
+this process, or the library function it calls with its parsed arguments.
+
+COVERED names those tests (functions of any tests/test_*.py). A tool that gains a flag
+fails here until the flag is given a test; a test that is renamed or removed fails here
+until the table follows.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import compute_ae_scale
+import evaluate
+import export_model
+import precompute_latents
+import sample
+import train_latent_diffusion
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+TOOLS = {'train_latent_diffusion.py': train_latent_diffusion, 'sample.py': sample,
+         'precompute_latents.py': precompute_latents, 'compute_ae_scale.py': compute_ae_scale,
+         'export_model.py': export_model, 'evaluate.py': evaluate}
+
+TRAIN_RUN = 'test_a_run_writes_checkpoints_demo_grids_and_loss'
+TRAIN_DDP = 'test_two_process_cpu_ddp_keeps_both_ranks_identical_and_logs_the_images_of_both'
+TRAIN_LOADER = 'test_the_training_loader_follows_random_flip_and_prefetch_factor'
+CACHE_LOADER = 'test_the_cache_loader_follows_batch_size_num_workers_and_prefetch_factor'
+LIGHTNING = 'test_the_run_asks_lightning_for_the_nodes_strategy_accelerator_and_precision'
+FROZEN = 'test_frozen_models_stay_in_eval_mode_and_untrained'
+OTHER_FROZEN = 'test_a_cache_made_with_other_models_or_size_is_refused'
+RECORD = 'test_checkpoints_leave_out_the_frozen_models_and_say_how_to_rebuild'
+RESUME = 'test_resume_continues_at_the_exact_step_with_optimizer_ema_and_new_lr'
+SEED = 'test_demo_grids_do_not_change_the_training_random_stream'
+SPEED = 'test_each_speed_flag_takes_effect_and_saves_a_checkpoint_a_plain_model_loads'
+DEMO = 'test_the_demo_flags_choose_the_demo_sampler_schedule_and_steps'
+LR = 'test_the_lr_schedule_flags_set_the_lr_of_each_step'
+
+SAMPLE_CLI = 'test_cli_writes_images_grid_and_metadata_and_reads_the_scale'
+SAMPLER = 'test_cli_sampler_flags_set_what_the_sampler_runs'
+GUIDANCE = 'test_prompts_without_a_weight_are_guided_at_cond_scale_and_image_prompts_guide'
+SAMPLE_ERRORS = 'test_cli_user_errors'  # (test_sample.py's)
+PROMPTS_FILE = 'test_prompts_file_samples_each_line_with_one_load_of_the_models'
+WIDTHS = 'test_width_flags_override_but_must_fit'
+GRIDS = 'test_grid_only_and_no_grid'
+
+CACHE = 'test_the_cache_holds_every_readable_image_once_with_its_posterior_and_embedding'
+RERUN = 'test_a_rerun_encodes_only_the_parts_an_interrupted_run_left_unfinished'
+FABRIC = 'test_precompute_asks_fabric_for_the_nodes_and_processes_of_its_flags'
+KILLED = 'test_killed_precompute_resumes_on_two_processes_to_the_same_cache'
+
+SCALE_CLI = 'test_cli_prints_the_scale_and_the_flag_from_any_directory'
+SCALE_JSON = 'test_cli_json'
+SCALE_SEED = 'test_cli_seed_workers_and_device_are_the_estimates'
+
+EXPORT = 'test_the_export_holds_the_ema_weights_and_the_settings'
+
+TABLE = 'test_the_table_flags_reach_the_set_each_tool_reads'
+
+EVALUATE = 'test_the_report_holds_every_checkpoint_in_order_with_its_numbers'
+SAME_AS_SAMPLE = 'test_the_same_model_gives_the_same_images_in_every_column_and_those_of_sample_py'
+EVALUATE_FLAGS = 'test_the_sampling_flags_reach_every_column_as_they_reach_sample_py'
+EVALUATE_ERRORS = 'test_user_errors'  # (test_evaluate.py's too)
+
+# tool -> flag (its first option string, or a positional argument's name) -> tests
+COVERED = {
+    'train_latent_diffusion.py': {
+        '--demo': ['test_the_readme_demo_runs_offline_from_any_directory'],
+        '--cloob-checkpoint': [FROZEN, OTHER_FROZEN],
+        '--vqgan-model': [FROZEN, OTHER_FROZEN],
+        '--autoencoder-scale': [RECORD, 'test_resume_from_a_checkpoint_of_the_original_script'],
+        '--train-set': ['test_bad_image_files_are_skipped_and_counted', TRAIN_LOADER],
+        '--checkpoint-every': [TRAIN_RUN],
+        '--resume-from': [RESUME, 'test_finetune_from_a_released_state_dict',
+                          'test_sigterm_saves_the_step_and_resume_auto_continues_as_if_never_'
+                          'stopped'],
+        '--demo-prompts': [TRAIN_RUN, 'test_every_demo_grid_logs_its_cloob_score'],
+        '--demo-every': [TRAIN_RUN, SEED],
+        '--wandb-project': ['test_wandb_offline_run_logs_the_demo_grid_and_prompts'],
+        '--fprecision': [LIGHTNING, SPEED],
+        '--num-gpus': [TRAIN_DDP,
+                       'test_two_ranks_with_two_workers_see_every_sample_once_per_epoch'],
+        '--num-workers': [TRAIN_LOADER, CACHE_LOADER, SPEED],
+        '--batch-size': ['test_bad_image_files_are_skipped_and_counted', CACHE_LOADER],
+        '--base-channels': [RECORD],
+        '--channel-multipliers': [RECORD],
+        '--ema-decay-at': ['test_ema_decay_at_sets_when_the_average_slows_to_0_9999'],
+        '--train-latents': ['test_training_from_the_cache_leaves_the_encoder_and_image_tower_out'],
+        '--num-nodes': [LIGHTNING],
+        '--accelerator': [LIGHTNING, 'test_devices_that_are_not_there'],
+        '--strategy': [LIGHTNING],
+        '--lr': [RESUME, 'test_grad_clip_limits_the_update'],
+        '--lr-warmup-steps': ['test_the_lr_warmup_continues_on_resume_and_is_logged'],
+        '--lr-schedule': [LR],
+        '--lr-min': [LR],
+        '--random-flip': [TRAIN_LOADER],
+        '--max-steps': [TRAIN_RUN],
+        '--output-dir': [TRAIN_RUN],
+        '--seed': ['test_the_seed_picks_the_timesteps', SEED],
+        '--accumulate-grad-batches': ['test_accumulate_grad_batches_makes_one_step_of_that_many_'
+                                      'batches'],
+        '--grad-clip': ['test_grad_clip_limits_the_update'],
+        '--image-size': [TRAIN_RUN, TRAIN_DDP],
+        '--demo-steps': [DEMO],
+        '--demo-method': [DEMO],
+        '--demo-schedule': [DEMO],
+        '--checkpoint-minutes': ['test_checkpoint_minutes_writes_last_between_step_checkpoints'],
+        '--keep-last': ['test_keep_last_prunes_old_step_checkpoints'],
+        '--signal': ['test_the_signal_flag_chooses_the_warning_signal'],
+        '--peak-tflops': [TRAIN_DDP],
+        '--compile': [SPEED],
+        '--channels-last': [SPEED],
+        '--tf32': [SPEED],  # and --no-tf32
+        '--gradient-checkpointing': [SPEED],
+        '--prefetch-factor': [TRAIN_LOADER, CACHE_LOADER, SPEED],
+        '--max-bad-steps': ['test_repeated_non_finite_losses_stop_the_run_with_the_last_good_'
+                            'checkpoint'],
+        '--image-column': [TABLE],
+        '--dataset-split': [TABLE],
+    },
+    'sample.py': {
+        'prompts': [PROMPTS_FILE, 'test_score_of_several_prompts_is_against_their_weighted_mean'],
+        '--images': [GUIDANCE],
+        '--cloob-checkpoint': [SAMPLE_CLI, SAMPLE_ERRORS],
+        '--autoencoder': [SAMPLE_CLI, SAMPLE_ERRORS],
+        '--checkpoint': ['test_cli_samples_at_the_image_size_the_checkpoint_records',
+                         'test_sample_py_gives_the_checkpoints_images_from_the_export'],
+        '--base-channels': [SAMPLE_ERRORS, WIDTHS],
+        '--channel-multipliers': [SAMPLE_ERRORS, WIDTHS],
+        '--cond-scale': [GUIDANCE],
+        '--device': [GUIDANCE],
+        '--eta': [SAMPLER],
+        '--method': [SAMPLER],
+        '-n': [SAMPLE_CLI],
+        '--seed': [SAMPLE_CLI],
+        '--steps': [SAMPLER],
+        '--prompts-file': [PROMPTS_FILE],
+        '--schedule': [SAMPLER],
+        '--autoencoder-scale': [SAMPLE_CLI],
+        '--size': [SAMPLE_CLI],
+        '--batch-size': ['test_batches_of_16_unless_told_with_the_same_noise'],
+        '--output-dir': [SAMPLE_CLI],
+        '--prefix': [SAMPLE_CLI],
+        '--grid-cols': [SAMPLE_CLI],
+        '--grid-only': [GRIDS],
+        '--no-grid': [GRIDS],
+        '--score': ['test_score_is_higher_for_each_image_with_its_own_prompt'],
+        '--init': [SAMPLER, 'test_cli_init_image'],
+        '--strength': [SAMPLER, SAMPLE_ERRORS],
+    },
+    'precompute_latents.py': {
+        '--train-set': [CACHE],
+        '--vqgan-model': [CACHE, 'test_a_rerun_with_other_settings_into_the_same_cache_is_refused'],
+        '--cloob-checkpoint': [CACHE],
+        '--output': [CACHE],
+        '--image-size': [CACHE],
+        '--batch-size': [RERUN],
+        '--num-workers': [RERUN],
+        '--device': [RERUN],
+        '--num-gpus': [KILLED],
+        '--num-nodes': [FABRIC],
+        '--shard-size': ['test_the_manifest_records_what_made_the_cache_and_the_scale', KILLED],
+        '--json': [RERUN],
+        '--image-column': [TABLE, 'test_a_column_that_holds_no_images_is_one_line_exit_2'],
+        '--dataset-split': [TABLE],
+    },
+    'compute_ae_scale.py': {
+        'vqgan_model': [SCALE_CLI],
+        'train_set': [SCALE_CLI],
+        '--batches': [SCALE_JSON],
+        '--batch-size': [SCALE_JSON],
+        '--image-size': [SCALE_CLI],
+        '--num-workers': [SCALE_SEED],
+        '--device': [SCALE_SEED],
+        '--seed': [SCALE_SEED],
+        '--json': [SCALE_JSON],
+        '--image-column': [TABLE],
+        '--dataset-split': [TABLE],
+    },
+    'export_model.py': {
+        'checkpoint': [EXPORT],
+        'output': [EXPORT],
+        '--dtype': [EXPORT],
+    },
+    'evaluate.py': {
+        '--checkpoint': [EVALUATE, SAME_AS_SAMPLE],
+        '--prompts-file': [EVALUATE, EVALUATE_FLAGS],
+        '--reference-set': [EVALUATE],
+        '--image-column': [EVALUATE_ERRORS],
+        '--dataset-split': [EVALUATE_ERRORS],
+        '--features': [EVALUATE, 'test_inception_features_with_weights_written_locally'],
+        '--inception-weights': ['test_inception_features_with_weights_written_locally',
+                                EVALUATE_ERRORS],
+        '--reference-cache': [EVALUATE_ERRORS],
+        '--output-dir': [EVALUATE],
+        '--wandb-project': ['test_wandb_gets_the_images_as_a_table_of_prompt_and_seed_rows'],
+        '--num-gpus': ['test_an_interrupted_run_resumes_on_two_processes_keeping_what_was_made'],
+        '--num-nodes': ['test_evaluate_asks_fabric_for_the_nodes_and_processes_of_its_flags'],
+        '--num-workers': [EVALUATE_FLAGS],
+        '--cloob-checkpoint': [SAME_AS_SAMPLE, EVALUATE_ERRORS],
+        '--autoencoder': [SAME_AS_SAMPLE, EVALUATE_ERRORS],
+        '--base-channels': [EVALUATE_ERRORS],
+        '--channel-multipliers': [EVALUATE_ERRORS],
+        '--cond-scale': [EVALUATE_FLAGS],
+        '--device': [EVALUATE_FLAGS],
+        '--eta': [EVALUATE_FLAGS, EVALUATE_ERRORS],
+        '--method': [SAME_AS_SAMPLE],
+        '-n': [SAME_AS_SAMPLE,
+               'test_one_grid_per_prompt_a_column_per_checkpoint_and_a_row_per_seed'],
+        '--seed': [EVALUATE_FLAGS],
+        '--steps': [SAME_AS_SAMPLE],
+        '--schedule': [EVALUATE_FLAGS],
+        '--autoencoder-scale': [EVALUATE_FLAGS],
+        '--size': [SAME_AS_SAMPLE, 'test_checkpoints_that_sample_at_other_sizes_need_size'],
+        '--batch-size': [EVALUATE_FLAGS],
+    },
+}
+
+
+def flags(parser):
+    return [action.option_strings[0] if action.option_strings else action.dest
+            for action in parser._actions if action.dest != 'help']
+
+
+def test_every_command_line_tool_is_in_the_table():
+    tools = {path.name for path in ROOT.glob('*.py') if 'cli.run(main' in path.read_text()}
+    assert tools == COVERED.keys() == TOOLS.keys()
+
+
+@pytest.mark.parametrize('tool', TOOLS)
+def test_every_flag_has_a_test_and_the_table_names_no_other(tool):
+    assert sorted(flags(TOOLS[tool].parser())) == sorted(COVERED[tool])
+
+
+def test_every_test_the_table_names_exists():
+    tests = {node.name for path in TESTS.glob('test_*.py')
+             for node in ast.parse(path.read_text()).body if isinstance(node, ast.FunctionDef)}
+    named = {test for tool in COVERED.values() for names in tool.values() for test in names}
+    assert sorted(named - tests) == []
+    assert all(names for tool in COVERED.values() for names in tool.values())
