@@ -48,7 +48,7 @@ def prepare(root, settings):
         changed = [k for k in settings if k in ('image_size', 'source', 'units', 'unit_size')
                    and plan.get(k) != settings[k]]
         changed += [k for k in ('autoencoder', 'cloob')
-                    if plan.get(k, {}).get('sha256') != settings[k]['sha256']]
+                    if not latent_cache.same_setting(k, plan.get(k, {}), settings[k])]
         if changed:
             raise UserError(f'--output: {root} holds a cache made with other settings '
                             f'({", ".join(changed)} differ); pass a new --output, or the '
