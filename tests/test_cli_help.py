@@ -11,13 +11,15 @@ import compute_ae_scale
 import export_model
 import precompute_latents
 import sample
+import train_autoencoder
 from ccld import cli
 from ccld.diffusion import sampling, schedule
 from ccld.models import exports
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = {'sample.py': sample, 'compute_ae_scale.py': compute_ae_scale,
-         'precompute_latents.py': precompute_latents, 'export_model.py': export_model}
+         'precompute_latents.py': precompute_latents, 'export_model.py': export_model,
+         'train_autoencoder.py': train_autoencoder}
 
 # Runs a script as `python SCRIPT ARGS...` would, then reports whether torch was imported.
 WRAPPER = '''
