@@ -200,19 +200,11 @@ def start_loss_from(loss, checkpoint):
         loss.logvar.data.copy_(state['loss.logvar'])
     if not disc:
         return 'a new discriminator'
-    try:
-        loss.discriminator.load_state_dict(disc)
-    except RuntimeError:
+    own = loss.discriminator.state_dict()
+    if disc.keys() != own.keys() or any(v.shape != own[k].shape for k, v in disc.items()):
         return f'a new discriminator ({checkpoint}\'s does not fit these settings)'
+    loss.discriminator.load_state_dict(disc)
     return f'the discriminator of {checkpoint}'
-
-
-def run(args):
-    try:
-        return _run(args)
-    finally:
-        if args.lock is not None:
-            args.lock.close()
 
 
 def describe_loss(args, disc_source):
@@ -221,6 +213,14 @@ def describe_loss(args, disc_source):
         if args.lpips_path else ''
     return (f'L1{perceptual}, KL x {s["kl_weight"]:g}, {disc_source} from step '
             f'{s["disc_start"]} (weight {s["disc_weight"]:g})')
+
+
+def run(args):
+    try:
+        return _run(args)
+    finally:
+        if args.lock is not None:
+            args.lock.close()
 
 
 def _run(args):
