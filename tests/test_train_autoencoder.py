@@ -109,10 +109,11 @@ def decoder_run(assets, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def full_run(assets, tmp_path_factory):
-    """--full, two steps, no LPIPS, the discriminator never on."""
+    """--full, two steps of two batches each, no LPIPS, the discriminator never on."""
     d = tmp_path_factory.mktemp('full_run')
     out = d / 'out'
-    argv = ae_args(assets, out, d / 'full_ae', '--full', '--max-steps', '2', '--lr', '1e-3')
+    argv = ae_args(assets, out, d / 'full_ae', '--full', '--max-steps', '2', '--lr', '1e-3',
+                   '--accumulate-grad-batches', '2')
     said = Said()
     logging.getLogger('pytorch_lightning').addHandler(said)
     try:
@@ -172,6 +173,8 @@ def test_the_discriminator_trains_from_disc_start_on_and_not_before(assets, deco
     # its batch-norm statistics, and Adam holds no state for it.
     full = safe_load(full_run.out / 'checkpoints' / 'last.ckpt', mmap=False)
     assert_same(start, part(full['state_dict'], 'loss.discriminator.'))
+    batches = full['loops']['fit_loop']['epoch_loop.batch_progress']['total']['completed']
+    assert (full['global_step'], batches) == (2, 4)  # (--accumulate-grad-batches 2)
     groups = full['optimizer_states'][0]['param_groups']
     assert [g['name'] for g in groups] == ['autoencoder', 'discriminator']
     assert not set(groups[1]['params']) & set(full['optimizer_states'][0]['state'])

@@ -10,6 +10,7 @@ from contextlib import nullcontext
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import ParallelStrategy
 from pytorch_lightning.utilities import rank_zero_warn
 
 from ..errors import RunError
@@ -145,8 +146,9 @@ class LightningAutoencoder(pl.LightningModule):
             loss = sum(p.sum() for p in trained) * 0.0
         self.micro_batches += 1
         stepping = self.micro_batches % self.accumulate == 0
-        sync = nullcontext() if stepping else self.trainer.strategy.block_backward_sync()
-        with sync:
+        strategy = self.trainer.strategy  # (only parallel strategies have a sync to skip)
+        skip_sync = not stepping and isinstance(strategy, ParallelStrategy)
+        with strategy.block_backward_sync() if skip_sync else nullcontext():
             self.manual_backward(loss / self.accumulate)
         if stepping:
             self.optimizer_step_or_skip(disc_on)
