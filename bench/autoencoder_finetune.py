@@ -14,7 +14,7 @@ Target: held-out PSNR on the new domain up by at least 2 dB, encoder bit-identic
 LPIPS needs VGG16 ImageNet weights, which cannot be downloaded here: the quality runs
 use --perceptual-weight 0 (L1 + KL), and LPIPS with random weights is timed only.
 
-    flock /work/wt/heavy.lock .venv/bin/python bench/autoencoder_finetune.py   (~25 min)
+    flock /work/wt/heavy.lock .venv/bin/python bench/autoencoder_finetune.py   (~20 min)
 """
 
 import argparse
@@ -38,6 +38,7 @@ from ccld.models import perceptual  # noqa: E402
 from ccld.models.autoencoder import (KL_F8_CONFIG, build_autoencoder, encoder_digest,  # noqa: E402
                                      load_autoencoder, read_config, save_autoencoder)
 from ccld.train import autoencoder_flags, autoencoder_run  # noqa: E402
+from ccld.sample import png_files  # noqa: E402
 from ccld.train.reconstructions import metrics, read_images, reconstruct  # noqa: E402
 
 
@@ -126,13 +127,14 @@ def seconds_per_step(out, batch_size):
         rates = [float(r['perf/images_per_sec']) for r in csv.DictReader(f)
                  if r.get('perf/images_per_sec')]
     later = rates[len(rates) // 2:]
-    return batch_size / (sum(later) / len(later))
+    return batch_size / (sum(later) / len(later)) if later else float('nan')  # (too few steps)
 
 
 def evaluate(name, held_out, batch_size):
+    """Metrics and reconstructions of each domain's held-out images."""
     ae = load_autoencoder(name)
-    return {domain: metrics(images, reconstruct(ae, images, batch_size))
-            for domain, images in held_out.items()}
+    reconstructions = {d: reconstruct(ae, images, batch_size) for d, images in held_out.items()}
+    return {d: metrics(held_out[d], r) for d, r in reconstructions.items()}, reconstructions
 
 
 def step_flops(image_size, train_encoder, with_lpips, discriminator):
@@ -191,13 +193,15 @@ def main(argv=None):
            '--output-name', str(work / 'textures_ae'), '--output-dir', str(work / 'pretrain'),
            '--full', '--max-steps', str(args.pretrain_steps), '--lr', str(args.pretrain_lr),
            '--disc-start', str(10 ** 9), *common])
-    before = evaluate(work / 'textures_ae', held_out, args.batch_size)
+    before, shown_before = evaluate(work / 'textures_ae', held_out, args.batch_size)
 
     train(['--train-set', str(sets['drawings'][0]), '--vqgan-model', str(work / 'textures_ae'),
            '--output-name', str(work / 'drawings_ae'), '--output-dir', str(work / 'finetune'),
            '--max-steps', str(args.finetune_steps), '--lr', str(args.finetune_lr),
            '--disc-start', str(10 ** 9), *common])
-    after = evaluate(work / 'drawings_ae', held_out, args.batch_size)
+    after, shown_after = evaluate(work / 'drawings_ae', held_out, args.batch_size)
+    rows = [t[domain][:8] for domain in held_out for t in (held_out, shown_before, shown_after)]
+    grid = png_files.save_png(png_files.grid(torch.cat(rows), 8), work / 'held_out.png')
     identical = encoder_digest(load_autoencoder(work / 'textures_ae').state_dict()) == \
         encoder_digest(load_autoencoder(work / 'drawings_ae').state_dict())
 
@@ -249,7 +253,9 @@ def main(argv=None):
     for label, value in timing.items():
         print(f'| {label} | {value:.3f} |')
     gain = after['drawings']['val/psnr'] - before['drawings']['val/psnr']
-    print(f'\nencoder and quant_conv bit-identical after the finetune: {identical}')
+    print(f'\n{grid}: per domain, held-out images above their reconstructions before and '
+          'after the finetune')
+    print(f'encoder and quant_conv bit-identical after the finetune: {identical}')
     print(f'target (held-out PSNR on drawings +2 dB, encoder bit-identical): '
           f'{"met" if gain >= 2 and identical else "NOT met"} ({gain:+.2f} dB)')
 
