@@ -230,3 +230,45 @@ def test_tiny_config_round_trips_through_the_real_format(tmp_path):
         decoded = model.decode(posterior.sample())
     assert posterior.mean.shape == (1, 4, 8, 8)
     assert decoded.shape == (1, 3, 64, 64)
+
+
+def test_the_encoder_digest_follows_the_encoder_alone():
+    from ccld.models.autoencoder import encoder_digest
+    config = read_config(TINY)
+    torch.manual_seed(0)
+    state = build_autoencoder(config).state_dict()
+    digest = encoder_digest(state)
+    decoder_changed = {k: v + 1 if k.startswith(("decoder.", "post_quant_conv.")) else v
+                       for k, v in state.items()}
+    assert encoder_digest(decoder_changed) == digest
+    for key in ("encoder.conv_in.bias", "quant_conv.weight"):
+        tensor = state[key].clone()
+        tensor.view(-1)[0] += 1
+        assert encoder_digest(dict(state, **{key: tensor})) != digest, key
+    # The same values stored at a precision that holds them exactly: the same digest.
+    halved = {k: v.half() for k, v in state.items()}
+    assert encoder_digest(halved) == encoder_digest({k: v.float() for k, v in halved.items()})
+
+
+def test_a_configs_claim_of_an_earlier_encoder_counts_only_for_that_encoder(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ccld.models.autoencoder import describe, same_encoder
+    config = read_config(TINY)
+    torch.manual_seed(0)
+    save_autoencoder(build_autoencoder(config), config, tmp_path / "base")
+    base = describe(tmp_path / "base")
+    old_record = {"name": "base", "sha256": base["sha256"]}  # before encoder digests
+    for name, encoder in (("honest", base["encoder_sha256"]), ("wrong", "0" * 64)):
+        claim = dict(config, ccld={"encoder_sha256": encoder, "same_encoder_as": [base["sha256"]]})
+        torch.manual_seed(0)
+        model = build_autoencoder(config)
+        with torch.no_grad():
+            model.decoder.conv_out.bias.add_(1)  # a decoder-only change
+        save_autoencoder(model, OmegaConf.to_container(OmegaConf.create(claim)), tmp_path / name)
+    honest, wrong = describe(tmp_path / "honest"), describe(tmp_path / "wrong")
+    assert honest["sha256"] != base["sha256"]
+    assert honest["encoder_sha256"] == wrong["encoder_sha256"] == base["encoder_sha256"]
+    assert same_encoder(old_record, honest) and not same_encoder(old_record, wrong)
+    assert same_encoder(dict(old_record, encoder_sha256=base["encoder_sha256"]), wrong)
+    assert not same_encoder({"sha256": "1" * 64, "encoder_sha256": "2" * 64}, honest)

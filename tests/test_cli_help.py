@@ -12,6 +12,7 @@ import evaluate
 import export_model
 import precompute_latents
 import sample
+import train_autoencoder
 import train_latent_diffusion
 from ccld import cli
 from ccld.diffusion import sampling, schedule
@@ -21,7 +22,8 @@ from ccld.sample import features
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = {'train_latent_diffusion.py': train_latent_diffusion, 'sample.py': sample,
          'compute_ae_scale.py': compute_ae_scale, 'precompute_latents.py': precompute_latents,
-         'export_model.py': export_model, 'evaluate.py': evaluate}
+         'export_model.py': export_model, 'evaluate.py': evaluate,
+         'train_autoencoder.py': train_autoencoder}
 
 # Runs a script as `python SCRIPT ARGS...` would, then reports whether torch was imported.
 WRAPPER = '''

@@ -17,7 +17,7 @@ from PIL import Image
 import tiny
 import train_latent_diffusion
 from ccld.train import run as training_run, runner
-from ccld.models.autoencoder import load_autoencoder
+from ccld.models.autoencoder import encoder_digest, load_autoencoder
 from ccld.models.cloob import load_cloob
 from ccld.train.demo_grids import DemoCallback
 from ccld.train.ema import ema_decay, ema_update
@@ -130,6 +130,8 @@ def test_checkpoints_leave_out_the_frozen_models_and_say_how_to_rebuild(first_ru
                              'base_channels': 64, 'channel_multipliers': [1, 1, 1, 1],
                              'autoencoder_scale': SCALE,
                              'autoencoder_sha256': digest(assets.autoencoder + '.ckpt'),
+                             'autoencoder_encoder_sha256': encoder_digest(
+                                 load_autoencoder(assets.autoencoder).state_dict()),
                              'cloob_checkpoint_sha256': digest(assets.cloob)}
     assert saved['global_step'] == 4
     assert float(saved['state_dict']['model_ema.autoencoder_scale']) == SCALE

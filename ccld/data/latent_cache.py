@@ -167,13 +167,22 @@ MATCHED = {  # setting -> (its flag in training, how to show it)
 }
 
 
+def same_setting(key, recorded, given):
+    """Whether a cache's setting `key` is the one given: CLOOB by its file's content, the
+    autoencoder by its encoder's (a decoder-only finetune makes the same latents)."""
+    from ..models.autoencoder import same_encoder
+    if key == 'autoencoder':
+        return same_encoder(recorded, given)
+    return recorded.get('sha256') == given['sha256'] if isinstance(given, dict) else \
+        recorded == given
+
+
 def check_matches(manifest, settings, root):
-    """UserError naming both sides when the cache was made with another autoencoder,
-    image size or CLOOB than training is given. Files are compared by content."""
+    """UserError naming both sides when the cache was made with another autoencoder
+    (encoder), image size or CLOOB than training is given."""
     for key, (flag, show) in MATCHED.items():
         ours, theirs = settings[key], manifest[key]
-        same = ours['sha256'] == theirs['sha256'] if isinstance(ours, dict) else ours == theirs
-        if not same:
+        if not same_setting(key, theirs, ours):
             raise UserError(f'--train-latents {root} was made with {key.replace("_", " ")} '
                             f'{show(theirs)}, but {flag} gives {show(ours)}; pass the same '
                             'one, or make a cache for this one.')

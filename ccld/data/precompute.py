@@ -50,7 +50,7 @@ def prepare(root, settings):
         plan = latent_cache.read_json(plan_path, 'cache plan')
         changed = [k for k in PLANNED if plan.get(k) != settings[k]]
         changed += [k for k in ('autoencoder', 'cloob')
-                    if plan.get(k, {}).get('sha256') != settings[k]['sha256']]
+                    if not latent_cache.same_setting(k, plan.get(k, {}), settings[k])]
         if changed:
             raise UserError(f'--output: {root} holds a cache made with other settings '
                             f'({", ".join(changed)} differ); pass a new --output, or the '

@@ -7,13 +7,14 @@ reported as a one-line UserError that names the file and says what to do.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from ..errors import UserError
-from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.autoencoder import AutoencoderKL, read_state_dict
 
 KL_TARGET = "ldm.models.autoencoder.AutoencoderKL"
 DDCONFIG_KEYS = ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions",
@@ -21,6 +22,7 @@ DDCONFIG_KEYS = ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions"
 KL_F8_CONFIG = "latent-diffusion/configs/autoencoder/autoencoder_kl_32x32x4.yaml"
 KL_F8_WEIGHTS = "model.ckpt in ommer-lab.com/files/latent-diffusion/kl-f8.zip"
 KL_F8_HINT = f"for kl-f8: {KL_F8_CONFIG} with {KL_F8_WEIGHTS}"
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # what makes the latents
 
 
 def read_config(path) -> dict:
@@ -74,12 +76,53 @@ def weights_path(name) -> Path:
     return Path(f"{name}.ckpt")
 
 
+def encoder_digest(state) -> str:
+    """sha256 of the tensors that make latents (encoder.*, quant_conv.*), by name, shape
+    and float32 value: what latent caches, the autoencoder scale and U-Nets depend on. A
+    decoder-only finetune keeps it, as does storing the same weights at a precision that
+    holds them exactly."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in state if k.startswith(ENCODER_PREFIXES)):
+        tensor = state[key].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{key}:{list(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def describe(name) -> dict:
-    """What identifies an autoencoder NAME in records: its files and its weights' sha256."""
+    """What identifies an autoencoder NAME in records: its files, its weights' sha256, the
+    digest of its encoder, and the files (by sha256) whose encoder NAME.yaml says it has
+    (a decoder-only finetune names the autoencoders it came from), when the claim holds."""
     from ..files import sha256
     weights = weights_path(name)
+    encoder = encoder_digest(read_state_dict(weights))
+    lineage = read_lineage(f"{name}.yaml")
+    same_encoder_as = lineage.get("same_encoder_as", []) \
+        if lineage.get("encoder_sha256") == encoder else []
     return {"name": str(name), "config": str(Path(f"{name}.yaml").resolve()),
-            "checkpoint": str(weights.resolve()), "sha256": sha256(weights)}
+            "checkpoint": str(weights.resolve()), "sha256": sha256(weights),
+            "encoder_sha256": encoder, "same_encoder_as": list(same_encoder_as)}
+
+
+def read_lineage(config_path) -> dict:
+    """The `ccld` section a finetune wrote into its config ({} for other configs)."""
+    try:
+        section = OmegaConf.to_container(OmegaConf.load(config_path)).get("ccld")
+    except Exception:  # noqa: BLE001 - read_config reports a bad config where it matters
+        return {}
+    return section if isinstance(section, dict) else {}
+
+
+def same_encoder(recorded: dict, given: dict) -> bool:
+    """Whether the autoencoder a record describes makes the latents `given` (a `describe`)
+    makes: the same file, the same encoder digest, or, for records written before encoder
+    digests (which have the file's sha256 only), a file `given` was finetuned from with
+    its encoder left as it was."""
+    if recorded.get("sha256") == given["sha256"]:
+        return True
+    if recorded.get("encoder_sha256"):
+        return recorded["encoder_sha256"] == given["encoder_sha256"]
+    return recorded.get("sha256") in given.get("same_encoder_as", ())
 
 
 def load_autoencoder(name=None, *, config=None, checkpoint=None,
@@ -105,14 +148,18 @@ def load_autoencoder(name=None, *, config=None, checkpoint=None,
     return model.eval().requires_grad_(False).to(device)
 
 
-def save_autoencoder(model: AutoencoderKL, config: dict, name) -> tuple[Path, Path]:
-    """Write NAME.yaml and a CompVis-format NAME.ckpt that `load_autoencoder(NAME)` reads.
-
-    Used to make small random autoencoders for demos and tests through the real format.
-    """
+def save_autoencoder(model: AutoencoderKL, config: dict, name,
+                     extra_state=None) -> tuple[Path, Path]:
+    """Write NAME.yaml and a CompVis-format NAME.ckpt that `load_autoencoder(NAME)` reads,
+    each whole or not at all; `extra_state` joins the weights (CompVis checkpoints carry
+    their loss's, `loss.*`, which loading skips)."""
+    from ..files import atomic_write
     yaml_path, ckpt_path = Path(f"{name}.yaml"), Path(f"{name}.ckpt")
     yaml_path.parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(config), yaml_path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state}, ckpt_path)
+    state.update({k: v.detach().cpu().contiguous() for k, v in (extra_state or {}).items()})
+    with atomic_write(ckpt_path) as f:
+        torch.save({"state_dict": state}, f)
+    with atomic_write(yaml_path, "w") as f:
+        f.write(OmegaConf.to_yaml(OmegaConf.create(config)))
     return yaml_path, ckpt_path

@@ -15,8 +15,8 @@ FORMAT = 'ccld-diffusion-model'
 FORMAT_VERSION = '1'
 DTYPES = {'fp16': torch.float16, 'fp32': torch.float32}
 # What an export passes on from its checkpoint's 'ccld' record when it is there.
-CARRIED = ('image_size', 'autoencoder', 'autoencoder_sha256', 'cloob_checkpoint',
-           'cloob_checkpoint_sha256', 'step')
+CARRIED = ('image_size', 'autoencoder', 'autoencoder_sha256', 'autoencoder_encoder_sha256',
+           'cloob_checkpoint', 'cloob_checkpoint_sha256', 'step')
 # safetensors metadata is str -> str: how the fields that are not strings read back.
 PARSERS = {'base_channels': int, 'channel_multipliers': lambda s: [int(m) for m in s.split(',')],
            'autoencoder_scale': float, 'image_size': int, 'step': int}

@@ -175,24 +175,31 @@ def check_frozen_models(record, autoencoder, cloob_checkpoint, checkpoint):
     sampling then runs, but the model sees latents and embeddings it was not trained on.
 
     Files are compared by content where the record has their sha256 and the file is
-    here, else by name (the last part of the path, so a moved file still matches).
+    here (an autoencoder by its encoder's: a decoder finetuned by train_autoencoder.py
+    fits every U-Net its original does), else by name (the last part of the path, so a
+    moved file still matches).
     """
-    from ..models.autoencoder import describe as describe_autoencoder, weights_path
+    from ..models.autoencoder import describe as describe_autoencoder, same_encoder, weights_path
     from ..models.cloob import describe as describe_cloob
     from cloob_training.pretrained import list_configs
+
+    def same_autoencoder(digest):
+        recorded = {'sha256': digest, 'encoder_sha256': record.get('autoencoder_encoder_sha256')}
+        return same_encoder(recorded, describe_autoencoder(autoencoder))
+
     given = {
         'autoencoder': ('--autoencoder', autoencoder, weights_path(autoencoder).is_file(),
-                        describe_autoencoder),
+                        same_autoencoder),
         'cloob_checkpoint': ('--cloob-checkpoint', cloob_checkpoint,
                              cloob_checkpoint in list_configs() or Path(cloob_checkpoint).is_file(),
-                             describe_cloob),
+                             lambda digest: describe_cloob(cloob_checkpoint)['sha256'] == digest),
     }
-    for key, (flag, name, here, describe) in given.items():
+    for key, (flag, name, here, same_file) in given.items():
         recorded, digest = record.get(key), record.get(f'{key}_sha256')
         if recorded is None:
             continue
         if digest and here:
-            same = describe(name)['sha256'] == digest
+            same = same_file(digest)
         else:
             same = Path(str(recorded)).name == Path(name).name
         if not same:

@@ -93,7 +93,8 @@ def add_run_flags(p, resume_help=RESUME_HELP, output_dir='outputs',
     return g
 
 
-def add_device_flags(p):
+def add_device_flags(p, peak_tflops=True):
+    """Devices, processes and precision; --peak-tflops for tools that count their FLOPs."""
     g = p.add_argument_group('devices and precision')
     g.add_argument('--num-gpus', '--devices', dest='devices', type=cli.positive_int, default=1,
                    help='devices (processes) per node')
@@ -106,9 +107,11 @@ def add_device_flags(p):
                    help="auto (ddp with more than one device), ddp, fsdp, deepspeed, ...")
     g.add_argument('--fprecision', type=precision, default='32',
                    help='16, 32, bf16, or a Lightning precision string')
-    g.add_argument('--peak-tflops', type=cli.positive_float,
-                   help='the device\'s peak TFLOP/s at the training precision, for the FLOP '
-                   'utilisation in the logs (default: known for A100, H100, H200, L40S, 4090...)')
+    if peak_tflops:
+        g.add_argument('--peak-tflops', type=cli.positive_float,
+                       help='the device\'s peak TFLOP/s at the training precision, for the FLOP '
+                       'utilisation in the logs (default: known for A100, H100, H200, L40S, '
+                       '4090...)')
     return g
 
 

@@ -244,6 +244,7 @@ def _run(args):
               'image_size': args.image_size, 'random_flip': args.random_flip}
     if args.frozen is not None:
         record.update(autoencoder_sha256=args.frozen['autoencoder']['sha256'],
+                      autoencoder_encoder_sha256=args.frozen['autoencoder']['encoder_sha256'],
                       cloob_checkpoint_sha256=args.frozen['cloob']['sha256'])
     module = LightningDiffusion(ae_model, cloob, base, mults, args.autoencoder_scale, args.lr,
                                 args.ema_decay_at, record, seed, grad_clip=args.grad_clip,

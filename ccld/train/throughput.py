@@ -38,9 +38,10 @@ def compute_dtype(precision):
 
 class Throughput(pl.Callback):
     """Logs perf/images_per_sec (all ranks), perf/tflops_per_device and, where the peak
-    is known (a table of data-centre and consumer GPUs, or --peak-tflops), perf/mfu."""
+    is known (a table of data-centre and consumer GPUs, or --peak-tflops), perf/mfu.
+    Without a `latent_size` (a module that trains no U-Net), images/s only."""
 
-    def __init__(self, latent_size, peak_tflops=None):
+    def __init__(self, latent_size=None, peak_tflops=None):
         self.latent_size = latent_size
         self.peak_tflops = peak_tflops
 
@@ -49,9 +50,11 @@ class Throughput(pl.Callback):
             trainer.strategy.root_device, compute_dtype(str(trainer.precision)))
         self.meter = Meter(available_flops=peak, world_size=trainer.world_size,
                            window_size=UPDATES_PER_WINDOW)
-        record = module.record
-        self.flops_per_image = training_flops_per_image(
-            record['base_channels'], record['channel_multipliers'], self.latent_size)
+        self.flops_per_image = None
+        if self.latent_size is not None:
+            record = module.record
+            self.flops_per_image = training_flops_per_image(
+                record['base_channels'], record['channel_multipliers'], self.latent_size)
 
     def on_train_start(self, trainer, module):
         self.start, self.batches, self.images, self.since_update = perf_counter(), 0, 0, 0
@@ -66,16 +69,17 @@ class Throughput(pl.Callback):
         if module.device.type == 'cuda':
             torch.cuda.synchronize(module.device)
         # (the meter insists on samples >= batches; batches of unreadable files have none)
+        flops = None if self.flops_per_image is None else self.flops_per_image * self.since_update
         self.meter.update(time=perf_counter() - self.start, batches=self.batches,
-                          samples=max(self.images, self.batches),
-                          flops=self.flops_per_image * self.since_update)
+                          samples=max(self.images, self.batches), flops=flops)
         self.since_update = 0
         metrics = self.meter.compute()
         per_device = metrics.get('device/samples_per_sec')
         if per_device is None:  # the window is not full yet
             return
-        logged = {'perf/images_per_sec': per_device * trainer.world_size,
-                  'perf/tflops_per_device': metrics['device/flops_per_sec'] / 1e12}
+        logged = {'perf/images_per_sec': per_device * trainer.world_size}
+        if 'device/flops_per_sec' in metrics:
+            logged['perf/tflops_per_device'] = metrics['device/flops_per_sec'] / 1e12
         if 'device/mfu' in metrics:
             logged['perf/mfu'] = metrics['device/mfu']
         module.log_dict(logged)

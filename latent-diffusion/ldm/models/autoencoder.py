@@ -1,9 +1,10 @@
-"""CompVis' KL-regularised autoencoder (kl-f4 ... kl-f32), inference side only.
+"""CompVis' KL-regularised autoencoder (kl-f4 ... kl-f32).
 
 The encoder and decoder are taming-transformers' modules, so the parameter names
 match released CompVis checkpoints exactly. The training loss (LPIPS plus a patch
-discriminator) is deliberately never built: it downloads VGG weights and is not
-needed to encode or decode. Its config is kept on `lossconfig` for reference.
+discriminator, ldm.modules.losses) is never built here: encoding and decoding do not
+need it, and its LPIPS needs VGG weights. train_autoencoder.py builds it beside the
+model from the config kept on `lossconfig`.
 """
 
 from __future__ import annotations

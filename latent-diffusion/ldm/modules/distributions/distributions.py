@@ -26,3 +26,9 @@ class DiagonalGaussianDistribution:
 
     def mode(self) -> torch.Tensor:
         return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL divergence to the standard normal prior, one value per example (summed over
+        its latent): the autoencoder's regulariser, 0 for a posterior that is N(0, 1)."""
+        terms = self.mean.pow(2) + self.var - 1.0 - self.logvar
+        return 0.5 * terms.sum(dim=list(range(1, terms.ndim)))
