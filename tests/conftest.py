@@ -36,6 +36,17 @@ def fill_state_dict(module, scalars=None):
     return module
 
 
+@pytest.fixture(scope='session')
+def learned_from_latents():
+    """tests/learning.py's training on the latents themselves (seed 0): one run shared by
+    the learning tests and the distillation test that takes it as its teacher."""
+    import learning
+    data, embeds = learning.problem()
+    run = learning.train(learning.direct_batches(data, embeds))
+    run.data, run.embeds = data, embeds
+    return run
+
+
 @pytest.fixture
 def load_fixture():
     return lambda name: torch.load(FIXTURES / name, weights_only=False)

@@ -4,7 +4,8 @@ The data are two 4x8x8 latents, each constant per channel, and each has its own 
 condition vector. A model that learned the v-objective then denoises a conditioned
 latent almost exactly (the data given the condition is a single point), and its
 unconditional prediction approaches the Bayes-optimal one for a two-point mixture,
-which has a closed form. Shared by the learning tests and the sampler benchmark.
+which has a closed form. Shared by the learning tests and the sampler and distillation
+benchmarks.
 """
 
 import copy
@@ -14,7 +15,10 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ccld.train.ema import ema_update
+from ccld.diffusion.distillation import distillation_loss
+from ccld.diffusion.objective import drop_conditions
+from ccld.models.student import student_of
+from ccld.train.ema import distillation_ema_decay, ema_update
 from ccld.diffusion.schedule import t_to_alpha_sigma
 from ccld.train.diffusion_module import v_objective
 from ccld.models.unet import DiffusionModel
@@ -94,6 +98,32 @@ def train(batches, steps=STEPS, lr=LR, seed=0):
         losses.append(loss.item())
     return SimpleNamespace(model=model, ema=ema.eval(), losses=losses,
                            dropped=counter.zeroed / counter.seen)
+
+
+def distil(teacher, batches, stages, steps, lr, guidance_range=(1.0, 8.0), seed=0):
+    """Distils `teacher` stage by stage as distill.py's module does (its loss, condition
+    dropout, w drawn uniformly, timesteps from a Sobol sequence, its EMA): student_steps
+    None is the guidance stage, N a round of N steps whose teacher is the previous stage's
+    student. Returns the last student's EMA copy."""
+    torch.manual_seed(seed)
+    low, high = guidance_range
+    for student_steps in stages:
+        student = student_of(teacher).train()
+        ema = copy.deepcopy(student).requires_grad_(False).eval()
+        optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
+        sobol = torch.quasirandom.SobolEngine(1, scramble=True, seed=seed)
+        for step, (x0, cond) in zip(range(steps), batches):
+            n = x0.shape[0]
+            cond = drop_conditions(cond)
+            w = low + (high - low) * torch.rand(n)
+            loss = distillation_loss(student, teacher, x0, cond, w, sobol.draw(n)[:, 0],
+                                     torch.randn_like(x0), student_steps)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            ema_update(student, ema, distillation_ema_decay(step))
+        teacher = ema
+    return teacher
 
 
 def noised_grid(data, seed=7, levels=19):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import compute_ae_scale
+import distill
 import evaluate
 import export_model
 import precompute_latents
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOOLS = {'train_latent_diffusion.py': train_latent_diffusion, 'sample.py': sample,
          'compute_ae_scale.py': compute_ae_scale, 'precompute_latents.py': precompute_latents,
          'export_model.py': export_model, 'evaluate.py': evaluate,
-         'train_autoencoder.py': train_autoencoder}
+         'train_autoencoder.py': train_autoencoder, 'distill.py': distill}
 
 # Runs a script as `python SCRIPT ARGS...` would, then reports whether torch was imported.
 WRAPPER = '''
@@ -63,7 +64,10 @@ def test_every_flag_has_a_help_text_and_shows_its_default(script):
 
 
 def test_choices_named_in_the_scripts_are_the_librarys():
+    from ccld.diffusion import distillation
+    from ccld.train import distill_flags
     assert cli.SAMPLING_METHODS == sampling.METHODS
+    assert distill_flags.WEIGHTINGS == distillation.WEIGHTINGS
     assert cli.SCHEDULES == tuple(schedule.SCHEDULES)
     assert export_model.DTYPES == tuple(exports.DTYPES)
     assert evaluate.FEATURES == features.FEATURES

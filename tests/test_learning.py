@@ -25,11 +25,10 @@ from ccld.diffusion.schedule import sampling_timesteps
 
 @pytest.fixture(scope='module', params=['latents', 'cache'])
 def learned(request, tmp_path_factory):
-    data, embeds = learning.problem()
     if request.param == 'latents':
-        batches = learning.direct_batches(data, embeds)
-    else:
-        batches = learning.cached_batches(tmp_path_factory.mktemp('cache'), data, embeds)
+        return request.getfixturevalue('learned_from_latents')
+    data, embeds = learning.problem()
+    batches = learning.cached_batches(tmp_path_factory.mktemp('cache'), data, embeds)
     run = learning.train(batches)
     run.data, run.embeds = data, embeds
     return run

@@ -9,14 +9,17 @@ from .schedule import t_to_alpha_sigma
 COND_DROPOUT = 0.2
 
 
-def v_objective(model, x0, cond, t):
-    """MSE between the predicted and the true v for clean latents `x0` noised to times `t`.
+def drop_conditions(cond):
+    """Zeroes each example's condition with probability COND_DROPOUT, so that the same
+    model also learns the unconditional v that classifier-free guidance needs."""
+    keep = torch.rand(cond.shape[0], device=cond.device) >= COND_DROPOUT
+    return cond * keep[:, None].to(cond.dtype)
 
-    Each example's condition is zeroed with probability COND_DROPOUT, so the same model
-    also learns the unconditional v that classifier-free guidance needs.
-    """
-    keep = torch.rand(x0.shape[0], device=x0.device) >= COND_DROPOUT
-    cond = cond * keep[:, None].to(cond.dtype)
+
+def v_objective(model, x0, cond, t):
+    """MSE between the predicted and the true v for clean latents `x0` noised to times `t`,
+    each example's condition dropped at random (drop_conditions)."""
+    cond = drop_conditions(cond)
     alphas, sigmas = (s[:, None, None, None] for s in t_to_alpha_sigma(t))
     noise = torch.randn_like(x0)
     noised = x0 * alphas + noise * sigmas

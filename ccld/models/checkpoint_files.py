@@ -21,6 +21,7 @@ import torch
 
 from . import exports
 from ..errors import UserError
+from .student import StudentModel, is_student
 from .unet import DiffusionModel, infer_widths
 
 KINDS = {
@@ -41,8 +42,16 @@ class DiffusionCheckpoint:
 
     @property
     def description(self):
-        return 'a ccld model export' if self.record.get('format') == exports.FORMAT else \
-            KINDS[self.kind]
+        export = self.record.get('format') == exports.FORMAT
+        if 'teacher' not in self.record:
+            return 'a ccld model export' if export else KINDS[self.kind]
+        steps = self.record.get('student_steps')
+        student = f'a student distilled for {steps} step{"s" * (steps != 1)}' if steps else \
+            'a guidance-distilled student'
+        if export:
+            return f'a ccld model export of {student}'
+        return f'a distillation checkpoint of {student}' if 'optimizer_states' in self.raw \
+            else student
 
 
 def _legacy_globals():
@@ -135,7 +144,8 @@ def read_checkpoint(path):
     if not isinstance(obj, dict):
         raise UserError(f'{path} is not a diffusion checkpoint (it holds a {type(obj).__name__}).')
 
-    if 'state_dict' in obj and any(k.startswith('model.') for k in obj['state_dict']):
+    if 'state_dict' in obj and any(k.startswith(('model.', 'model_ema.'))
+                                   for k in obj['state_dict']):
         state = obj['state_dict']
         model, model_ema = _sub_state(state, 'model.'), _sub_state(state, 'model_ema.')
         kind = 'ccld' if 'ccld' in obj else 'original'
@@ -143,8 +153,8 @@ def read_checkpoint(path):
         scale = record.get('autoencoder_scale', obj.get('scale_factor'))
         if scale is None and 'autoencoder_scale' in model_ema:
             scale = model_ema['autoencoder_scale']
-        if not model_ema:
-            model_ema = model
+        # A distilled student's file holds its averaged weights alone.
+        model, model_ema = model or model_ema, model_ema or model
     elif 'net.0.main.0.weight' in obj:
         kind, model, model_ema = 'bare', obj, obj
         scale = record.get('autoencoder_scale', obj.get('autoencoder_scale'))
@@ -155,8 +165,29 @@ def read_checkpoint(path):
     return DiffusionCheckpoint(kind, model, model_ema, scale, record, obj)
 
 
+def read_record(path):
+    """What a checkpoint says about itself (a ccld checkpoint's record, an export's
+    metadata) without reading its weights (torch files are mapped, not read); {} when it
+    says nothing or does not exist (read_checkpoint then tells what is wrong)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    if path.suffix == '.safetensors':
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), 'pt') as f:
+                return exports.read_record(f.metadata() or {}, path)
+        except UserError:
+            raise
+        except Exception:  # noqa: BLE001 - not safetensors: read_checkpoint says so
+            return {}
+    obj = safe_load(path)
+    return obj.get('ccld', {}) if isinstance(obj, dict) else {}
+
+
 def build_model(state_dict, base_channels=None, channel_multipliers=None, path='checkpoint'):
-    """A DiffusionModel with the widths the weights have, loaded strictly.
+    """A DiffusionModel with the widths the weights have, loaded strictly (a StudentModel
+    when the weights have a guidance embedding).
 
     Explicit widths override the inferred ones (and must fit the weights).
     """
@@ -176,7 +207,7 @@ def build_model(state_dict, base_channels=None, channel_multipliers=None, path='
     if any(base * m % 64 for m in mults):
         raise UserError(f'{path}: level widths {",".join(str(base * m) for m in mults)} are not '
                         'multiples of 64, so it is not a DiffusionModel checkpoint.')
-    model = DiffusionModel(base, mults)
+    model = (StudentModel if is_student(state_dict) else DiffusionModel)(base, mults)
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError:

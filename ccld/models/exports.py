@@ -14,12 +14,15 @@ from .unet import infer_widths
 FORMAT = 'ccld-diffusion-model'
 FORMAT_VERSION = '1'
 DTYPES = {'fp16': torch.float16, 'fp32': torch.float32}
-# What an export passes on from its checkpoint's 'ccld' record when it is there.
+# What an export passes on from its checkpoint's 'ccld' record when it is there (a
+# distilled student's teacher, step count and guidance range included).
 CARRIED = ('image_size', 'autoencoder', 'autoencoder_sha256', 'autoencoder_encoder_sha256',
-           'cloob_checkpoint', 'cloob_checkpoint_sha256', 'step')
+           'cloob_checkpoint', 'cloob_checkpoint_sha256', 'step', 'teacher', 'teacher_sha256',
+           'student_steps', 'guidance_range')
 # safetensors metadata is str -> str: how the fields that are not strings read back.
 PARSERS = {'base_channels': int, 'channel_multipliers': lambda s: [int(m) for m in s.split(',')],
-           'autoencoder_scale': float, 'image_size': int, 'step': int}
+           'autoencoder_scale': float, 'image_size': int, 'step': int, 'student_steps': int,
+           'guidance_range': lambda s: [float(w) for w in s.split(',')]}
 
 
 def to_metadata(record):

@@ -167,6 +167,7 @@ class DiffusionModel(nn.Module):
         cs = [c * m for m in channel_multipliers]
         if len(cs) != 4:
             raise ValueError('DiffusionModel needs exactly four channel multipliers')
+        self.widths = (base_channels, list(channel_multipliers))
 
         self.register_buffer('autoencoder_scale', torch.tensor(float(autoencoder_scale)))
         self.mapping_timestep_embed = FourierFeatures(1, 128)
@@ -230,9 +231,16 @@ class DiffusionModel(nn.Module):
         return self
 
     def forward(self, x, t, clip_embed):
+        return self.denoise(x, t, self.conditioning(t, clip_embed))
+
+    def conditioning(self, t, clip_embed):
+        """The 1024-d vector every Modulation layer reads, from the embedding and t."""
         clip_embed = F.normalize(clip_embed, dim=-1) * clip_embed.shape[-1] ** 0.5
         mapping_timestep_embed = self.mapping_timestep_embed(t[:, None])
-        cond = self.mapping(torch.cat([clip_embed, mapping_timestep_embed], dim=1))
+        return self.mapping(torch.cat([clip_embed, mapping_timestep_embed], dim=1))
+
+    def denoise(self, x, t, cond):
+        """v from x, t and the conditioning vector."""
         timestep_planes = self.timestep_embed(t[:, None])[..., None, None]
         timestep_planes = timestep_planes.expand(-1, -1, x.shape[2], x.shape[3])
         return self.net(torch.cat([x, timestep_planes], dim=1), cond)

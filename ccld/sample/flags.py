@@ -29,14 +29,15 @@ def add_sampling_flags(p):
     p.add_argument('--device', type=cli.device, help='default: cuda if available, else cpu')
     p.add_argument('--eta', type=cli.finite_float, default=0.0,
                    help='noise added at each step of ddim, in [0, 1]')
-    p.add_argument('--method', default='plms', choices=cli.SAMPLING_METHODS, help='sampler')
+    p.add_argument('--method', choices=cli.SAMPLING_METHODS,
+                   help='sampler (default: plms; a distilled student: ddim)')
     p.add_argument('-n', type=cli.positive_int, default=4,
                    help='number of images (of each prompt of --prompts-file)')
     p.add_argument('--seed', type=cli.seed, default=0,
                    help='random seed (each line of --prompts-file starts from the same noise)')
-    p.add_argument('--steps', type=cli.positive_int, default=50,
+    p.add_argument('--steps', type=cli.positive_int,
                    help='sampling steps, one model call each (prk: 4; pie: 2; plms: 4 for '
-                   'the first 3)')
+                   'the first 3) (default: 50; a distilled student: its own)')
     # Added since the original.
     p.add_argument('--schedule', default='spliced', choices=cli.SCHEDULES,
                    help="timesteps: the original's spliced DDPM/cosine, or Karras et al.'s "

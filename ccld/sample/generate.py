@@ -20,7 +20,9 @@ from ..diffusion.guidance import cfg_model_fn
 from .png_files import grid, save_png
 from ..diffusion.sampling import METHODS, sample_latents
 from ..diffusion.schedule import SCHEDULES, sampling_timesteps, t_to_alpha_sigma
+from ..models.student import StudentModel
 from ..models.unet import CLIP_EMBED_DIM, LATENT_CHANNELS
+from . import students
 
 UNET_DOWNSAMPLING = 8  # the U-Net halves its input three times
 
@@ -40,10 +42,13 @@ def read_image(source, what='image'):
 def load_model(checkpoint, base_channels=None, channel_multipliers=None, device='cpu'):
     """A frozen DiffusionModel with a checkpoint's EMA weights, and the checkpoint.
 
-    Widths come from the weights unless given (then they must fit).
+    Widths come from the weights unless given (then they must fit). A distilled student
+    knows the guidance range its record names.
     """
     ckpt = read_checkpoint(checkpoint)
     model = build_model(ckpt.model_ema, base_channels, channel_multipliers, checkpoint)
+    if isinstance(model, StudentModel) and ckpt.record.get('guidance_range'):
+        model.guidance_range = tuple(ckpt.record['guidance_range'])
     return model.eval().requires_grad_(False).to(device), ckpt
 
 
@@ -88,14 +93,19 @@ def embed_prompts(cloob, texts, images):
 
 
 def guided_model_fn(model, embeds, weights):
-    """v(x, t) guided towards the weighted embeddings; unconditional when there are none."""
+    """v(x, t) guided towards the weighted embeddings; unconditional when there are none.
+    A distilled student gives the guided v itself, in one call instead of two."""
     if not weights:
         return lambda x, t: model(x, t, x.new_zeros([x.shape[0], CLIP_EMBED_DIM]))
+    if isinstance(model, StudentModel):
+        return students.guided_model_fn(model, embeds, weights)
     return cfg_model_fn(model, embeds, weights)
 
 
 def check_settings(method, eta, strength, schedule='spliced'):
-    if method not in METHODS:
+    """The sampling flags' own checks; method None is the checkpoint's default sampler
+    (students.sampler_for)."""
+    if method is not None and method not in METHODS:
         raise UserError(f'unknown sampling method {method!r}; use one of {", ".join(METHODS)}.')
     if schedule not in SCHEDULES:
         raise UserError(f'unknown schedule {schedule!r}; use one of {", ".join(SCHEDULES)}.')

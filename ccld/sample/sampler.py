@@ -4,7 +4,7 @@ sample.py and evaluate.py both build each model and its settings here, so the sa
 give the same images in both, and whatever changes how a checkpoint samples (an adapter
 loaded onto the model, a distilled student's own step count read from its record)
 changes it for both at once: `load_sampler` is where a model is built and `settings_for`
-where a checkpoint's record completes the flags.
+where a checkpoint's record completes the flags (a student's sampler: students.py).
 """
 
 import warnings
@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import cli
 from ..errors import UserError
 from ..models.checkpoint_files import check_weights, read_checkpoint
-from . import generate
+from . import generate, students
 from .flags import DEFAULT_BATCH_SIZE, DEFAULT_SIZE
 
 
@@ -52,8 +52,6 @@ def check_sampling_flags(args, strength=1.0):
     """The sampling flags' own checks, before any file is read; returns the device and
     the batch size to sample with."""
     generate.check_settings(args.method, args.eta, strength, args.schedule)
-    if args.eta and args.method != 'ddim':
-        warnings.warn(f'--eta applies to --method ddim only; {args.method} ignores it.')
     if args.batch_size is None and args.n > DEFAULT_BATCH_SIZE:
         warnings.warn(f'sampling -n {args.n} in batches of {DEFAULT_BATCH_SIZE}; pass '
                       '--batch-size to change that (the images stay the same).')
@@ -66,10 +64,12 @@ def settings_for(args, checkpoint, ckpt):
     if scale is None:
         raise UserError(f'{checkpoint} records no autoencoder scale; pass the one it was '
                         'trained with as --autoencoder-scale.')
+    method, steps = students.sampler_for(ckpt.record, args.method, args.steps, args.schedule,
+                                         args.eta, checkpoint)
     return Settings(checkpoint=str(checkpoint), description=ckpt.description,
                     autoencoder_scale=scale,
                     size=args.size or ckpt.record.get('image_size', DEFAULT_SIZE),
-                    method=args.method, steps=args.steps, schedule=args.schedule, eta=args.eta,
+                    method=method, steps=steps, schedule=args.schedule, eta=args.eta,
                     cond_scale=args.cond_scale, seed=args.seed, n=args.n)
 
 

@@ -9,10 +9,10 @@ import torch
 
 from ..models import latents
 from ..sample import png_files
-from ..diffusion.guidance import cfg_model_fn
 from ..diffusion.sampling import sample_latents
 from ..diffusion.schedule import sampling_timesteps
 from ..sample.cloob_score import cloob_scores
+from ..sample.generate import guided_model_fn
 from ..models.unet import LATENT_CHANNELS
 
 GRID_COLS = 4
@@ -23,12 +23,13 @@ def render(model, ae_model, text_embeds, latent_shape, steps=50, cond_scale=3.0,
            method='plms', schedule='spliced'):
     """One sample per prompt embedding, guided at `cond_scale`; images in [0, 1].
 
-    The original drew them with PLMS, 50 steps on the spliced schedule (the defaults).
+    The original drew them with PLMS, 50 steps on the spliced schedule (the defaults). A
+    distilled student takes cond_scale as its w and makes one call a step.
     """
     device = text_embeds.device
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn([text_embeds.shape[0], *latent_shape], generator=generator).to(device)
-    model_fn = cfg_model_fn(model, text_embeds[None], [cond_scale])
+    model_fn = guided_model_fn(model, text_embeds[None], [cond_scale])
     out = sample_latents(model_fn, x, sampling_timesteps(steps, device, schedule), method,
                          progress=False)
     return latents.decode(ae_model, out, model.autoencoder_scale)

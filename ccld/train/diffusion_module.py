@@ -73,13 +73,17 @@ class LightningDiffusion(pl.LightningModule):
     With `even_epochs` (streamed data, whose ranks' shares differ in length), every rank
     ends its epoch after the batch on which the first one ran out; a rank that stopped
     while the others went on would leave them waiting in a gradient all-reduce forever.
+    `model` trains a given DiffusionModel (a distillation's student) instead of a fresh
+    one of the given widths; `frozen` names the submodules left out of checkpoints.
     """
+
+    frozen = FROZEN
 
     def __init__(self, ae_model, cloob, base_channels=128, channel_multipliers=(4, 4, 8, 8),
                  autoencoder_scale=1.0, lr=3e-5, ema_decay_at=200_000, record=None,
                  seed=0, grad_clip=None, accumulate_grad_batches=1, max_bad_steps=50,
                  from_cache=False, even_epochs=False, compile=False, channels_last=False,
-                 gradient_checkpointing=False, lr_schedule=None):
+                 gradient_checkpointing=False, lr_schedule=None, model=None):
         super().__init__()
         self.automatic_optimization = False
         self.spare_image_tower = None
@@ -91,7 +95,9 @@ class LightningDiffusion(pl.LightningModule):
             cloob.model.image_encoder = None
         self.ae_model = ae_model.requires_grad_(False).eval()
         self.cloob = cloob.requires_grad_(False).eval()
-        self.model = DiffusionModel(base_channels, channel_multipliers, autoencoder_scale)
+        self.model = model if model is not None else DiffusionModel(base_channels,
+                                                                    channel_multipliers)
+        self.model.autoencoder_scale.fill_(autoencoder_scale)
         self.model_ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         # Speed options change how the trained model runs, never its weights' names or
         # format: Module.compile works in place (no _orig_mod. keys), and the EMA copy,
@@ -123,7 +129,7 @@ class LightningDiffusion(pl.LightningModule):
 
     def train(self, mode=True):
         super().train(mode)
-        for name in (*FROZEN, 'model_ema'):
+        for name in (*self.frozen, 'model_ema'):
             getattr(self, name).eval()
         return self
 
@@ -241,7 +247,11 @@ class LightningDiffusion(pl.LightningModule):
             self.count_bad_step()
             return
         self.bad_steps_in_a_row = 0
-        ema_update(self.model, self.model_ema, ema_decay(step, self.ema_decay_at))
+        ema_update(self.model, self.model_ema, self.ema_decay(step))
+
+    def ema_decay(self, step):
+        """The EMA decay after optimizer step `step`."""
+        return ema_decay(step, self.ema_decay_at)
 
     @property
     def scaled_gradients(self):
@@ -289,7 +299,7 @@ class LightningDiffusion(pl.LightningModule):
                 raise RunError(f'the {name} weights hold non-finite values at step '
                                f'{self.global_step}; not writing a checkpoint of them.')
         state = checkpoint['state_dict']
-        for key in [k for k in state if k.startswith(tuple(f'{m}.' for m in FROZEN))]:
+        for key in [k for k in state if k.startswith(tuple(f'{m}.' for m in self.frozen))]:
             del state[key]
         checkpoint['ccld'] = dict(self.record)
         checkpoint['ccld_random'] = gather_objects(self.random_state())
@@ -297,9 +307,9 @@ class LightningDiffusion(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         # Frozen weights come from the files given on the command line, not the checkpoint.
         state = checkpoint['state_dict']
-        for key in [k for k in state if k.startswith(tuple(f'{m}.' for m in FROZEN))]:
+        for key in [k for k in state if k.startswith(tuple(f'{m}.' for m in self.frozen))]:
             del state[key]
-        for name in FROZEN:
+        for name in self.frozen:
             for key, value in getattr(self, name).state_dict().items():
                 state[f'{name}.{key}'] = value
         # So does the autoencoder scale: --autoencoder-scale is required, and wins.

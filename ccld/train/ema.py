@@ -15,6 +15,13 @@ def ema_decay(step, decay_at=200_000):
     return 0.9999
 
 
+def distillation_ema_decay(step, decay_at=200_000):
+    """ema_decay, shortened at the start to (1 + step) / (10 + step): a distillation round
+    of a few thousand steps then ends with an average of the trained student, not of the
+    teacher's weights it started from."""
+    return min(ema_decay(step, decay_at), (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def ema_update(model, averaged_model, decay):
     """averaged = decay * averaged + (1 - decay) * model; buffers are copied."""

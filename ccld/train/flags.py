@@ -36,10 +36,12 @@ def add_frozen_model_flags(p):
 
 
 def add_image_flags(p, train_set_help=TRAIN_SET_HELP):
-    """Training images and how they are loaded."""
+    """Training images and how they are loaded (without --train-set when its help is
+    None: a tool that trains from a latent cache only)."""
     g = p.add_argument_group('training images')
-    g.add_argument('--train-set', help=train_set_help)
-    cli.add_table_flags(g)
+    if train_set_help is not None:
+        g.add_argument('--train-set', help=train_set_help)
+        cli.add_table_flags(g)
     g.add_argument('--image-size', type=cli.positive_int, default=256,
                    help='training image size in pixels (latents are 1/8 of it)')
     g.add_argument('--batch-size', type=cli.positive_int, default=64, help='per device')
@@ -72,12 +74,14 @@ def add_optimizer_flags(p, lr=3e-5):
 
 
 def add_run_flags(p, resume_help=RESUME_HELP, output_dir='outputs',
-                  output_help='checkpoints, demo grids and local logs go here'):
-    """Where a run writes, how long it runs, how it saves, resumes and stops."""
+                  output_help='checkpoints, demo grids and local logs go here', max_steps=True):
+    """Where a run writes, how long it runs (--max-steps, unless the tool counts its
+    steps otherwise), how it saves, resumes and stops."""
     g = p.add_argument_group('the run')
     g.add_argument('--output-dir', default=output_dir, help=output_help)
     g.add_argument('--resume-from', help=resume_help)
-    g.add_argument('--max-steps', type=cli.positive_int, help='stop after this many steps')
+    if max_steps:
+        g.add_argument('--max-steps', type=cli.positive_int, help='stop after this many steps')
     g.add_argument('--seed', type=cli.training_seed, default=None,
                    help='random seed (default: random)')
     g.add_argument('--checkpoint-every', type=cli.positive_int, default=50000,

@@ -126,11 +126,15 @@ def describe_frozen(args):
 def read_resume(path):
     """The --resume-from checkpoint, its weights checked (keys and shapes, no memory)."""
     from ..models.checkpoint_files import check_weights, read_checkpoint
+    from ..models.student import is_student
     try:
         resume = read_checkpoint(path)
         check_weights(resume.model, path)
     except UserError as e:
         raise UserError(f'--resume-from: {e}') from None
+    if is_student(resume.model):
+        raise UserError(f'--resume-from: {path} is a distilled student (distill.py), which '
+                        'this tool does not train; finetune its teacher and distil it again.')
     return resume
 
 

@@ -28,13 +28,14 @@ from .saving import (AtomicCheckpointIO, Checkpoints, TimedLastCheckpoint, check
 from .signals import StopOnSignal, StopRequested
 
 
-def claim_output_dir(output_dir, resume_from, checkpoint_bytes=None):
+def claim_output_dir(output_dir, resume_from, checkpoint_bytes=None, checkpoint_dirs=None):
     """Checks --output-dir before any model loads and locks it for this run.
 
     Refuses a file, an unwritable directory, a directory another live run holds, and a
-    fresh run (no --resume-from) into a directory that already holds checkpoints. Warns
-    when the free space looks short of two checkpoints of `checkpoint_bytes`. Returns the
-    open lock file, which the run holds until it ends.
+    fresh run (no --resume-from) into a directory that already holds checkpoints (in
+    OUTPUT_DIR/checkpoints, or in any of `checkpoint_dirs` for a tool that keeps them
+    elsewhere). Warns when the free space looks short of two checkpoints of
+    `checkpoint_bytes`. Returns the open lock file, which the run holds until it ends.
     """
     out = Path(output_dir)
     check_writable_dir(out, '--output-dir')
@@ -51,9 +52,10 @@ def claim_output_dir(output_dir, resume_from, checkpoint_bytes=None):
     lock.truncate()
     lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
     lock.flush()
-    if resume_from is None and checkpoint_files(out / 'checkpoints'):
+    taken = [d for d in checkpoint_dirs or [out / 'checkpoints'] if checkpoint_files(d)]
+    if resume_from is None and taken:
         lock.close()
-        raise UserError(f'--output-dir: {out / "checkpoints"} already holds checkpoints; pass '
+        raise UserError(f'--output-dir: {taken[0]} already holds checkpoints; pass '
                         '--resume-from auto to continue that run, or a new --output-dir.')
     if checkpoint_bytes:
         needed, free = 2 * checkpoint_bytes, shutil.disk_usage(out).free

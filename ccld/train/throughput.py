@@ -18,13 +18,18 @@ from ..models.unet import CLIP_EMBED_DIM, LATENT_CHANNELS, DiffusionModel
 UPDATES_PER_WINDOW = 5
 
 
-def training_flops_per_image(base_channels, channel_multipliers, latent_size):
-    """FLOPs of the U-Net's forward and backward pass for one latent."""
+def training_flops_per_image(base_channels, channel_multipliers, latent_size,
+                             extra_forwards=0):
+    """FLOPs of the U-Net's forward and backward pass for one latent, plus
+    `extra_forwards` forward passes (a distillation's teacher)."""
     with torch.device('meta'):
         model = DiffusionModel(base_channels, channel_multipliers)
         x = torch.empty(1, LATENT_CHANNELS, latent_size, latent_size)
         t, cond = torch.empty(1), torch.empty(1, CLIP_EMBED_DIM)
-    return measure_flops(model, lambda: model(x, t, cond), loss_fn=torch.Tensor.sum)
+    flops = measure_flops(model, lambda: model(x, t, cond), loss_fn=torch.Tensor.sum)
+    if extra_forwards:
+        flops += extra_forwards * measure_flops(model, lambda: model(x, t, cond))
+    return flops
 
 
 def compute_dtype(precision):
@@ -39,11 +44,14 @@ def compute_dtype(precision):
 class Throughput(pl.Callback):
     """Logs perf/images_per_sec (all ranks), perf/tflops_per_device and, where the peak
     is known (a table of data-centre and consumer GPUs, or --peak-tflops), perf/mfu.
-    Without a `latent_size` (a module that trains no U-Net), images/s only."""
+    Without a `latent_size` (a module that trains no U-Net), images/s only.
+    `extra_forwards`: U-Net forward passes per image besides the trained one's (a
+    distillation's teacher calls)."""
 
-    def __init__(self, latent_size=None, peak_tflops=None):
+    def __init__(self, latent_size=None, peak_tflops=None, extra_forwards=0):
         self.latent_size = latent_size
         self.peak_tflops = peak_tflops
+        self.extra_forwards = extra_forwards
 
     def setup(self, trainer, module, stage):
         peak = self.peak_tflops * 1e12 if self.peak_tflops else get_available_flops(
@@ -54,7 +62,8 @@ class Throughput(pl.Callback):
         if self.latent_size is not None:
             record = module.record
             self.flops_per_image = training_flops_per_image(
-                record['base_channels'], record['channel_multipliers'], self.latent_size)
+                record['base_channels'], record['channel_multipliers'], self.latent_size,
+                self.extra_forwards)
 
     def on_train_start(self, trainer, module):
         self.start, self.batches, self.images, self.since_update = perf_counter(), 0, 0, 0

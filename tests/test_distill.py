@@ -1,0 +1,276 @@
+"""distill.py end to end on tiny random models, on the CPU: the stages and their files,
+resuming in the right stage and round, the students in sample.py and export_model.py,
+and what is refused before any model loads."""
+
+import hashlib
+import shutil
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import distill
+import export_model
+import sample
+import tiny
+from ccld.data import latent_cache
+from ccld.errors import UserError
+from ccld.models.autoencoder import describe as describe_autoencoder
+from ccld.models.checkpoint_files import read_checkpoint
+from ccld.models.cloob import describe as describe_cloob
+from ccld.models.student import StudentModel
+from ccld.train import demo_grids
+from ccld.train.distill_module import LightningDistillation
+from ccld.train.signals import StopOnSignal
+
+SCALE = 1.5
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_cache(root, autoencoder, cloob, images=8, seed=0):
+    """A latent cache as precompute_latents.py writes it, of random 4x8x8 posteriors."""
+    g = torch.Generator().manual_seed(seed)
+    records = [{'key': latent_cache.encode_key(f'{i}'),
+                'mean': torch.randn([4, 8, 8], generator=g).half(),
+                'std': torch.full([4, 8, 8], 0.05).half(),
+                'embed': torch.randn([512], generator=g).half()} for i in range(images)]
+    stats = latent_cache.PartStats()
+    stats.add(images * 256, 0.0, images * 256.0)
+    latent_cache.write_part(root, 0, records, 0, stats)
+    latent_cache.finalize(root, 1, {'source': 'random', 'image_size': 64,
+                                    'autoencoder': describe_autoencoder(autoencoder),
+                                    'cloob': describe_cloob(cloob)})
+    return root
+
+
+@pytest.fixture(scope='module')
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp('distill')
+    autoencoder, cloob = tiny.tiny_autoencoder(d), str(tiny.tiny_cloob(d))
+    other = tiny.tiny_autoencoder(d / 'other', seed=1)
+    (d / 'prompts.txt').write_text('a red circle\na blue square\n')
+    record = {'autoencoder': autoencoder, 'cloob_checkpoint': cloob, 'image_size': 64,
+              'autoencoder_sha256': sha256(f'{autoencoder}.ckpt'),
+              'cloob_checkpoint_sha256': sha256(cloob)}
+    teacher = tiny.tiny_diffusion(seed=0, autoencoder_scale=SCALE)
+    return SimpleNamespace(
+        dir=d, autoencoder=autoencoder, cloob=cloob, other=other, prompts=d / 'prompts.txt',
+        teacher_model=teacher,
+        teacher=tiny.save_ccld_checkpoint(d / 'teacher.ckpt', teacher, teacher, record),
+        bare=tiny.save_bare(teacher, d / 'bare.pth'),
+        latents=write_cache(d / 'latents', autoencoder, cloob),
+        other_latents=write_cache(d / 'other_latents', other, cloob))
+
+
+def distill_args(assets, out, *extra):
+    """Two stages (guidance, then one round from 2 teacher steps to 1) of 2 steps each."""
+    return ['--teacher', str(assets.teacher), '--train-latents', str(assets.latents),
+            '--vqgan-model', assets.autoencoder, '--cloob-checkpoint', assets.cloob,
+            '--output-dir', str(out), '--image-size', '64', '--batch-size', '4',
+            '--num-workers', '0', '--accelerator', 'cpu', '--start-steps', '2',
+            '--target-steps', '1', '--round-steps', '2', '--demo-prompts', str(assets.prompts),
+            '--demo-steps', '2', '--lr', '1e-4', '--seed', '0', *extra]
+
+
+def run_distill(argv):
+    return tiny.exit_code(distill.main, distill.PROG, argv)
+
+
+@pytest.fixture(scope='module')
+def distilled(assets, tmp_path_factory):
+    """A distillation stopped by SIGTERM after step 1 of its last round, then run again
+    with --resume-from auto; what each run built and where it started."""
+    out = tmp_path_factory.mktemp('distilled') / 'out'
+    seen = SimpleNamespace(built=[], started=[], demos=[])
+    with pytest.MonkeyPatch.context() as patch:
+        init, start = LightningDistillation.__init__, LightningDistillation.on_train_start
+        check, sample_latents = StopOnSignal.on_train_batch_end, demo_grids.sample_latents
+
+        def spy_init(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            seen.built[-1].append(self.student_steps)
+
+        def spy_start(self):
+            start(self)
+            seen.started[-1].append((self.student_steps, self.global_step))
+
+        def stop_in_the_last_round(self, trainer, module, *args):
+            if module.student_steps == 1 and trainer.global_step == 1 and len(seen.built) == 1:
+                self.received = signal.SIGTERM
+            return check(self, trainer, module, *args)
+
+        def spy_demo(model_fn, x, steps, method, **kwargs):
+            seen.demos.append((method, len(steps)))
+            return sample_latents(model_fn, x, steps, method, **kwargs)
+
+        patch.setattr(LightningDistillation, '__init__', spy_init)
+        patch.setattr(LightningDistillation, 'on_train_start', spy_start)
+        patch.setattr(StopOnSignal, 'on_train_batch_end', stop_in_the_last_round)
+        patch.setattr(demo_grids, 'sample_latents', spy_demo)
+        seen.codes = []
+        for extra in ([], ['--resume-from', 'auto']):
+            seen.built.append([])
+            seen.started.append([])
+            seen.codes.append(run_distill(distill_args(assets, out, *extra)))
+            if not seen.codes[-1]:
+                break
+            seen.guidance_bytes = (out / 'student-guidance.ckpt').read_bytes()
+    seen.out = out
+    return seen
+
+
+def test_an_interrupted_distillation_resumes_in_its_stage_and_round(distilled):
+    assert distilled.codes == [128 + signal.SIGTERM, 0]
+    # First run: the guidance stage, then the round, stopped after its first step.
+    assert distilled.built[0] == [None, 1] and distilled.started[0] == [(None, 0), (1, 0)]
+    # Second run: only the round, from its step-1 checkpoint; the guidance student kept.
+    assert distilled.built[1] == [1] and distilled.started[1] == [(1, 1)]
+    assert (distilled.out / 'student-guidance.ckpt').read_bytes() == distilled.guidance_bytes
+    last = torch.load(distilled.out / '1-steps' / 'checkpoints' / 'last.ckpt', weights_only=False)
+    assert last['global_step'] == 2 and last['ccld']['distill_stage'] == '1-steps'
+
+
+def test_each_stage_writes_its_student_and_the_last_is_student_ckpt(distilled, assets):
+    out = distilled.out
+    assert sorted(p.name for p in out.glob('*.ckpt')) == [
+        'student-1-steps.ckpt', 'student-guidance.ckpt', 'student.ckpt']
+    assert (out / 'student.ckpt').read_bytes() == (out / 'student-1-steps.ckpt').read_bytes()
+    teacher_keys = set(assets.teacher_model.state_dict())
+    for name, steps in (('student-guidance.ckpt', None), ('student.ckpt', 1)):
+        saved = torch.load(out / name, weights_only=False)
+        record = saved['ccld']
+        assert (record['teacher'], record['teacher_sha256']) == (str(assets.teacher),
+                                                                 sha256(assets.teacher))
+        assert record['student_steps'] == steps and record['guidance_range'] == [1.0, 8.0]
+        assert record['autoencoder_sha256'] == sha256(f'{assets.autoencoder}.ckpt')
+        keys = {k.removeprefix('model_ema.') for k in saved['state_dict']}
+        assert teacher_keys <= keys
+        assert {k.split('.')[0] for k in keys - teacher_keys} == {'guidance_embed'}
+        assert read_checkpoint(out / name).autoencoder_scale == SCALE
+
+
+def test_the_demo_grids_are_drawn_by_each_student_in_its_own_steps(distilled):
+    """The guidance stage with the demo flags (PLMS, 2 steps), the round with its DDIM step."""
+    assert ('plms', 2) in distilled.demos and ('ddim', 1) in distilled.demos
+    assert set(distilled.demos) == {('plms', 2), ('ddim', 1)}
+    for stage in ('guidance', '1-steps'):
+        assert list((distilled.out / stage / 'demos').glob('demo_*.png'))
+
+
+def sample_args(assets, checkpoint, out, *extra):
+    return ['a red fox', '--checkpoint', str(checkpoint), '--autoencoder', assets.autoencoder,
+            '--cloob-checkpoint', assets.cloob, '--output-dir', str(out), '-n', '2',
+            '--seed', '3', '--device', 'cpu', *extra]
+
+
+def test_a_student_samples_in_sample_py_with_its_steps_one_call_a_step(distilled, assets,
+                                                                        tmp_path, monkeypatch):
+    calls = []
+    forward = StudentModel.forward
+
+    def counted(self, x, t, *args):
+        calls.append(x.shape[0])
+        return forward(self, x, t, *args)
+    monkeypatch.setattr(StudentModel, 'forward', counted)
+    student = distilled.out / 'student.ckpt'
+    assert tiny.exit_code(sample.main, 'sample.py', sample_args(assets, student, tmp_path)) == 0
+    assert calls == [2]  # one step, one call for both images (no unconditional half)
+    text = Image.open(tmp_path / 'out_00000.png').text
+    assert (text['method'], text['steps']) == ('ddim', '1')
+
+
+@pytest.mark.parametrize('extra', [['--method', 'plms'], ['--steps', '4'],
+                                   ['--schedule', 'karras'], ['--eta', '0.5']])
+def test_a_student_refuses_samplers_it_was_not_distilled_for(distilled, assets, tmp_path,
+                                                             capsys, extra):
+    argv = sample_args(assets, distilled.out / 'student.ckpt', tmp_path, *extra)
+    assert tiny.exit_code(sample.main, 'sample.py', argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'is a student distilled for 1 step of DDIM' in err[0], err
+
+
+def test_cond_scale_outside_the_students_range_warns(distilled, assets, tmp_path):
+    argv = sample_args(assets, distilled.out / 'student.ckpt', tmp_path, '--cond-scale', '12')
+    with pytest.warns(UserWarning, match='guidance scale 12 is outside the range 1 to 8'):
+        assert tiny.exit_code(sample.main, 'sample.py', argv) == 0
+
+
+def test_the_guidance_student_takes_any_sampler(distilled, assets, tmp_path):
+    argv = sample_args(assets, distilled.out / 'student-guidance.ckpt', tmp_path,
+                       '--method', 'dpmpp_2m', '--steps', '3')
+    assert tiny.exit_code(sample.main, 'sample.py', argv) == 0
+
+
+def test_a_student_exports_and_its_export_samples_the_same_images(distilled, assets, tmp_path):
+    export = tmp_path / 'student.safetensors'
+    student = distilled.out / 'student.ckpt'
+    assert tiny.exit_code(export_model.main, 'export_model.py',
+                          [str(student), str(export), '--dtype', 'fp32']) == 0
+    record = read_checkpoint(export).record
+    assert (record['student_steps'], record['guidance_range'], record['teacher_sha256']) == \
+        (1, [1.0, 8.0], sha256(assets.teacher))
+    for source, out in ((student, tmp_path / 'a'), (export, tmp_path / 'b')):
+        assert tiny.exit_code(sample.main, 'sample.py', sample_args(assets, source, out)) == 0
+    for name in ('out_00000.png', 'out_00001.png'):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / 'a' / name)),
+                              np.asarray(Image.open(tmp_path / 'b' / name)))
+
+
+def test_training_refuses_to_resume_from_a_student(distilled):
+    from ccld.train.run import read_resume
+    with pytest.raises(UserError, match='is a distilled student'):
+        read_resume(distilled.out / 'student.ckpt')
+
+
+def _teacher_of_another_autoencoder(assets):
+    record = {'autoencoder': assets.other, 'autoencoder_sha256': sha256(f'{assets.other}.ckpt')}
+    return ['--teacher', str(tiny.save_ccld_checkpoint(assets.dir / 'other_teacher.ckpt',
+                                                       assets.teacher_model,
+                                                       assets.teacher_model, record))]
+
+
+@pytest.mark.parametrize('make_extra, message', [
+    (_teacher_of_another_autoencoder, 'was trained with autoencoder'),
+    (lambda a: ['--teacher', str(a.bare), '--train-latents', str(a.other_latents)],
+     'was made with autoencoder'),
+    (lambda a: ['--teacher', str(a.dir / 'missing.ckpt')], '--teacher: checkpoint'),
+    (lambda a: ['--start-steps', '6', '--target-steps', '4'], 'times 2, 4, 8'),
+    (lambda a: ['--guidance-range', '8,1'], 'the first number must be below the second'),
+    (lambda a: ['--resume-from', str(a.teacher)], '--resume-from takes "auto" only'),
+    (lambda a: ['--train-latents', str(a.dir)], 'not a latent cache'),
+])
+def test_usage_errors_before_any_model_loads(assets, tmp_path, capsys, monkeypatch,
+                                             make_extra, message):
+    def refuse(*args, **kwargs):
+        raise AssertionError('a model was loaded before the arguments were checked')
+    monkeypatch.setattr('ccld.models.autoencoder.load_autoencoder', refuse)
+    monkeypatch.setattr('ccld.models.cloob.load_cloob', refuse)
+    assert run_distill(distill_args(assets, tmp_path / 'out', *make_extra(assets))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('distill.py: error: ') and message in err[0], err
+
+
+def test_a_fresh_run_into_a_directory_with_students_is_refused(distilled, assets, capsys):
+    assert run_distill(distill_args(assets, distilled.out)) == 2
+    assert 'already holds' in capsys.readouterr().err
+
+
+def test_continuing_with_another_teacher_or_range_is_refused(distilled, assets, tmp_path,
+                                                            capsys):
+    """Whether a student is done (its file says) or only a stage's checkpoint is there."""
+    checkpoints = tmp_path / 'out' / 'guidance' / 'checkpoints'
+    checkpoints.mkdir(parents=True)
+    shutil.copy(distilled.out / 'guidance' / 'checkpoints' / 'last.ckpt', checkpoints)
+    for out in (distilled.out, tmp_path / 'out'):
+        for extra, message in ((['--teacher', str(assets.bare)], 'from another teacher'),
+                               (['--guidance-range', '2,6'], 'for --guidance-range 1,8')):
+            assert run_distill(distill_args(assets, out, '--resume-from', 'auto', *extra)) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and message in err[0], err
