@@ -114,6 +114,8 @@ def quiet_lightning():
     warnings.filterwarnings('ignore', message=".*dataloader is not resumable")
     # Checkpoints hold the state after the step they are named after, as meant.
     warnings.filterwarnings('ignore', message='.*no pre-optimization state was saved')
+    # claim_output_dir has already decided that a run may write into its own directory.
+    warnings.filterwarnings('ignore', message='Checkpoint directory .* exists and is not empty')
     # litdata splits its stream across loader workers itself.
     warnings.filterwarnings('ignore', message='.*`IterableDataset` has `__len__` defined')
     logging.getLogger('pytorch_lightning.utilities.rank_zero').addFilter(_not_an_advert)
