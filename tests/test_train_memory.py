@@ -172,3 +172,22 @@ def test_the_cpu_ema_is_the_ema_of_a_plain_run_and_stays_on_the_cpu(small_run, a
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize('name', ['adamw', pytest.param('adamw8bit', marks=needs_8bit)])
+def test_the_count_before_the_first_step_is_what_the_optimizer_then_holds(name):
+    """Frozen parameters (as under LoRA) get no state; small tensors keep fp32 moments."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 80),
+                                torch.nn.Linear(80, 3))  # 10240 values in 40 blocks, then 240
+    model[0].requires_grad_(False)
+    optimizer = optimizers.make_optimizer(name, model.parameters(), 1e-3)
+    expected = optimizers.expected_state_bytes(optimizer)
+    model(torch.randn(2, 64)).square().sum().backward()
+    optimizer.step()
+    held = {'cpu': sum(t.numel() * t.element_size() for t in
+                       {t.data_ptr(): t for s in optimizer.state.values() for t in s.values()
+                        if isinstance(t, torch.Tensor)}.values())}
+    assert expected == held == memory.tensor_bytes(memory.optimizer_tensors(optimizer))
+    if name == 'adamw8bit':
+        assert optimizer.state[model[1].weight]['state1'].dtype == torch.uint8

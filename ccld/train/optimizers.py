@@ -47,10 +47,10 @@ def make_optimizer(name, params, lr, fused=None):
 
 def expected_state_bytes(optimizer):
     """{device: bytes} that `optimizer` (AdamW or AdamW8bit) will hold once it has stepped
-    (its state is made in the first step), counted per parameter as each allocates it;
-    None for another optimizer. torch's AdamW keeps two moments in the parameter's dtype
-    and its step count as an fp32 scalar, on the parameter's device when fused or
-    capturable, else on the CPU."""
+    (its state is made in the first step), counted per trainable parameter as each
+    allocates it; None for another optimizer. torch's AdamW keeps two moments in the
+    parameter's dtype and its step count as an fp32 scalar, on the parameter's device when
+    fused or capturable, else on the CPU."""
     kind = type(optimizer).__name__
     if kind not in ('AdamW', 'AdamW8bit'):
         return None
@@ -62,6 +62,8 @@ def expected_state_bytes(optimizer):
     code_books = set()
     for group in optimizer.param_groups:
         for p in group['params']:
+            if not p.requires_grad:  # (never has a gradient: no state is made for it)
+                continue
             n = p.numel()
             if kind == 'AdamW':
                 add(p.device, 2 * n * p.element_size())
