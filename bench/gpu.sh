@@ -44,4 +44,8 @@ bench 45 demo_score python3 bench/demo_score.py --device cuda --base-channels 12
   --channel-multipliers 4,4,8,8 --prompts 16 --steps 50
 # Issue 19: seconds per image of a distilled 4-step student against PLMS-50 guided, 557M.
 bench 90 student_speed python3 bench/student_speed.py
+# Issue 21 part 2: model states, peak and s/step of a 1.17B full finetune on a 24 GB card
+# (fp32 AdamW + EMA, + adamw8bit, + the EMA on the CPU), bf16 with gradient checkpointing.
+bench 240 train_memory python3 bench/train_memory.py --device cuda --base-channels 192 \
+  --batch-size 8 --memory-gb 24 --common='--fprecision bf16 --gradient-checkpointing'
 echo "done in $SECONDS s" | tee -a "$results"

@@ -39,7 +39,7 @@ def test_demo_grid_is_drawn_with_the_ema_weights(frozen, tmp_path):
     ema.forward = ema_spy
 
     module = SimpleNamespace(model=trained, model_ema=ema, ae_model=frozen.autoencoder,
-                             spare_image_tower=None,
+                             spare_image_tower=None, offloaded_ema=None,
                              cloob=frozen.cloob, device=torch.device('cpu'))
     callback = DemoCallback(['a red circle', 'a blue square'], every=1, out_dir=tmp_path,
                             steps=2, latent_size=8)
@@ -60,7 +60,7 @@ def test_demo_grid_uses_the_demo_sampler_and_schedule(frozen, tmp_path):
         return ema_forward(x, t, *args, **kwargs)
     ema.forward = ema_spy
     module = SimpleNamespace(model_ema=ema, ae_model=frozen.autoencoder, cloob=frozen.cloob,
-                             spare_image_tower=None,
+                             spare_image_tower=None, offloaded_ema=None,
                              device=torch.device('cpu'))
     callback = DemoCallback(['a red circle'], every=1, out_dir=tmp_path, steps=3, latent_size=8,
                             method='plms2', schedule='karras')

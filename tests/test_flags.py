@@ -120,6 +120,12 @@ COVERED = {
                             'checkpoint'],
         '--image-column': [TABLE],
         '--dataset-split': [TABLE],
+        '--optimizer': ['test_adamw8bit_steps_with_uint8_moments_and_they_are_saved',
+                        'test_adamw8bit_is_refused_in_one_line_where_it_cannot_run',
+                        'test_the_cpu_ema_and_8bit_adamw_resume_as_if_never_stopped'],
+        '--ema-device': ['test_the_cpu_ema_is_the_ema_of_a_plain_run_and_stays_on_the_cpu',
+                         'test_the_printed_model_states_are_those_of_the_tensors',
+                         'test_the_cpu_ema_and_8bit_adamw_resume_as_if_never_stopped'],
     },
     'sample.py': {
         'prompts': [PROMPTS_FILE, 'test_score_of_several_prompts_is_against_their_weighted_mean'],

@@ -96,8 +96,10 @@ def assert_same(a, b):
     for key in a:
         if isinstance(a[key], dict):
             assert_same(a[key], b[key])
-        else:
+        elif isinstance(a[key], torch.Tensor):
             assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
 
 
 def test_sigterm_saves_the_step_and_resume_auto_continues_as_if_never_stopped(assets, tmp_path):
@@ -130,6 +132,23 @@ def test_sigterm_saves_the_step_and_resume_auto_continues_as_if_never_stopped(as
     assert a[2] == b[2] == k + 2
     assert_same(a[0], b[0])
     assert_same(a[1], b[1])
+
+
+def test_the_cpu_ema_and_8bit_adamw_resume_as_if_never_stopped(assets, tmp_path):
+    """--ema-device cpu --optimizer adamw8bit: 2 steps, then --resume-from auto to 4, end
+    with the model, EMA and 8-bit optimizer state of a straight run of 4, bit for bit."""
+    from ccld.train.optimizers import adamw8bit_unavailable
+    flags = ['--train-latents', str(assets.latents), '--ema-device', 'cpu', '--checkpoint-every',
+             '2'] + (['--optimizer', 'adamw8bit'] if adamw8bit_unavailable('cpu') is None else [])
+    run_in_process(train_args(assets, tmp_path / 'out', '--max-steps', '2', data=flags))
+    run_in_process(train_args(assets, tmp_path / 'out', '--max-steps', '4', '--resume-from', 'auto',
+                              data=flags))
+    run_in_process(train_args(assets, tmp_path / 'straight', '--max-steps', '4', data=flags))
+    a, b = (safe_load(d / 'checkpoints' / 'last.ckpt', mmap=False)
+            for d in (tmp_path / 'out', tmp_path / 'straight'))
+    assert a['global_step'] == b['global_step'] == 4
+    assert_same(a['state_dict'], b['state_dict'])
+    assert_same(a['optimizer_states'][0]['state'], b['optimizer_states'][0]['state'])
 
 
 def test_sigterm_to_the_process_group_with_loader_workers_stops_cleanly(assets, tmp_path):

@@ -75,9 +75,9 @@ class DemoCallback(pl.Callback):
             if self.text_embeds is None:
                 self.text_embeds = module.cloob.embed_texts(self.prompts)
             shape = [LATENT_CHANNELS, self.latent_size, self.latent_size]
-            samples = render(module.model_ema, module.ae_model, self.text_embeds, shape,
-                             self.steps, seed=self.seed, method=self.method,
-                             schedule=self.schedule)
+            with ema_model(module) as ema:
+                samples = render(ema, module.ae_model, self.text_embeds, shape, self.steps,
+                                 seed=self.seed, method=self.method, schedule=self.schedule)
             with image_tower(module) as cloob:
                 score = cloob_scores(cloob, samples, self.text_embeds).mean().item()
         grid = png_files.grid(samples, GRID_COLS)
@@ -87,6 +87,17 @@ class DemoCallback(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics({'demo/cloob_score': score}, step=step)
             log_grid(logger, path, self.prompts, step)
+
+
+@contextmanager
+def ema_model(module):
+    """The run's EMA model on the module's device: a CPU EMA (--ema-device cpu) visits it
+    while the grid is drawn."""
+    if module.offloaded_ema is None:
+        yield module.model_ema
+        return
+    with module.offloaded_ema.visiting(module.device) as ema:
+        yield ema
 
 
 @contextmanager

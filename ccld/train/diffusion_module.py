@@ -19,7 +19,8 @@ from ..diffusion.objective import v_objective
 from ..errors import RunError
 from ..models.latents import posterior_sample
 from ..models.unet import DiffusionModel
-from .ema import ema_decay, ema_update
+from .ema import OffloadedEma, ema_decay, ema_update
+from .optimizers import make_optimizer
 
 FROZEN = ('ae_model', 'cloob')
 COMPILE_BACKEND = 'inductor'
@@ -75,6 +76,8 @@ class LightningDiffusion(pl.LightningModule):
     while the others went on would leave them waiting in a gradient all-reduce forever.
     `model` trains a given DiffusionModel (a distillation's student) instead of a fresh
     one of the given widths; `frozen` names the submodules left out of checkpoints.
+    `optimizer` is one of optimizers.OPTIMIZERS; with `ema_device` 'cpu' the EMA stays in
+    CPU memory (ema.OffloadedEma) wherever the model trains, still saved as model_ema.
     """
 
     frozen = FROZEN
@@ -83,7 +86,8 @@ class LightningDiffusion(pl.LightningModule):
                  autoencoder_scale=1.0, lr=3e-5, ema_decay_at=200_000, record=None,
                  seed=0, grad_clip=None, accumulate_grad_batches=1, max_bad_steps=50,
                  from_cache=False, even_epochs=False, compile=False, channels_last=False,
-                 gradient_checkpointing=False, lr_schedule=None, model=None):
+                 gradient_checkpointing=False, lr_schedule=None, model=None,
+                 optimizer='adamw', ema_device=None):
         super().__init__()
         self.automatic_optimization = False
         self.spare_image_tower = None
@@ -99,6 +103,13 @@ class LightningDiffusion(pl.LightningModule):
                                                                     channel_multipliers)
         self.model.autoencoder_scale.fill_(autoencoder_scale)
         self.model_ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.offloaded_ema = None
+        if ema_device == 'cpu':
+            self.offloaded_ema = OffloadedEma(self.model_ema)
+            # DDP would broadcast it from rank 0's GPU; every rank starts with the same.
+            self._ddp_params_and_buffers_to_ignore = [
+                f'model_ema.{name}' for name in OffloadedEma.tensors(self.model_ema)]
+        self.optimizer_name = optimizer
         # Speed options change how the trained model runs, never its weights' names or
         # format: Module.compile works in place (no _orig_mod. keys), and the EMA copy,
         # which the demo grids use, stays a plain module.
@@ -127,6 +138,16 @@ class LightningDiffusion(pl.LightningModule):
         self.rng = None
         self.saved_random = None
 
+    def _apply(self, fn, recurse=True):
+        # Moving the module to its device (or dtype) leaves a CPU EMA where it is.
+        if self.offloaded_ema is None:
+            return super()._apply(fn, recurse)
+        ema = self._modules.pop('model_ema')
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._modules['model_ema'] = ema
+
     def train(self, mode=True):
         super().train(mode)
         for name in (*self.frozen, 'model_ema'):
@@ -143,8 +164,7 @@ class LightningDiffusion(pl.LightningModule):
         # than the default on a 2-core CPU for the tiny test model). 16-bit training keeps
         # the plain kernel: the fused one unscales inside step(), after clipping would run.
         fused = (self.device.type in ('cuda', 'cpu') and not self.scaled_gradients) or None
-        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.01,
-                                 fused=fused)
+        return make_optimizer(self.optimizer_name, self.model.parameters(), self.lr, fused)
 
     def random_state(self):
         """This rank's random state: torch's generators, and how far its timestep sequence
@@ -241,13 +261,18 @@ class LightningDiffusion(pl.LightningModule):
             return
         step = self.global_step
         self.log('train/lr', self.set_learning_rate())
+        if self.offloaded_ema is not None:
+            self.offloaded_ema.fence()  # the last weights are copied before they change
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if not finite:
             self.count_bad_step()
             return
         self.bad_steps_in_a_row = 0
-        ema_update(self.model, self.model_ema, self.ema_decay(step))
+        if self.offloaded_ema is not None:
+            self.offloaded_ema.update(self.model, self.ema_decay(step))
+        else:
+            ema_update(self.model, self.model_ema, self.ema_decay(step))
 
     def ema_decay(self, step):
         """The EMA decay after optimizer step `step`."""
@@ -293,7 +318,14 @@ class LightningDiffusion(pl.LightningModule):
             raise RunError(f'none of the first {tried} training files could be read; check '
                            'that the data set is mounted and that the list holds image paths.')
 
+    def on_train_end(self):
+        if self.offloaded_ema is not None:
+            self.offloaded_ema.wait()
+
     def on_save_checkpoint(self, checkpoint):
+        # (The state dict shares the weights' memory: it is written after this returns.)
+        if self.offloaded_ema is not None:
+            self.offloaded_ema.wait()
         for name in ('model', 'model_ema'):
             if not all(torch.isfinite(p).all() for p in getattr(self, name).parameters()):
                 raise RunError(f'the {name} weights hold non-finite values at step '

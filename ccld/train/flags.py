@@ -151,6 +151,20 @@ def add_speed_flags(p):
     return g
 
 
+def add_memory_flags(p):
+    """What the model states take: the optimizer's state and where the EMA lives (the
+    diffusion trainer's; the run prints what each takes at its start)."""
+    g = p.add_argument_group('memory (the run prints what the model states take)')
+    g.add_argument('--optimizer', default='adamw', choices=['adamw', 'adamw8bit'],
+                   help='AdamW, or bitsandbytes\' 8-bit AdamW: its two moments take 2 bytes a '
+                   'parameter instead of 8')
+    g.add_argument('--ema-device', default='model', choices=['model', 'cpu'],
+                   help='keep the EMA copy with the model, or in (pinned) CPU memory, averaged '
+                   'there while the next step runs: 4 bytes a parameter off the GPU, 8 on the '
+                   'CPU')
+    return g
+
+
 def parser():
     p = cli.ArgumentParser(prog=PROG, description=DESCRIPTION)
     p.add_argument('--demo', action='store_true',
@@ -177,4 +191,5 @@ def parser():
     add_device_flags(p)
     add_demo_flags(p)
     add_speed_flags(p)
+    add_memory_flags(p)
     return p

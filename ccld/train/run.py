@@ -52,6 +52,7 @@ def validate(args):
     check_image_size(args.image_size)
     check_frozen_model_files(args.vqgan_model, args.cloob_checkpoint)
     check_lr_schedule(args)
+    check_optimizer(args)
     if args.random_flip and args.train_latents is not None:
         raise UserError('--random-flip flips images before they are encoded; a latent cache '
                         'holds them encoded already: train with --train-set to flip.')
@@ -88,6 +89,27 @@ def checkpoint_bytes(base_channels, channel_multipliers):
         params = sum(p.numel() for p in DiffusionModel(base_channels, channel_multipliers)
                      .parameters())
     return params * BYTES_PER_PARAMETER
+
+
+def training_device_type(accelerator):
+    """The device type Lightning trains on for --accelerator."""
+    if accelerator in ('gpu', 'cuda'):
+        return 'cuda'
+    if accelerator == 'auto':
+        if torch.cuda.is_available():
+            return 'cuda'
+        return 'mps' if torch.backends.mps.is_available() else 'cpu'
+    return accelerator
+
+
+def check_optimizer(args):
+    from .optimizers import adamw8bit_unavailable
+    if args.optimizer == 'adamw8bit':
+        device_type = training_device_type(args.accelerator)
+        reason = adamw8bit_unavailable(device_type)
+        if reason is not None:
+            raise UserError(f'--optimizer adamw8bit: {reason}; use --optimizer adamw on '
+                            f'{device_type}.')
 
 
 def check_lr_schedule(args):
@@ -234,6 +256,7 @@ def _run(args):
     from ..models.unet import infer_widths
     from .demo_grids import DemoCallback
     from .diffusion_module import LightningDiffusion
+    from .memory import MemoryReport
     from .throughput import Throughput
 
     runner.quiet_lightning()
@@ -258,6 +281,7 @@ def _run(args):
                                 even_epochs=args.source is not None and args.source.uneven_shares,
                                 compile=args.compile, channels_last=args.channels_last,
                                 gradient_checkpointing=args.gradient_checkpointing,
+                                optimizer=args.optimizer, ema_device=args.ema_device,
                                 lr_schedule=dict(warmup=args.lr_warmup_steps,
                                                  schedule=args.lr_schedule,
                                                  minimum=args.lr_min, total=args.max_steps))
@@ -273,7 +297,8 @@ def _run(args):
     known = data.known_size()
     steps_per_epoch = known // (args.batch_size * args.devices * args.num_nodes) if known else 50
     trainer = runner.make_trainer(
-        args, PROG, [demo, Throughput(args.image_size // 8, args.peak_tflops)], logger,
+        args, PROG, [demo, Throughput(args.image_size // 8, args.peak_tflops), MemoryReport()],
+        logger,
         log_every_n_steps=max(1, min(50, args.demo_every, steps_per_epoch)))
     rank_zero_info(f'Training on {data.describe()}; checkpoints in {output_dir / "checkpoints"}, '
                    f'demo grids in {output_dir / "demos"}, logs to {where}. Seed {seed}.')
