@@ -19,7 +19,7 @@ from ..diffusion.objective import v_objective
 from ..errors import RunError
 from ..models.latents import posterior_sample
 from ..models.unet import DiffusionModel
-from .ema import ema_decay, ema_update
+from .ema import averaged_copy, ema_decay, ema_update
 
 FROZEN = ('ae_model', 'cloob')
 COMPILE_BACKEND = 'inductor'
@@ -75,6 +75,9 @@ class LightningDiffusion(pl.LightningModule):
     while the others went on would leave them waiting in a gradient all-reduce forever.
     `model` trains a given DiffusionModel (a distillation's student) instead of a fresh
     one of the given widths; `frozen` names the submodules left out of checkpoints.
+    Parameters of `model` that do not train (a LoRA run's base, see models/lora.py) are
+    left out too, and come back from the model given on load: a LoRA run's checkpoints
+    hold its adapters, their EMA and their optimizer state.
     """
 
     frozen = FROZEN
@@ -98,7 +101,7 @@ class LightningDiffusion(pl.LightningModule):
         self.model = model if model is not None else DiffusionModel(base_channels,
                                                                     channel_multipliers)
         self.model.autoencoder_scale.fill_(autoencoder_scale)
-        self.model_ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.model_ema = averaged_copy(self.model)
         # Speed options change how the trained model runs, never its weights' names or
         # format: Module.compile works in place (no _orig_mod. keys), and the EMA copy,
         # which the demo grids use, stays a plain module.
@@ -143,8 +146,16 @@ class LightningDiffusion(pl.LightningModule):
         # than the default on a 2-core CPU for the tiny test model). 16-bit training keeps
         # the plain kernel: the fused one unscales inside step(), after clipping would run.
         fused = (self.device.type in ('cuda', 'cpu') and not self.scaled_gradients) or None
-        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=0.01,
+        return torch.optim.AdamW(self.trained_parameters(), lr=self.lr, weight_decay=0.01,
                                  fused=fused)
+
+    def trained_parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def frozen_weights(self):
+        """The state-dict keys of the model's parameters that do not train, in both copies."""
+        names = [n for n, p in self.model.named_parameters() if not p.requires_grad]
+        return [f'{m}.{n}' for m in ('model', 'model_ema') for n in names]
 
     def random_state(self):
         """This rank's random state: torch's generators, and how far its timestep sequence
@@ -301,6 +312,8 @@ class LightningDiffusion(pl.LightningModule):
         state = checkpoint['state_dict']
         for key in [k for k in state if k.startswith(tuple(f'{m}.' for m in self.frozen))]:
             del state[key]
+        for key in self.frozen_weights():
+            del state[key]
         checkpoint['ccld'] = dict(self.record)
         checkpoint['ccld_random'] = gather_objects(self.random_state())
 
@@ -312,6 +325,9 @@ class LightningDiffusion(pl.LightningModule):
         for name in self.frozen:
             for key, value in getattr(self, name).state_dict().items():
                 state[f'{name}.{key}'] = value
+        current = self.state_dict()
+        for key in self.frozen_weights():
+            state[key] = current[key]
         # So does the autoencoder scale: --autoencoder-scale is required, and wins.
         for name in ('model', 'model_ema'):
             state[f'{name}.autoencoder_scale'] = getattr(self, name).autoencoder_scale.clone()

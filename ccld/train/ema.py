@@ -31,3 +31,16 @@ def ema_update(model, averaged_model, decay):
     buffers = dict(model.named_buffers())
     for name, avg in averaged_model.named_buffers():
         avg.copy_(buffers[name])
+
+
+def averaged_copy(model):
+    """The frozen copy of `model` that ema_update averages into. Parameters that do not
+    train in `model` (a LoRA run's base) are shared with it, not copied: the average of a
+    constant is the constant, and a base held twice would double its memory."""
+    import copy
+    averaged = copy.deepcopy(model).requires_grad_(False).eval()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            owner, _, attr = name.rpartition('.')
+            setattr(averaged.get_submodule(owner), attr, p)
+    return averaged
