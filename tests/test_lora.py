@@ -161,7 +161,7 @@ def test_the_adapter_file_round_trips_and_the_merge_matches_it_with_the_original
     with torch.no_grad():
         want, got, base = applied(x, t, cond), model(x, t, cond), files.base(x, t, cond)
     assert (got - base).abs().max() > 1e-3  # the adapter changes the output
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_merge_of_a_whole_model_and_a_lora_checkpoint_elsewhere_are_one_line(
@@ -293,7 +293,8 @@ def test_speed_flags_and_16_bit_precision_work_with_lora(assets, run_base, tmp_p
                         checkpoint(*a, **k))
     trainer, module = run_in_process(lora_args(
         assets, tmp_path, run_base, '--compile', '--gradient-checkpointing', '--channels-last',
-        '--fprecision', 'bf16', '--max-steps', '2', '--checkpoint-every', '2'))
+        '--fprecision', 'bf16', '--max-steps', '2', '--checkpoint-every', '2',
+        '--demo-every', '2'))
     assert trainer.global_step == 2 and graphs and checkpointed
     dtypes = {n: p.dtype for n, p in module.model.named_parameters()}
     assert {d for n, d in dtypes.items() if 'lora_' in n} == {torch.float32}
