@@ -14,6 +14,9 @@ from .errors import RunError, UserError
 # errors need not import torch (a test checks that they are the library's).
 SAMPLING_METHODS = ('ddpm', 'ddim', 'prk', 'plms', 'pie', 'plms2', 'iplms', 'dpmpp_2m')
 SCHEDULES = ('spliced', 'karras')
+# ccld.models.lora's target groups, and those it targets by default.
+LORA_TARGETS = ('conv', 'attention', 'mapping', 'modulation', 'skip')
+DEFAULT_LORA_TARGETS = ('conv', 'attention', 'mapping')
 IMAGES_HELP = ('a text file with one image path per line; webdataset tar shards '
                '(data/{00000..01023}.tar, or a directory of .tar files); parquet files with the '
                'images in a column (a .parquet file, a directory of them or a glob, as '
@@ -145,6 +148,29 @@ def multipliers(text):
         raise argparse.ArgumentTypeError(f'expected four positive integers like 4,4,8,8, '
                                          f'got {text!r}')
     return values
+
+
+def lora_targets(text):
+    """'conv,attention' -> ['conv', 'attention']: LoRA target groups (LORA_TARGETS)."""
+    values = [part.strip() for part in text.split(',') if part.strip()]
+    unknown = [v for v in values if v not in LORA_TARGETS]
+    if not values or unknown:
+        raise argparse.ArgumentTypeError(f'expected a comma-separated list of '
+                                         f'{", ".join(LORA_TARGETS)}, got {text!r}')
+    return list(dict.fromkeys(values))
+
+
+def adapter_spec(text):
+    """'FILE' or 'FILE:STRENGTH' -> (FILE, strength), strength 1 when not given."""
+    path, colon, strength = text.rpartition(':')
+    if colon:
+        try:
+            value = finite_float(strength)
+        except argparse.ArgumentTypeError:
+            value = None
+        if value is not None:
+            return path, value
+    return text, 1.0
 
 
 def device(text):

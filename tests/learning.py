@@ -159,3 +159,24 @@ def denoising_errors(model, data, embeds):
 
 def rms(a, b):
     return math.sqrt((a - b).pow(2).mean().item())
+
+
+def finetune_lora(base, batches, rank=8, steps=STEPS, lr=LR, seed=0):
+    """Trains LoRA adapters (models/lora.py, the default targets) on a copy of `base`, as
+    the training module does (its objective, AdamW on the adapters alone, the EMA over
+    them); returns the adapted EMA model."""
+    from ccld.models import lora
+    from ccld.train.ema import averaged_copy
+    torch.manual_seed(seed)
+    model = lora.add_adapter(copy.deepcopy(base).train(), rank, rank, lora.DEFAULT_TARGETS)
+    ema = averaged_copy(model)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.01)
+    sobol = torch.quasirandom.SobolEngine(1, scramble=True, seed=seed)
+    for _, (x0, cond) in zip(range(steps), batches):
+        loss = v_objective(model, x0, cond, sobol.draw(x0.shape[0])[:, 0])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema_update(model, ema, EMA_DECAY)
+    return ema.eval()

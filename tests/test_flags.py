@@ -60,6 +60,11 @@ EXPORT = 'test_the_export_holds_the_ema_weights_and_the_settings'
 
 TABLE = 'test_the_table_flags_reach_the_set_each_tool_reads'
 
+LORA_RUN = 'test_a_lora_run_checkpoints_the_adapters_and_the_base_identity_and_keeps_the_base'
+LORA_RESUME = 'test_sigterm_then_resume_auto_of_a_lora_run_from_a_cache_continues_bit_for_bit'
+LORA_SAMPLE = 'test_sample_py_lora_applies_the_adapter_at_its_strength_and_refuses_another_base'
+LORA_MERGE = 'test_the_adapter_file_round_trips_and_the_merge_matches_it_with_the_original_keys'
+
 EVALUATE = 'test_the_report_holds_every_checkpoint_in_order_with_its_numbers'
 SAME_AS_SAMPLE = 'test_the_same_model_gives_the_same_images_in_every_column_and_those_of_sample_py'
 EVALUATE_FLAGS = 'test_the_sampling_flags_reach_every_column_as_they_reach_sample_py'
@@ -126,6 +131,10 @@ COVERED = {
         '--ema-device': ['test_the_cpu_ema_is_the_ema_of_a_plain_run_and_stays_on_the_cpu',
                          'test_the_printed_model_states_are_those_of_the_tensors',
                          'test_the_cpu_ema_and_8bit_adamw_resume_as_if_never_stopped'],
+        '--lora-rank': [LORA_RUN, LORA_RESUME, 'test_a_lora_checkpoint_of_another_base_or_rank_'
+                        'is_refused'],
+        '--lora-alpha': [LORA_RUN],
+        '--lora-targets': [LORA_RUN],
     },
     'sample.py': {
         'prompts': [PROMPTS_FILE, 'test_score_of_several_prompts_is_against_their_weighted_mean'],
@@ -156,6 +165,7 @@ COVERED = {
         '--score': ['test_score_is_higher_for_each_image_with_its_own_prompt'],
         '--init': [SAMPLER, 'test_cli_init_image'],
         '--strength': [SAMPLER, SAMPLE_ERRORS],
+        '--lora': [LORA_SAMPLE],
     },
     'precompute_latents.py': {
         '--train-set': [CACHE],
@@ -190,6 +200,8 @@ COVERED = {
         'checkpoint': [EXPORT],
         'output': [EXPORT],
         '--dtype': [EXPORT],
+        '--merge': [LORA_MERGE, 'test_merge_of_a_whole_model_and_a_lora_checkpoint_elsewhere_are_'
+                    'one_line'],
     },
     'evaluate.py': {
         '--checkpoint': [EVALUATE, SAME_AS_SAMPLE],
@@ -222,6 +234,7 @@ COVERED = {
         '--autoencoder-scale': [EVALUATE_FLAGS],
         '--size': [SAME_AS_SAMPLE, 'test_checkpoints_that_sample_at_other_sizes_need_size'],
         '--batch-size': [EVALUATE_FLAGS],
+        '--lora': ['test_evaluate_py_lora_gives_the_images_of_sample_py_lora'],
     },
 }
 

@@ -7,6 +7,8 @@
   (state_dict keys model./model_ema./ae_model./cloob., top-level scale_factor).
 - 'ccld': a Lightning checkpoint written by our training script; it carries a 'ccld'
   record of what is needed to rebuild and sample.
+- 'lora': a ccld checkpoint of a --lora-rank run: adapters only, its record naming the
+  base (read only where asked for: it is no model by itself).
 """
 
 import pickle
@@ -28,6 +30,7 @@ KINDS = {
     'bare': 'a released model state dict',
     'original': "a checkpoint of the original training script",
     'ccld': 'a ccld training checkpoint',
+    'lora': 'a LoRA training checkpoint',
 }
 
 
@@ -39,6 +42,7 @@ class DiffusionCheckpoint:
     autoencoder_scale: Optional[float]  # None when the checkpoint does not record it
     record: dict           # what the checkpoint says about itself (ccld kind and exports)
     raw: dict              # everything that was loaded
+    base: Optional['DiffusionCheckpoint'] = None  # a LoRA checkpoint's base, once read
 
     @property
     def description(self):
@@ -128,8 +132,9 @@ def _sub_state(state_dict, prefix):
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def read_checkpoint(path):
-    """Loads a diffusion checkpoint of any kind to the CPU."""
+def read_checkpoint(path, lora=False):
+    """Loads a diffusion checkpoint of any kind to the CPU; a LoRA checkpoint (adapters
+    only) only with `lora`, else UserError saying what to do with it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f'checkpoint {path} does not exist.')
@@ -150,6 +155,12 @@ def read_checkpoint(path):
         model, model_ema = _sub_state(state, 'model.'), _sub_state(state, 'model_ema.')
         kind = 'ccld' if 'ccld' in obj else 'original'
         record = obj.get('ccld', {})
+        if 'lora' in record:
+            if not lora:
+                raise UserError(f'{path} is a LoRA checkpoint: it holds adapters, not a model. '
+                                'Export the adapter with export_model.py and sample its base '
+                                'with --lora, or export_model.py --merge it into a model.')
+            kind = 'lora'
         scale = record.get('autoencoder_scale', obj.get('scale_factor'))
         if scale is None and 'autoencoder_scale' in model_ema:
             scale = model_ema['autoencoder_scale']

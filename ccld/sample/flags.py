@@ -50,6 +50,11 @@ def add_sampling_flags(p):
     p.add_argument('--batch-size', type=cli.positive_int,
                    help=f'images per batch (default {DEFAULT_BATCH_SIZE}); the images do not '
                    'depend on it')
+    p.add_argument('--lora', action='append', default=[], type=cli.adapter_spec,
+                   metavar='FILE[:STRENGTH]',
+                   help='put a LoRA adapter (export_model.py of a --lora-rank run) on the model, '
+                   'scaled by STRENGTH (default 1; 0: the base model); repeat for several. An '
+                   'adapter made for another base is refused')
     return p
 
 

@@ -33,6 +33,7 @@ class Settings:
     cond_scale: float
     seed: int
     n: int
+    lora: tuple = ()        # (adapter file, strength) pairs
 
     @property
     def stochastic(self):
@@ -42,10 +43,12 @@ class Settings:
 
     def metadata(self):
         """What the PNGs and reports record of them."""
+        adapters = {'lora': ','.join(f'{Path(path).name}:{strength:g}'
+                                     for path, strength in self.lora)} if self.lora else {}
         return {'seed': self.seed, 'n': self.n, 'method': self.method, 'steps': self.steps,
                 'schedule': self.schedule, 'eta': self.eta, 'cond_scale': self.cond_scale,
                 'autoencoder_scale': self.autoencoder_scale, 'size': self.size,
-                'checkpoint': Path(self.checkpoint).name}
+                'checkpoint': Path(self.checkpoint).name, **adapters}
 
 
 def check_sampling_flags(args, strength=1.0):
@@ -70,7 +73,18 @@ def settings_for(args, checkpoint, ckpt):
                     autoencoder_scale=scale,
                     size=args.size or ckpt.record.get('image_size', DEFAULT_SIZE),
                     method=method, steps=steps, schedule=args.schedule, eta=args.eta,
-                    cond_scale=args.cond_scale, seed=args.seed, n=args.n)
+                    cond_scale=args.cond_scale, seed=args.seed, n=args.n,
+                    lora=tuple(args.lora))
+
+
+def read_adapters(args, checkpoint, ckpt):
+    """The --lora adapters with their strengths, each checked to be made for the model of
+    `checkpoint` (its DiffusionCheckpoint `ckpt`); UserError if one is not."""
+    from ..models import lora
+    adapters = [(lora.read(path), strength) for path, strength in args.lora]
+    for (adapter, _), (path, _) in zip(adapters, args.lora):
+        adapter.check_base(ckpt.model_ema, checkpoint, f'--lora: {path}')
+    return adapters
 
 
 def check_checkpoint(args, checkpoint):
@@ -78,14 +92,18 @@ def check_checkpoint(args, checkpoint):
     its model (the weights are matched against one on the meta device); UserError if not."""
     ckpt = read_checkpoint(checkpoint)
     check_weights(ckpt.model_ema, checkpoint, args.base_channels, args.channel_multipliers)
+    read_adapters(args, checkpoint, ckpt)
     return settings_for(args, checkpoint, ckpt)
 
 
 def load_sampler(args, checkpoint, device):
-    """The frozen model of `checkpoint` on `device`, and its Settings. Warns when it was
-    trained with other frozen models than the flags name."""
+    """The frozen model of `checkpoint` on `device`, with the --lora adapters on it, and
+    its Settings. Warns when it was trained with other frozen models than the flags name."""
     model, ckpt = generate.load_model(checkpoint, args.base_channels, args.channel_multipliers,
                                       device)
+    if args.lora:
+        from ..models import lora
+        lora.apply(model, read_adapters(args, checkpoint, ckpt)).to(device)
     generate.check_frozen_models(ckpt.record, args.autoencoder, args.cloob_checkpoint,
                                  checkpoint)
     return model, settings_for(args, checkpoint, ckpt)

@@ -1,7 +1,7 @@
 """Demo grids rendered with the EMA model while training, the run's main diagnostic."""
 
 import html
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -75,9 +75,10 @@ class DemoCallback(pl.Callback):
             if self.text_embeds is None:
                 self.text_embeds = module.cloob.embed_texts(self.prompts)
             shape = [LATENT_CHANNELS, self.latent_size, self.latent_size]
-            with ema_model(module) as ema:
+            with ema_model(module) as ema, sampling_context(trainer, ema):
                 samples = render(ema, module.ae_model, self.text_embeds, shape, self.steps,
-                                 seed=self.seed, method=self.method, schedule=self.schedule)
+                                 seed=self.seed, method=self.method,
+                                 schedule=self.schedule).float()
             with image_tower(module) as cloob:
                 score = cloob_scores(cloob, samples, self.text_embeds).mean().item()
         grid = png_files.grid(samples, GRID_COLS)
@@ -87,6 +88,14 @@ class DemoCallback(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics({'demo/cloob_score': score}, step=step)
             log_grid(logger, path, self.prompts, step)
+
+
+def sampling_context(trainer, model):
+    """Where `model` samples: under the training precision's autocast when its frozen
+    weights are 16-bit (a LoRA run's base), which fp32 inputs could not meet otherwise."""
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+        return trainer.precision_plugin.forward_context()
+    return nullcontext()
 
 
 @contextmanager

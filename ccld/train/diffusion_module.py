@@ -19,7 +19,7 @@ from ..diffusion.objective import v_objective
 from ..errors import RunError
 from ..models.latents import posterior_sample
 from ..models.unet import DiffusionModel
-from .ema import OffloadedEma, ema_decay, ema_update
+from .ema import OffloadedEma, averaged_copy, ema_decay, ema_update
 from .optimizers import make_optimizer
 
 FROZEN = ('ae_model', 'cloob')
@@ -78,6 +78,9 @@ class LightningDiffusion(pl.LightningModule):
     one of the given widths; `frozen` names the submodules left out of checkpoints.
     `optimizer` is one of optimizers.OPTIMIZERS; with `ema_device` 'cpu' the EMA stays in
     CPU memory (ema.OffloadedEma) wherever the model trains, still saved as model_ema.
+    Parameters of `model` that do not train (a LoRA run's base, see models/lora.py) are
+    left out too, and come back from the model given on load: a LoRA run's checkpoints
+    hold its adapters, their EMA and their optimizer state.
     """
 
     frozen = FROZEN
@@ -102,7 +105,7 @@ class LightningDiffusion(pl.LightningModule):
         self.model = model if model is not None else DiffusionModel(base_channels,
                                                                     channel_multipliers)
         self.model.autoencoder_scale.fill_(autoencoder_scale)
-        self.model_ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.model_ema = averaged_copy(self.model)
         self.offloaded_ema = None
         if ema_device == 'cpu':
             self.offloaded_ema = OffloadedEma(self.model_ema)
@@ -164,7 +167,15 @@ class LightningDiffusion(pl.LightningModule):
         # than the default on a 2-core CPU for the tiny test model). 16-bit training keeps
         # the plain kernel: the fused one unscales inside step(), after clipping would run.
         fused = (self.device.type in ('cuda', 'cpu') and not self.scaled_gradients) or None
-        return make_optimizer(self.optimizer_name, self.model.parameters(), self.lr, fused)
+        return make_optimizer(self.optimizer_name, self.trained_parameters(), self.lr, fused)
+
+    def trained_parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def frozen_weights(self):
+        """The state-dict keys of the model's parameters that do not train, in both copies."""
+        names = [n for n, p in self.model.named_parameters() if not p.requires_grad]
+        return [f'{m}.{n}' for m in ('model', 'model_ema') for n in names]
 
     def random_state(self):
         """This rank's random state: torch's generators, and how far its timestep sequence
@@ -333,6 +344,8 @@ class LightningDiffusion(pl.LightningModule):
         state = checkpoint['state_dict']
         for key in [k for k in state if k.startswith(tuple(f'{m}.' for m in self.frozen))]:
             del state[key]
+        for key in self.frozen_weights():
+            del state[key]
         checkpoint['ccld'] = dict(self.record)
         checkpoint['ccld_random'] = gather_objects(self.random_state())
 
@@ -344,6 +357,9 @@ class LightningDiffusion(pl.LightningModule):
         for name in self.frozen:
             for key, value in getattr(self, name).state_dict().items():
                 state[f'{name}.{key}'] = value
+        current = self.state_dict()
+        for key in self.frozen_weights():
+            state[key] = current[key]
         # So does the autoencoder scale: --autoencoder-scale is required, and wins.
         for name in ('model', 'model_ema'):
             state[f'{name}.autoencoder_scale'] = getattr(self, name).autoencoder_scale.clone()

@@ -1,5 +1,6 @@
 """Exponential moving average of the model weights, with the original's decay schedule."""
 
+import copy
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -29,10 +30,23 @@ def ema_update(model, averaged_model, decay):
     """averaged = decay * averaged + (1 - decay) * model; buffers are copied."""
     params = dict(model.named_parameters())
     for name, avg in averaged_model.named_parameters():
-        avg.lerp_(params[name].detach().to(avg.dtype), 1 - decay)
+        if params[name] is not avg:  # (a frozen weight averaged_copy shares)
+            avg.lerp_(params[name].detach().to(avg.dtype), 1 - decay)
     buffers = dict(model.named_buffers())
     for name, avg in averaged_model.named_buffers():
         avg.copy_(buffers[name])
+
+
+def averaged_copy(model):
+    """The frozen copy of `model` that ema_update averages into. Parameters that do not
+    train in `model` (a LoRA run's base) are shared with it, not copied: the average of a
+    constant is the constant, and a base held twice would double its memory."""
+    averaged = copy.deepcopy(model).requires_grad_(False).eval()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            owner, _, attr = name.rpartition('.')
+            setattr(averaged.get_submodule(owner), attr, p)
+    return averaged
 
 
 class OffloadedEma:

@@ -135,6 +135,22 @@ def add_demo_flags(p):
     return g
 
 
+def add_lora_flags(p):
+    """LoRA finetuning of the --resume-from model (models/lora.py)."""
+    g = p.add_argument_group('LoRA finetuning (of the --resume-from model, which stays frozen)')
+    g.add_argument('--lora-rank', type=cli.positive_int,
+                   help='train LoRA adapters of this rank on the --resume-from model instead of '
+                   'all its weights; checkpoints then hold the adapters and name the base')
+    g.add_argument('--lora-alpha', type=cli.positive_float,
+                   help='the adapters\' scale is alpha / rank (default: alpha = rank)')
+    g.add_argument('--lora-targets', type=cli.lora_targets, metavar='GROUPS',
+                   help=f'the layers to adapt, of {",".join(cli.LORA_TARGETS)}: the residual '
+                   'blocks\' 3x3 convolutions, the attention projections, the mapping network\'s '
+                   'linears, the modulation linears, the 1x1 skip convolutions (default: '
+                   f'{",".join(cli.DEFAULT_LORA_TARGETS)})')
+    return g
+
+
 def add_speed_flags(p):
     """Speed options; none changes what a checkpoint holds."""
     g = p.add_argument_group('speed (none changes what a checkpoint holds)')
@@ -190,6 +206,7 @@ def parser():
     add_run_flags(p)
     add_device_flags(p)
     add_demo_flags(p)
+    add_lora_flags(p)
     add_speed_flags(p)
     add_memory_flags(p)
     return p

@@ -55,7 +55,9 @@ def model_state_bytes(module, optimizer, gradients=None):
                 p.numel() * p.element_size()
     optimizer_state = tensor_bytes(optimizer_tensors(optimizer)) if optimizer.state else \
         expected_state_bytes(optimizer)
-    ema = tensor_bytes(module_tensors(module.model_ema))
+    shared = {t.untyped_storage().data_ptr() for t in module_tensors(module.model)}
+    ema = tensor_bytes([t for t in module_tensors(module.model_ema)
+                        if t.untyped_storage().data_ptr() not in shared])
     if module.offloaded_ema is not None:
         ema['cpu'] = ema.get('cpu', 0) + module.offloaded_ema.nbytes()
     frozen = [t for name in module.frozen for t in module_tensors(getattr(module, name))]

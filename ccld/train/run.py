@@ -15,7 +15,11 @@ from .flags import PROG
 REQUIRED = ['vqgan_model', 'autoencoder_scale', 'demo_prompts']
 BYTES_PER_PARAMETER = 16  # a checkpoint holds the model, its EMA and two Adam moments in fp32
 # What validate() adds to the flags that is no setting, left out of the wandb config.
-UNLOGGED = ('source', 'cache', 'resume', 'prompts', 'frozen')
+UNLOGGED = ('source', 'cache', 'resume', 'prompts', 'frozen', 'base', 'lora')
+# A LoRA run's frozen base is kept in 16 bits under 16-bit mixed precision; the adapters
+# stay fp32. Precisions that cast every weight (16-true, ...) would make them 16-bit too.
+LORA_BASE_DTYPES = {'16-mixed': torch.float16, 'bf16-mixed': torch.bfloat16,
+                    '32-true': torch.float32, '64-true': torch.float64}
 
 
 def read_prompts(path):
@@ -53,6 +57,7 @@ def validate(args):
     check_frozen_model_files(args.vqgan_model, args.cloob_checkpoint)
     check_lr_schedule(args)
     check_optimizer(args)
+    check_lora_flags(args)
     if args.random_flip and args.train_latents is not None:
         raise UserError('--random-flip flips images before they are encoded; a latent cache '
                         'holds them encoded already: train with --train-set to flip.')
@@ -79,7 +84,62 @@ def validate(args):
     if args.resume_from == 'auto':
         path, args.resume = runner.newest_checkpoint(args.output_dir, read_resume)
         args.resume_from = None if path is None else str(path)
+    args.lora = lora_run(args)
     return args
+
+
+CPU_EMA_OF_ADAPTERS = ('--ema-device cpu moves a full finetune\'s EMA off the GPU; a LoRA '
+                       'run\'s EMA is its adapters\' (megabytes): drop --ema-device cpu.')
+
+
+def check_lora_flags(args):
+    if args.lora_rank is None and (args.lora_alpha is not None or args.lora_targets is not None):
+        raise UserError('--lora-alpha and --lora-targets set up the adapters of a LoRA run: '
+                        'pass --lora-rank too.')
+    if args.lora_rank is not None and args.ema_device == 'cpu':
+        raise UserError(CPU_EMA_OF_ADAPTERS)
+    if args.lora_rank is not None and args.resume_from is None:
+        raise UserError('--lora-rank trains adapters on a base model: pass it as --resume-from '
+                        'BASE (a released state dict, a checkpoint or an export).')
+
+
+def lora_run(args):
+    """The Adapter a LoRA run trains (its settings; the weights come fresh, or from the
+    checkpoint it continues), or None for a run that trains every weight. Sets args.base
+    to the base model's DiffusionCheckpoint."""
+    from ..models import lora
+    args.base, resume = None, args.resume
+    if resume is not None and resume.kind == 'lora':
+        adapter = lora.from_checkpoint(resume)
+        for flag, given, theirs in (
+                ('--lora-rank', args.lora_rank, adapter.rank),
+                ('--lora-alpha', args.lora_alpha and float(args.lora_alpha), adapter.alpha),
+                ('--lora-targets', args.lora_targets and sorted(args.lora_targets),
+                 sorted(adapter.targets))):
+            if given is not None and given != theirs:
+                shown = ','.join(theirs) if isinstance(theirs, list) else f'{theirs:g}'
+                raise UserError(f'{flag}: {args.resume_from} continues a LoRA run with {flag} '
+                                f'{shown}; drop the flag, or start another run into a new '
+                                '--output-dir.')
+        if args.ema_device == 'cpu':
+            raise UserError(f'{args.resume_from} continues a LoRA run: {CPU_EMA_OF_ADAPTERS}')
+        adapter.state = {}  # Lightning loads the adapters with the rest of the checkpoint
+        args.base = resume.base
+    elif args.lora_rank is None:
+        return None
+    elif resume is None:
+        raise UserError(f'--lora-rank: --resume-from auto found no checkpoint in '
+                        f'{Path(args.output_dir) / "checkpoints"} to continue, and a LoRA run '
+                        'starts from a base model: pass it as --resume-from BASE.')
+    else:
+        adapter = lora.spec_of(args.lora_rank, args.lora_alpha, args.lora_targets,
+                               args.resume_from, resume.model_ema)
+        args.base = resume
+    if args.fprecision not in LORA_BASE_DTYPES:
+        raise UserError(f'--fprecision {args.fprecision} would make the LoRA adapters 16-bit '
+                        'too (a GradScaler cannot step fp16 weights); pass 16 or bf16, which '
+                        'keep the base in 16 bits and the adapters in fp32.')
+    return adapter
 
 
 def checkpoint_bytes(base_channels, channel_multipliers):
@@ -146,11 +206,16 @@ def describe_frozen(args):
 
 
 def read_resume(path):
-    """The --resume-from checkpoint, its weights checked (keys and shapes, no memory)."""
+    """The --resume-from checkpoint, its weights checked (keys and shapes, no memory); a
+    LoRA checkpoint with its base, checked to be the one it was trained on."""
+    from ..models import lora
     from ..models.checkpoint_files import check_weights, read_checkpoint
     from ..models.student import is_student
     try:
-        resume = read_checkpoint(path)
+        resume = read_checkpoint(path, lora=True)
+        if resume.kind == 'lora':
+            resume.base = lora.read_base(lora.from_checkpoint(resume), path)
+            return resume
         check_weights(resume.model, path)
     except UserError as e:
         raise UserError(f'--resume-from: {e}') from None
@@ -219,7 +284,18 @@ def start_from(module, args, base, mults):
     if resume is None:
         return None
     ckpt_path = None
-    if resume.kind == 'bare':
+    if resume.kind == 'lora':
+        ckpt_path = args.resume_from
+        rank_zero_info(f'--resume-from {args.resume_from}: {resume.description} of '
+                       f'{args.lora.base}; resuming at step {resume.raw.get("global_step", "?")} '
+                       f'with its optimizer state and EMA, lr {args.lr}.')
+    elif args.lora is not None:
+        trained = sum(p.numel() for p in module.trained_parameters())
+        rank_zero_info(f'--resume-from {args.resume_from}: {resume.description}; training LoRA '
+                       f'adapters (rank {args.lora.rank}, alpha {args.lora.alpha:g}, '
+                       f'{",".join(args.lora.targets)}: {trained:,} weights) on its EMA weights, '
+                       'frozen, from step 0.')
+    elif resume.kind == 'bare':
         module.model.load_state_dict(resume.model, strict=True)
         module.model_ema.load_state_dict(resume.model, strict=True)
         for m in (module.model, module.model_ema):
@@ -264,11 +340,18 @@ def _run(args):
     seed = runner.seed_run(args.seed)
 
     base, mults = args.base_channels, args.channel_multipliers
-    if args.resume is not None:
-        base, mults = infer_widths(args.resume.model, mults)
+    weights = args.base.model_ema if args.lora is not None else \
+        args.resume.model if args.resume is not None else None
+    if weights is not None:
+        base, mults = infer_widths(weights, mults)
     ae_model, cloob = load_frozen_models(args)
     record = {'autoencoder': args.vqgan_model, 'cloob_checkpoint': args.cloob_checkpoint,
               'image_size': args.image_size, 'random_flip': args.random_flip}
+    model = None
+    if args.lora is not None:
+        from ..models.lora import adapted_model
+        record['lora'] = args.lora.spec()
+        model = adapted_model(weights, args.lora, LORA_BASE_DTYPES[args.fprecision])
     if args.frozen is not None:
         record.update(autoencoder_sha256=args.frozen['autoencoder']['sha256'],
                       autoencoder_encoder_sha256=args.frozen['autoencoder']['encoder_sha256'],
@@ -282,6 +365,7 @@ def _run(args):
                                 compile=args.compile, channels_last=args.channels_last,
                                 gradient_checkpointing=args.gradient_checkpointing,
                                 optimizer=args.optimizer, ema_device=args.ema_device,
+                                model=model,
                                 lr_schedule=dict(warmup=args.lr_warmup_steps,
                                                  schedule=args.lr_schedule,
                                                  minimum=args.lr_min, total=args.max_steps))
