@@ -274,3 +274,97 @@ def test_continuing_with_another_teacher_or_range_is_refused(distilled, assets, 
             assert run_distill(distill_args(assets, out, '--resume-from', 'auto', *extra)) == 2
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and message in err[0], err
+
+
+# A number of loader workers that is not the default (one per usable CPU).
+WORKERS = 1 if distill.parser().get_default('num_workers') != 1 else 2
+
+
+@pytest.fixture(scope='module')
+def set_up(assets, tmp_path_factory):
+    """distill.py with every flag at a value other than its default, up to where its first
+    stage (guidance) would train."""
+    out = tmp_path_factory.mktemp('set_up') / 'out'
+    argv = distill_args(assets, out, '--guidance-range', '2,6', '--round-steps', '6',
+                        '--loss-weighting', 'truncated-snr', '--autoencoder-scale', '2.5',
+                        '--batch-size', '3', '--num-workers', str(WORKERS),
+                        '--prefetch-factor', '3', '--lr', '2e-4', '--lr-warmup-steps', '2',
+                        '--lr-schedule', 'inverse-sqrt', '--lr-min', '1.5e-4',
+                        '--accumulate-grad-batches', '3', '--grad-clip', '0.5',
+                        '--max-bad-steps', '4', '--seed', '7', '--checkpoint-every', '9',
+                        '--checkpoint-minutes', '2', '--keep-last', '2', '--signal', 'SIGUSR2',
+                        '--wandb-project', 'distill-flags', '--num-gpus', '2', '--num-nodes',
+                        '3', '--strategy', 'ddp_spawn', '--fprecision', 'bf16',
+                        '--peak-tflops', '123', '--demo-every', '5', '--demo-steps', '3',
+                        '--demo-method', 'plms2', '--demo-schedule', 'karras', '--compile',
+                        '--channels-last', '--tf32', '--gradient-checkpointing')
+    seen = tiny.set_up_run(distill.main, argv)
+    seen.out, seen.record = out, seen.module.record
+    return seen
+
+
+def checkpointed(model):
+    from ccld.models.unet import Block
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    return blocks and all(b.checkpointing for b in blocks)
+
+
+# 2e-4 step / 2 over the 2-step warmup, then 2e-4 sqrt(2 / step), floored at 1.5e-4.
+INVERSE_SQRT_LRS = [1e-4, 2e-4, 2e-4 * (2 / 3) ** 0.5, 1.5e-4]
+DISTILL_SET_UP = {  # flag -> what set_up must show for the value it gave
+    '--teacher': lambda run, a: (run.record['teacher'], run.record['teacher_sha256']) == (
+        str(a.teacher), sha256(a.teacher)),
+    '--train-latents': lambda run, a: run.loader.dataset.input_dir.path == str(a.latents),
+    '--guidance-range': lambda run, a: run.module.guidance_range == (2, 6) == tuple(
+        run.record['guidance_range']) == run.module.model.guidance_range,
+    '--round-steps': lambda run, a: run.trainer['max_steps'] == 6,
+    '--loss-weighting': lambda run, a: run.module.weighting == 'truncated-snr' == run.record[
+        'loss_weighting'],
+    '--autoencoder-scale': lambda run, a: run.module.model.autoencoder_scale.item() == 2.5,
+    '--vqgan-model': lambda run, a: run.record['autoencoder'] == a.autoencoder,
+    '--cloob-checkpoint': lambda run, a: run.record['cloob_checkpoint'] == a.cloob,
+    '--image-size': lambda run, a: run.record['image_size'] == 64 and run.callbacks[
+        'Throughput'].latent_size == 8 == run.callbacks['DemoCallback'].latent_size,
+    '--batch-size': lambda run, a: run.loader.batch_size == 3,
+    '--num-workers': lambda run, a: run.loader.num_workers == WORKERS,
+    '--prefetch-factor': lambda run, a: run.loader.prefetch_factor == 3,
+    **dict.fromkeys(['--lr', '--lr-warmup-steps', '--lr-schedule', '--lr-min'],
+                    lambda run, a: tiny.learning_rates(run.module, [1, 2, 3, 8]) == pytest.approx(
+                        INVERSE_SQRT_LRS, rel=1e-9)),
+    '--accumulate-grad-batches': lambda run, a: run.module.accumulate == 3,
+    '--grad-clip': lambda run, a: run.module.grad_clip == 0.5,
+    '--max-bad-steps': lambda run, a: run.module.max_bad_steps == 4,
+    '--output-dir': lambda run, a: (run.trainer['default_root_dir'],
+                                    run.callbacks['Checkpoints'].dirpath) == (
+                                        str(run.out / 'guidance'),
+                                        str(run.out / 'guidance' / 'checkpoints')),
+    '--seed': lambda run, a: run.seed == 7 == run.module.seed,
+    '--checkpoint-every': lambda run, a: run.callbacks['Checkpoints']._every_n_train_steps == 9,
+    '--checkpoint-minutes': lambda run, a: run.callbacks['TimedLastCheckpoint'].seconds == 120,
+    '--keep-last': lambda run, a: run.callbacks['Checkpoints'].save_top_k == 2,
+    '--signal': lambda run, a: signal.SIGUSR2 in run.callbacks['StopOnSignal'].signals,
+    '--wandb-project': lambda run, a: run.trainer['logger'].name == 'distill-flags',
+    '--num-gpus': lambda run, a: run.trainer['devices'] == 2,
+    '--num-nodes': lambda run, a: run.trainer['num_nodes'] == 3,
+    '--accelerator': lambda run, a: run.trainer['accelerator'] == 'cpu',
+    '--strategy': lambda run, a: run.trainer['strategy'] == 'ddp_spawn',
+    '--fprecision': lambda run, a: run.trainer['precision'] == 'bf16-mixed',
+    '--peak-tflops': lambda run, a: run.callbacks['Throughput'].peak_tflops == 123,
+    '--demo-prompts': lambda run, a: run.callbacks['DemoCallback'].prompts == [
+        'a red circle', 'a blue square'],
+    '--demo-every': lambda run, a: run.callbacks['DemoCallback'].every == 5,
+    '--demo-steps': lambda run, a: run.callbacks['DemoCallback'].steps == 3,
+    '--demo-method': lambda run, a: run.callbacks['DemoCallback'].method == 'plms2',
+    '--demo-schedule': lambda run, a: run.callbacks['DemoCallback'].schedule == 'karras',
+    '--compile': lambda run, a: run.module.model._compiled_call_impl is not None,
+    '--channels-last': lambda run, a: run.module.model.net[0].main[0].weight.is_contiguous(
+        memory_format=torch.channels_last),
+    '--tf32': lambda run, a: run.tf32 == (True, True),
+    '--gradient-checkpointing': lambda run, a: checkpointed(run.module.model),
+}
+
+
+@pytest.mark.parametrize('flag', DISTILL_SET_UP)
+def test_each_flag_reaches_the_trainer_module_loader_or_callback_it_sets(assets, set_up, flag):
+    """Each flag, given a value other than its default, is found where the stage uses it."""
+    assert DISTILL_SET_UP[flag](set_up, assets)

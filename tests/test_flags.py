@@ -13,17 +13,20 @@ from pathlib import Path
 import pytest
 
 import compute_ae_scale
+import distill
 import evaluate
 import export_model
 import precompute_latents
 import sample
+import train_autoencoder
 import train_latent_diffusion
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 TOOLS = {'train_latent_diffusion.py': train_latent_diffusion, 'sample.py': sample,
          'precompute_latents.py': precompute_latents, 'compute_ae_scale.py': compute_ae_scale,
-         'export_model.py': export_model, 'evaluate.py': evaluate}
+         'export_model.py': export_model, 'evaluate.py': evaluate, 'distill.py': distill,
+         'train_autoencoder.py': train_autoencoder}
 
 TRAIN_RUN = 'test_a_run_writes_checkpoints_demo_grids_and_loss'
 TRAIN_DDP = 'test_two_process_cpu_ddp_keeps_both_ranks_identical_and_logs_the_images_of_both'
@@ -69,6 +72,26 @@ EVALUATE = 'test_the_report_holds_every_checkpoint_in_order_with_its_numbers'
 SAME_AS_SAMPLE = 'test_the_same_model_gives_the_same_images_in_every_column_and_those_of_sample_py'
 EVALUATE_FLAGS = 'test_the_sampling_flags_reach_every_column_as_they_reach_sample_py'
 EVALUATE_ERRORS = 'test_user_errors'  # (test_evaluate.py's too)
+
+DISTILL = 'test_each_flag_reaches_the_trainer_module_loader_or_callback_it_sets'
+INTERRUPTED = 'test_an_interrupted_distillation_resumes_in_its_stage_and_round'
+STUDENTS = 'test_each_stage_writes_its_student_and_the_last_is_student_ckpt'
+DISTILL_ERRORS = 'test_usage_errors_before_any_model_loads'
+
+AUTOENCODER = 'test_each_flag_reaches_the_trainer_module_loss_loader_or_callback_it_sets'
+DECODER_ONLY = 'test_decoder_only_keeps_the_encoder_bit_identical_and_the_latents_unchanged'
+VALIDATION = 'test_validation_logs_the_starting_values_at_step_0_then_every_val_every'
+DISC = 'test_the_discriminator_trains_from_disc_start_on_and_not_before'
+AE_SIGTERM = 'test_sigterm_saves_writes_the_autoencoder_and_resume_auto_continues'
+LPIPS_OFFLINE = 'test_a_missing_lpips_weight_offline_is_one_line_exit_2'
+FULL = 'test_full_changes_the_encoder_says_so_and_prints_the_new_scale'
+# The flags each set-up test (DISTILL, AUTOENCODER) checks where the run uses them.
+SHARED = ['--batch-size', '--num-workers', '--prefetch-factor', '--lr', '--lr-warmup-steps',
+          '--lr-schedule', '--lr-min', '--accumulate-grad-batches', '--grad-clip',
+          '--max-bad-steps', '--output-dir', '--seed', '--checkpoint-every',
+          '--checkpoint-minutes', '--keep-last', '--signal', '--wandb-project', '--num-gpus',
+          '--num-nodes', '--accelerator', '--strategy', '--fprecision', '--image-size',
+          '--vqgan-model']
 
 # tool -> flag (its first option string, or a positional argument's name) -> tests
 COVERED = {
@@ -235,6 +258,59 @@ COVERED = {
         '--size': [SAME_AS_SAMPLE, 'test_checkpoints_that_sample_at_other_sizes_need_size'],
         '--batch-size': [EVALUATE_FLAGS],
         '--lora': ['test_evaluate_py_lora_gives_the_images_of_sample_py_lora'],
+    },
+    'distill.py': {
+        **{flag: [DISTILL] for flag in SHARED},
+        '--teacher': [DISTILL, STUDENTS],
+        '--train-latents': [DISTILL, INTERRUPTED],
+        '--guidance-range': [DISTILL, 'test_continuing_with_another_teacher_or_range_is_refused'],
+        '--start-steps': [INTERRUPTED, DISTILL_ERRORS],
+        '--target-steps': [INTERRUPTED],
+        '--round-steps': [DISTILL],
+        '--loss-weighting': [DISTILL],
+        '--autoencoder-scale': [DISTILL],
+        '--vqgan-model': [DISTILL, DISTILL_ERRORS],
+        '--cloob-checkpoint': [DISTILL],
+        '--output-dir': [DISTILL, STUDENTS],
+        '--resume-from': [INTERRUPTED],
+        '--peak-tflops': [DISTILL],
+        '--demo-prompts': [DISTILL, 'test_the_demo_grids_are_drawn_by_each_student_in_its_own_'
+                           'steps'],
+        '--demo-every': [DISTILL],
+        '--demo-steps': [DISTILL, 'test_the_demo_grids_are_drawn_by_each_student_in_its_own_'
+                         'steps'],
+        '--demo-method': [DISTILL],
+        '--demo-schedule': [DISTILL],
+        '--compile': [DISTILL],
+        '--channels-last': [DISTILL],
+        '--tf32': [DISTILL],
+        '--gradient-checkpointing': [DISTILL],
+    },
+    'train_autoencoder.py': {
+        **{flag: [AUTOENCODER] for flag in SHARED},
+        '--vqgan-model': [AUTOENCODER, DECODER_ONLY],
+        '--output-name': [AUTOENCODER, DECODER_ONLY],
+        # The default, named: no run can tell it from its absence; AUTOENCODER checks that
+        # it trains the decoder alone.
+        '--decoder-only': [AUTOENCODER],
+        '--full': [FULL, AE_SIGTERM],
+        '--train-set': [AUTOENCODER, 'test_a_non_finite_step_is_skipped_and_counted_on_tar_'
+                        'shards'],
+        '--image-column': [TABLE],
+        '--dataset-split': [TABLE],
+        '--image-size': [AUTOENCODER, VALIDATION],
+        '--random-flip': [AUTOENCODER],
+        '--kl-weight': [AUTOENCODER],
+        '--disc-start': [AUTOENCODER, DISC],
+        '--disc-weight': [AUTOENCODER],
+        '--perceptual-weight': [AUTOENCODER, LPIPS_OFFLINE],
+        '--lpips-weights': [AUTOENCODER, LPIPS_OFFLINE],
+        '--val-set': [AUTOENCODER, VALIDATION],
+        '--val-every': [AUTOENCODER, VALIDATION],
+        '--val-images': [AUTOENCODER],
+        '--accumulate-grad-batches': [AUTOENCODER, DISC],
+        '--max-steps': [AUTOENCODER, DECODER_ONLY],
+        '--resume-from': [AE_SIGTERM],
     },
 }
 

@@ -383,3 +383,94 @@ def test_sigterm_saves_writes_the_autoencoder_and_resume_auto_continues(assets, 
     assert OmegaConf.load(f'{name}.yaml')['ccld']['steps'] == k + 1
     # A run that trained another part is not continued by this one.
     assert run_cli([*resumed, '--full']) == 2
+
+
+# A number of loader workers that is not the default (one per usable CPU).
+WORKERS = 1 if train_autoencoder.parser().get_default('num_workers') != 1 else 2
+
+
+@pytest.fixture(scope='module')
+def set_up(assets, tmp_path_factory):
+    """train_autoencoder.py with every flag at a value other than its default, up to where
+    it would train."""
+    d = tmp_path_factory.mktemp('set_up')
+    argv = ae_args(assets, d / 'out', d / 'set_up_ae', '--num-workers', str(WORKERS),
+                   '--prefetch-factor', '3', '--random-flip', '--decoder-only',
+                   '--kl-weight', '0.25', '--disc-start', '7', '--disc-weight', '0.75',
+                   '--perceptual-weight', '0.5', '--lpips-weights', str(assets.lpips),
+                   '--val-set', str(assets.val), '--val-every', '5', '--val-images', '3',
+                   '--lr', '2e-4', '--lr-warmup-steps', '2', '--lr-schedule', 'cosine',
+                   '--lr-min', '1e-5', '--max-steps', '6', '--accumulate-grad-batches', '3',
+                   '--grad-clip', '0.5', '--max-bad-steps', '4', '--seed', '7',
+                   '--checkpoint-every', '9', '--checkpoint-minutes', '2', '--keep-last', '2',
+                   '--signal', 'SIGUSR2', '--wandb-project', 'ae-flags', '--num-gpus', '2',
+                   '--num-nodes', '3', '--strategy', 'ddp_spawn', '--fprecision', 'bf16')
+    seen = tiny.set_up_run(train_autoencoder.main, argv)
+    seen.out, seen.name = d / 'out', d / 'set_up_ae'
+    return seen
+
+
+def lpips_is_the_files(run, assets):
+    """Its VGG16 trunk holds the file's weights."""
+    state, own = torch.load(assets.lpips), run.module.loss.perceptual_loss.state_dict()
+    trunk = [k for k in own if k.startswith('net.')]
+    return trunk and all(torch.equal(own[k], state[k]) for k in trunk)
+
+
+def trains_the_decoder_alone(run):
+    trained = {id(p) for p in run.module.configure_optimizers().param_groups[0]['params']}
+    encoder = [p for m in (run.module.autoencoder.encoder, run.module.autoencoder.quant_conv)
+               for p in m.parameters()]
+    return not run.module.train_encoder and encoder and not {id(p) for p in encoder} & trained
+
+
+# (1e-5 + (2e-4 - 1e-5) (1 + cos(pi (step - 2) / (6 - 2))) / 2 after the 2-step warmup.)
+COSINE_LRS = [1e-4, 2e-4, 1.05e-4, 1e-5]
+AE_SET_UP = {  # flag -> what set_up must show for the value it gave
+    '--vqgan-model': lambda run, a: run.module.record['start']['name'] == a.autoencoder,
+    '--output-name': lambda run, a: run.module.record['output_name'] == str(run.name),
+    '--decoder-only': lambda run, a: trains_the_decoder_alone(run),
+    '--train-set': lambda run, a: run.loader.dataset.paths == a.train.read_text().split('\n')[:-1],
+    '--image-size': lambda run, a: run.loader.dataset[0][1].shape == (3, SIZE, SIZE),
+    '--batch-size': lambda run, a: run.loader.batch_size == 2,
+    '--num-workers': lambda run, a: run.loader.num_workers == WORKERS,
+    '--prefetch-factor': lambda run, a: run.loader.prefetch_factor == 3,
+    '--random-flip': lambda run, a: 'RandomHorizontalFlip' in repr(run.loader.dataset.transform),
+    '--kl-weight': lambda run, a: run.module.loss.kl_weight == 0.25,
+    '--disc-start': lambda run, a: run.module.loss.disc_start == 7,
+    '--disc-weight': lambda run, a: run.module.loss.disc_weight == 0.75,
+    '--perceptual-weight': lambda run, a: run.module.loss.perceptual_weight == 0.5,
+    '--lpips-weights': lpips_is_the_files,
+    '--val-set': lambda run, a: 'Reconstructions' in run.callbacks,
+    '--val-every': lambda run, a: run.callbacks['Reconstructions'].every == 5,
+    '--val-images': lambda run, a: len(run.callbacks['Reconstructions'].images) == 3,
+    **dict.fromkeys(['--lr', '--lr-warmup-steps', '--lr-schedule', '--lr-min', '--max-steps'],
+                    lambda run, a: tiny.learning_rates(run.module, [1, 2, 4, 6]) == pytest.approx(
+                        COSINE_LRS, rel=1e-9)),
+    '--accumulate-grad-batches': lambda run, a: run.module.accumulate == 3,
+    '--grad-clip': lambda run, a: run.module.grad_clip == 0.5,
+    '--max-bad-steps': lambda run, a: run.module.max_bad_steps == 4,
+    '--output-dir': lambda run, a: (run.trainer['default_root_dir'],
+                                    run.callbacks['Checkpoints'].dirpath) == (
+                                        str(run.out), str(run.out / 'checkpoints')),
+    '--seed': lambda run, a: run.seed == 7,
+    '--checkpoint-every': lambda run, a: run.callbacks['Checkpoints']._every_n_train_steps == 9,
+    '--checkpoint-minutes': lambda run, a: run.callbacks['TimedLastCheckpoint'].seconds == 120,
+    '--keep-last': lambda run, a: run.callbacks['Checkpoints'].save_top_k == 2,
+    '--signal': lambda run, a: signal.SIGUSR2 in run.callbacks['StopOnSignal'].signals,
+    '--wandb-project': lambda run, a: run.trainer['logger'].name == 'ae-flags',
+    '--num-gpus': lambda run, a: run.trainer['devices'] == 2,
+    '--num-nodes': lambda run, a: run.trainer['num_nodes'] == 3,
+    '--accelerator': lambda run, a: run.trainer['accelerator'] == 'cpu',
+    '--strategy': lambda run, a: run.trainer['strategy'] == 'ddp_spawn',
+    '--fprecision': lambda run, a: run.trainer['precision'] == 'bf16-mixed',
+}
+
+
+@pytest.mark.parametrize('flag', AE_SET_UP)
+def test_each_flag_reaches_the_trainer_module_loss_loader_or_callback_it_sets(
+        assets, set_up, flag):
+    """Each flag, given a value other than its default, is found where the run uses it.
+    (--decoder-only names the default, so no run can tell it from its absence: this checks
+    what it asks for.)"""
+    assert AE_SET_UP[flag](set_up, assets)

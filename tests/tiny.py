@@ -1,5 +1,5 @@
-"""Tiny random models written through the real file formats, for tests on the CPU, and a
-way to run a CLI in-process.
+"""Tiny random models written through the real file formats, for tests on the CPU, a way
+to run a CLI in-process, and to see what a training tool sets up from its flags.
 
 Fixtures call these builders (usually once per module); nothing here is a fixture, so any
 test module can share them.
@@ -7,6 +7,7 @@ test module can share them.
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -20,7 +21,7 @@ BASE_CHANNELS, CHANNEL_MULTIPLIERS = 16, (4, 4, 4, 4)
 __all__ = ['BASE_CHANNELS', 'CHANNEL_MULTIPLIERS', 'make_images', 'write_path_list',
            'tiny_autoencoder', 'tiny_cloob', 'tiny_diffusion', 'save_bare',
            'save_ccld_checkpoint', 'save_original_checkpoint', 'inception_weights', 'exit_code',
-           'write_img2dataset_parquet', 'write_datasets_parquet']
+           'set_up_run', 'learning_rates', 'write_img2dataset_parquet', 'write_datasets_parquet']
 
 
 def tiny_autoencoder(directory, seed=0):
@@ -94,6 +95,56 @@ def exit_code(main, prog, argv):
     except SystemExit as e:
         return e.code
     return 0
+
+
+class Asked(Exception):
+    """Ends a run where it would start training."""
+
+
+def set_up_run(main, argv, tf32=(False, True)):
+    """What a tool's run sets up from `argv`, up to where it would train: the keyword
+    arguments it asks pl.Trainer for (none is started), its module, its loader, the seed and
+    the TF32 settings (from `tf32`, put back after)."""
+    import pytest
+    import pytorch_lightning as pl
+    from ccld.train import runner
+    seen = SimpleNamespace()
+
+    def trainer(**kwargs):
+        seen.trainer = kwargs
+        return SimpleNamespace(global_rank=0, world_size=1, current_epoch=0)
+
+    def fit(trainer, module, make_loader, ckpt_path, prog):
+        seen.module, seen.loader, seen.seed = module, make_loader(trainer), torch.initial_seed()
+        seen.tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        raise Asked
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pl, 'Trainer', trainer)
+        patch.setattr(runner, 'fit', fit)
+        patch.setenv('WANDB_MODE', 'offline')
+        patch.delenv('PL_GLOBAL_SEED', raising=False)  # (no seed but --seed's)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        try:
+            with pytest.raises(Asked):
+                main(argv)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    seen.callbacks = {type(c).__name__: c for c in seen.trainer['callbacks']}
+    return seen
+
+
+def learning_rates(module, steps):
+    """The LR the module's own set_learning_rate sets at each of `steps` (on a stand-in
+    optimizer: its own needs a Trainer)."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0)
+    lrs = []
+    for step in steps:
+        stand_in = SimpleNamespace(global_step=step, lr=module.lr, lr_schedule=module.lr_schedule,
+                                   trainer=SimpleNamespace(optimizers=[optimizer]))
+        type(module).set_learning_rate(stand_in)
+        lrs.append(optimizer.param_groups[0]['lr'])
+    return lrs
 
 
 def write_img2dataset_parquet(cells, folder, per_file, row_group_size=1):

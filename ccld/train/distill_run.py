@@ -203,6 +203,7 @@ def _run(args):
     runner.quiet_lightning()
     out = Path(args.output_dir)
     seed = runner.seed_run(args.seed)
+    runner.set_tf32(args.tf32)
     # The stages whose students exist are done; they come first.
     done = list(itertools.takewhile(lambda s: (out / s.student_file).is_file(), args.stages))
     todo = args.stages[len(done):]

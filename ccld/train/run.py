@@ -369,8 +369,7 @@ def _run(args):
                                 lr_schedule=dict(warmup=args.lr_warmup_steps,
                                                  schedule=args.lr_schedule,
                                                  minimum=args.lr_min, total=args.max_steps))
-    if args.tf32 is not None:  # (default: torch's, TF32 for convolutions but not matmuls)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    runner.set_tf32(args.tf32)
     ckpt_path = start_from(module, args, base, mults)
 
     data = TrainData(args, seed)

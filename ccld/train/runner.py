@@ -121,6 +121,14 @@ def quiet_lightning():
     logging.getLogger('pytorch_lightning.utilities.rank_zero').addFilter(_not_an_advert)
 
 
+def set_tf32(tf32):
+    """--tf32 / --no-tf32: TF32 matrix maths for matmuls and convolutions, or for neither;
+    unset (None), torch's default (convolutions only)."""
+    if tf32 is not None:
+        import torch
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+
+
 def seed_run(seed):
     """Seeds every generator (loader workers too) with --seed, or a random seed that the
     processes the DDP launcher starts inherit; returns it."""
