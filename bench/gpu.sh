@@ -35,17 +35,18 @@ bench() {  # bench SECONDS NAME COMMAND...: runs one measurement, its output to 
 
 # Issue 10: training throughput at 557M (original pipeline vs the latent cache), the speed
 # options one by one, sampling speed, and the demo score's cost.
-bench 100 train_throughput python3 bench/train_throughput.py --device cuda --batch-size 32 \
+bench 80 train_throughput python3 bench/train_throughput.py --device cuda --batch-size 32 \
   --base-channels 128 --channel-multipliers 4,4,8,8 --precision bf16 --num-workers 8 --steps 10
-bench 150 train_fast_paths python3 bench/train_fast_paths.py --device cuda --batch-size 32 \
+bench 100 train_fast_paths python3 bench/train_fast_paths.py --device cuda --batch-size 32 \
   --base-channels 128 --channel-multipliers 4,4,8,8 --precision bf16 --compile
-bench 60 sample_speed python3 bench/sample_speed.py
-bench 45 demo_score python3 bench/demo_score.py --device cuda --base-channels 128 \
+bench 45 sample_speed python3 bench/sample_speed.py
+bench 35 demo_score python3 bench/demo_score.py --device cuda --base-channels 128 \
   --channel-multipliers 4,4,8,8 --prompts 16 --steps 50
 # Issue 19: seconds per image of a distilled 4-step student against PLMS-50 guided, 557M.
-bench 90 student_speed python3 bench/student_speed.py
-# Issue 21 part 2: model states, peak and s/step of a 1.17B full finetune on a 24 GB card
-# (fp32 AdamW + EMA, + adamw8bit, + the EMA on the CPU), bf16 with gradient checkpointing.
-bench 240 train_memory python3 bench/train_memory.py --device cuda --base-channels 192 \
+bench 60 student_speed python3 bench/student_speed.py
+# Issue 17: model states, peak and s/step of a 1.17B finetune on a 24 GB card (fp32 AdamW +
+# EMA, + adamw8bit, + the EMA on the CPU, LoRA r=16 and r=64), bf16, gradient checkpointing.
+# Each row prints as it ends, so a row cut off by the time slot leaves the others.
+bench 140 train_memory python3 bench/train_memory.py --device cuda --base-channels 192 \
   --batch-size 8 --memory-gb 24 --common='--fprecision bf16 --gradient-checkpointing'
 echo "done in $SECONDS s" | tee -a "$results"

@@ -16,7 +16,11 @@ GPU (1.17B, batch 8, bf16, as on a 24 GB card):
     python bench/train_memory.py --device cuda --base-channels 192 --batch-size 8 \\
         --memory-gb 24 --common='--fprecision bf16 --gradient-checkpointing'
 More rows: --config 'LABEL=FLAGS' (repeated; replaces the default rows), e.g.
-    --config 'LoRA r=16=--lora-rank 16'
+    --config 'LoRA r=16=--lora-rank 16'  (on a fresh base written as a state dict)
+LoRA's model states at 1.17B, measured (8x8 latents: the states do not depend on them):
+    .venv/bin/python bench/train_memory.py --base-channels 192 --image-size 64 \\
+        --common='--fprecision bf16' --config 'LoRA r=16=--lora-rank 16' \\
+        --config 'LoRA r=64=--lora-rank 64'
 """
 
 import argparse
@@ -48,6 +52,8 @@ CONFIGURATIONS = [
     ('full finetune (fp32 AdamW + EMA)', ''),
     ('+ --optimizer adamw8bit', '--optimizer adamw8bit'),
     ('+ --ema-device cpu', '--optimizer adamw8bit --ema-device cpu'),
+    ('LoRA r=16', '--lora-rank 16'),
+    ('LoRA r=64', '--lora-rank 64'),
 ]
 STATES = ('parameters', 'gradients', 'optimizer state', 'EMA')  # the U-Net's (not frozen)
 RELEASED = (192, [4, 4, 8, 8])  # yfcc_cfg, 1.17B
@@ -59,12 +65,14 @@ def parse_args(argv=None):
     p.add_argument('--base-channels', type=int, default=128)
     p.add_argument('--channel-multipliers', default='4,4,8,8')
     p.add_argument('--batch-size', type=int, default=1)
+    p.add_argument('--image-size', type=int, default=256,
+                   help='smaller for model states alone (they do not depend on it)')
     p.add_argument('--steps', type=int, default=3, help='optimizer steps (the first is not timed)')
     p.add_argument('--memory-gb', type=float,
                    help='cap the GPU at this much (torch.cuda.set_per_process_memory_fraction)')
     p.add_argument('--common', default='', help='flags added to every configuration')
     p.add_argument('--config', action='append', metavar='LABEL=FLAGS',
-                   help='a configuration (repeat; default: the three rows of the docstring)')
+                   help='a configuration (repeat; default: full finetunes and LoRA r=16, r=64)')
     p.add_argument('--child', help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -119,16 +127,22 @@ def child(spec):
     d = Path(tempfile.mkdtemp(prefix='train_memory_'))
     paths = quickstart.make_images(d / 'images', n=16, size=256)
     (d / 'prompts.txt').write_text('a red circle\n')
+    flags = shlex.split(spec['flags'])
+    if '--lora-rank' in flags:  # adapters need a base: a fresh model's, as a state dict
+        torch.save(DiffusionModel(args.base_channels, [int(m) for m in
+                                                       args.channel_multipliers.split(',')]
+                                  ).state_dict(), d / 'base.pth')
+        flags += ['--resume-from', str(d / 'base.pth')]
     argv = ['--train-set', str(quickstart.write_path_list(paths, d / 'train.txt')),
             '--vqgan-model', quickstart.make_tiny_autoencoder(d / 'ae'),
             '--cloob-checkpoint', str(quickstart.make_tiny_cloob(d / 'cloob.pkl')),
             '--autoencoder-scale', '1', '--demo-prompts', str(d / 'prompts.txt'),
             '--output-dir', str(d / 'out'), '--accelerator', 'gpu' if cuda else 'cpu',
-            '--num-workers', '0', '--batch-size', str(args.batch_size), '--image-size', '256',
+            '--num-workers', '0', '--batch-size', str(args.batch_size), '--image-size', str(args.image_size),
             '--base-channels', str(args.base_channels),
             '--channel-multipliers', args.channel_multipliers, '--max-steps', '1000',
             '--checkpoint-every', '1000', '--checkpoint-minutes', '1000', '--demo-every', '1000',
-            '--demo-steps', '1', '--seed', '0', *shlex.split(spec['flags'])]
+            '--demo-steps', '1', '--seed', '0', *flags]
     measure = Measure(args.steps, cuda)
     make_trainer = runner.make_trainer
     runner.make_trainer = lambda a, prog, callbacks, *rest, **kw: make_trainer(
@@ -173,7 +187,7 @@ def main(argv=None):
           f'{f" capped at {args.memory_gb:g} GB" if args.memory_gb else ""}; '
           f'torch {torch.__version__}')
     print(f'U-Net base {args.base_channels} x {args.channel_multipliers}, batch '
-          f'{args.batch_size}, 32x32 latents, common flags: {args.common or "none"}; '
+          f'{args.batch_size}, {args.image_size // 8}x{args.image_size // 8} latents, common flags: {args.common or "none"}; '
           f'{args.steps} steps, the first untimed. Model states: the U-Net\'s parameters, '
           f'gradients, optimizer state and EMA, GB (10^9 bytes) counted from the tensors after '
           f'a step; 1.17B: the bytes per parameter here x {released:,}.\n')
@@ -191,6 +205,8 @@ def main(argv=None):
         scale = released / result['parameters']
         here = f'{gb(result["on_device"])} + {gb(result["on_host"])}'
         scaled = f'{gb(result["on_device"] * scale)} + {gb(result["on_host"] * scale)}'
+        if '--lora-rank' in flags:  # (adapters do not grow with the parameter count)
+            scaled = 'measure it at 1.17B'
         where = 'GPU, after the first step' if args.device == 'cuda' else 'RSS'
         print(f'| {label} | {here} | {scaled} | {gb(result["peak"])} ({where}) | '
               f'{result["step_s"]:.2f} |', flush=True)

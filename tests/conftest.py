@@ -1,3 +1,4 @@
+import fcntl
 import math
 import os
 import zlib
@@ -36,15 +37,33 @@ def fill_state_dict(module, scalars=None):
     return module
 
 
+def made_once(tmp_path_factory, name, make):
+    """make()'s value, made once in a test run and shared by pytest-xdist's workers through
+    a file (their base temporary directories share a parent of this run's own)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        root = root.parent
+    path = root / f'{name}.pt'
+    with open(root / f'{name}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            torch.save(make(), path)
+    return torch.load(path, weights_only=False)
+
+
 @pytest.fixture(scope='session')
-def learned_from_latents():
+def learned_from_latents(tmp_path_factory):
     """tests/learning.py's training on the latents themselves (seed 0): one run shared by
-    the learning tests and the distillation test that takes it as its teacher."""
+    the learning tests, the distillation test that takes it as its teacher and the LoRA
+    test that finetunes it."""
     import learning
-    data, embeds = learning.problem()
-    run = learning.train(learning.direct_batches(data, embeds))
-    run.data, run.embeds = data, embeds
-    return run
+
+    def train():
+        data, embeds = learning.problem()
+        run = learning.train(learning.direct_batches(data, embeds))
+        run.data, run.embeds = data, embeds
+        return run
+    return made_once(tmp_path_factory, 'learned_from_latents', train)
 
 
 @pytest.fixture
