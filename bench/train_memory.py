@@ -8,7 +8,9 @@ this measures what they do. Each configuration is a list of flags given to the r
 training code (run.validate and run.run), with tiny frozen models and 256 px images
 (32x32 latents); the model states are what ccld.train.memory counts from the tensors
 after a real optimizer step, the peak is torch.cuda.max_memory_allocated over the steps
-after the first (on a CPU, the peak RSS of the process), the s/step a median after it.
+after the first (on a CPU, the peak RSS of the process over those steps: its high-water
+mark is reset after the first, so reading a base model in does not count), the s/step a
+median after it.
 
 CPU (557M, batch 1; about 15 GB of RAM at the most, a few minutes a configuration):
     .venv/bin/python bench/train_memory.py
@@ -26,7 +28,7 @@ LoRA's model states at 1.17B, measured (8x8 latents: the states do not depend on
 import argparse
 import json
 import platform
-import resource
+import re
 import shlex
 import statistics
 import subprocess
@@ -86,9 +88,12 @@ class Measure(pl.Callback):
         self.steps, self.cuda, self.times, self.result = steps, cuda, [], None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if self.cuda and len(self.times) == 1:  # after the first step and its demo grid
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+        if len(self.times) == 1:  # after the first step and its demo grid
+            if self.cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            else:  # Linux: resets the process's peak RSS (VmHWM)
+                Path('/proc/self/clear_refs').write_text('5')
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if self.cuda:
@@ -97,8 +102,7 @@ class Measure(pl.Callback):
         if trainer.global_step < self.steps:
             return
         report = next(c for c in trainer.callbacks if isinstance(c, MemoryReport))
-        peak = torch.cuda.max_memory_allocated() if self.cuda else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = torch.cuda.max_memory_allocated() if self.cuda else peak_rss()
         offloaded = module.offloaded_ema is not None
         on_device = sum(sum((report.after_step[row] or {}).values()) for row in STATES
                         if not (offloaded and row == 'EMA'))
@@ -110,6 +114,12 @@ class Measure(pl.Callback):
                                                                      self.times[2:])),
                        'parameters': count(module.model)}
         raise Measured
+
+
+def peak_rss():
+    """The process's peak resident memory since it was last reset, in bytes."""
+    line = next(line for line in open('/proc/self/status') if line.startswith('VmHWM:'))
+    return int(line.split()[1]) * 1024
 
 
 def count(model):
@@ -177,7 +187,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.child:
         return child(json.loads(args.child))
-    rows = [tuple(c.split('=', 1)) for c in args.config] if args.config else CONFIGURATIONS
+    # LABEL=FLAGS: the label may hold '=' (LoRA r=16); the flags start with '-'.
+    rows = [re.match(r'(.*?)=(\s*-.*|)$', c).groups() for c in args.config] if args.config \
+        else CONFIGURATIONS
     with torch.device('meta'):
         released = count(DiffusionModel(*RELEASED))
     cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo')

@@ -371,6 +371,10 @@ def _run(args):
                                                  minimum=args.lr_min, total=args.max_steps))
     runner.set_tf32(args.tf32)
     ckpt_path = start_from(module, args, base, mults)
+    # The weights read are in the module now (or Lightning reads the file again): a run of
+    # the 1.17B model would otherwise hold them in CPU memory to its end.
+    del weights
+    args.resume = args.base = None
 
     data = TrainData(args, seed)
     logger, where = runner.make_logger(args, output_dir, UNLOGGED)
