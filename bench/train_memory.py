@@ -149,7 +149,8 @@ def child(spec):
             '--cloob-checkpoint', str(quickstart.make_tiny_cloob(d / 'cloob.pkl')),
             '--autoencoder-scale', '1', '--demo-prompts', str(d / 'prompts.txt'),
             '--output-dir', str(d / 'out'), '--accelerator', 'gpu' if cuda else 'cpu',
-            '--num-workers', '0', '--batch-size', str(args.batch_size), '--image-size', str(args.image_size),
+            '--num-workers', '0', '--batch-size', str(args.batch_size),
+            '--image-size', str(args.image_size),
             '--base-channels', str(args.base_channels),
             '--channel-multipliers', args.channel_multipliers, '--max-steps', '1000',
             '--checkpoint-every', '1000', '--checkpoint-minutes', '1000', '--demo-every', '1000',
@@ -202,7 +203,8 @@ def main(argv=None):
           f'{f" capped at {args.memory_gb:g} GB" if args.memory_gb else ""}; '
           f'torch {torch.__version__}')
     print(f'U-Net base {args.base_channels} x {args.channel_multipliers}, batch '
-          f'{args.batch_size}, {args.image_size // 8}x{args.image_size // 8} latents, common flags: {args.common or "none"}; '
+          f'{args.batch_size}, {args.image_size // 8}x{args.image_size // 8} latents, '
+          f'common flags: {args.common or "none"}; '
           f'{args.steps} steps, the first untimed. Model states: the U-Net\'s parameters, '
           f'gradients, optimizer state and EMA, GB (10^9 bytes) counted from the tensors after '
           f'a step; 1.17B: the bytes per parameter here x {released:,}.\n')

@@ -22,6 +22,7 @@ import tiny
 import train_latent_diffusion
 from ccld.diffusion.guidance import cfg_model_fn
 from ccld.diffusion.sampling import plms_sample
+from ccld.errors import UserError
 from ccld.diffusion.schedule import sampling_timesteps
 from ccld.models import lora
 from ccld.models.checkpoint_files import read_checkpoint, safe_load
@@ -401,3 +402,10 @@ def test_lora_moves_the_samples_to_a_shifted_target_and_strength_0_gives_back_th
     lora.write(spec, tmp_path / 'adapter.safetensors')
     off = lora.apply(copy.deepcopy(base), [(lora.read(tmp_path / 'adapter.safetensors'), 0.0)])
     assert torch.equal(samples(off, 0), samples(base, 0))
+
+
+def test_a_strength_that_is_not_a_number_is_named_as_such(files):
+    with pytest.raises(UserError, match="the strength after the colon, 'x', must be a number"):
+        lora.read(f'{files.adapter}:x')
+    with pytest.raises(UserError, match='does not exist'):
+        lora.read(files.dir / 'gone.safetensors:0.5')

@@ -246,6 +246,10 @@ def read(path):
     """An adapter file as export_model.py writes it; UserError for anything else."""
     from .checkpoint_files import read_safetensors
     if not Path(path).is_file():
+        file, _, strength = str(path).rpartition(':')
+        if file and Path(file).is_file():
+            raise UserError(f'--lora {path}: the strength after the colon, {strength!r}, must be '
+                            'a number (FILE:STRENGTH, e.g. my_style.safetensors:0.8).')
         raise UserError(f'--lora: {path} does not exist.')
     state, meta = read_safetensors(path)
     if meta.get('format') != FORMAT:
