@@ -4,8 +4,9 @@ run. The score must not slow the demo callback down by more than 10%.
 
 The frozen models have their real architectures (kl-f8 from its yaml, the released
 ViT-B/16 config; weights filled by SPEC section 0's rule: timings do not depend on the
-values) and the demo's real code (ccld.train.demo_grids.render, ccld.sample.cloob_score.cloob_scores); the U-Net
-is mid-size on a CPU. The FLOP share is printed too: it carries over to other sizes.
+values) and the demo's real code (ccld.train.demo_grids.render,
+ccld.sample.cloob_score.cloob_scores); the U-Net is mid-size on a CPU. The FLOP share is
+printed too: it carries over to other sizes.
 
     .venv/bin/python bench/demo_score.py     (from the repository root; ~2 minutes)
 GPU session, danbooru-size U-Net and the original's 16 prompts and 50 steps:

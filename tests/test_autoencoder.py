@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ccld.models.autoencoder import build_autoencoder, load_autoencoder, read_config, save_autoencoder
+from ccld.models.autoencoder import (build_autoencoder, load_autoencoder, read_config,
+                                     save_autoencoder)
 from ccld.errors import UserError
 from ldm.models.autoencoder import AutoencoderKL
 

@@ -195,7 +195,8 @@ def test_resume_from_a_checkpoint_of_the_original_script(
     assert 'a checkpoint of the original training script' in caplog.text
     assert 'trained with autoencoder scale 1.5; using --autoencoder-scale 2.5' in caplog.text
     assert at_train_start['step'] == 2 and trainer.global_step == 3
-    expected = dict(sub_state(ours['state_dict'], 'model_ema.'), autoencoder_scale=torch.tensor(2.5))
+    expected = dict(sub_state(ours['state_dict'], 'model_ema.'),
+                    autoencoder_scale=torch.tensor(2.5))
     assert_same_tensors(at_train_start['model_ema'], expected)
     assert float(at_train_start['model']['autoencoder_scale']) == 2.5
     assert_same_tensors(at_train_start['ae_model'], ae.state_dict())

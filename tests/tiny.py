@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import torch
 
 from ccld import cli
-from ccld.train.quickstart import make_images, make_tiny_autoencoder, make_tiny_cloob, write_path_list
+from ccld.train.quickstart import (make_images, make_tiny_autoencoder, make_tiny_cloob,
+                                   write_path_list)
 from ccld.models.unet import DiffusionModel
 
 # The smallest widths with one attention head per level (heads = channels // 64).
