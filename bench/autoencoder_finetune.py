@@ -14,7 +14,7 @@ Target: held-out PSNR on the new domain up by at least 2 dB, encoder bit-identic
 LPIPS needs VGG16 ImageNet weights, which cannot be downloaded here: the quality runs
 use --perceptual-weight 0 (L1 + KL), and LPIPS with random weights is timed only.
 
-    flock /work/wt/heavy.lock .venv/bin/python bench/autoencoder_finetune.py   (~20 min)
+    .venv/bin/python bench/autoencoder_finetune.py   (~20 min)
 """
 
 import argparse
