@@ -11,7 +11,6 @@ from contextlib import nullcontext
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import ParallelStrategy
-from pytorch_lightning.utilities import rank_zero_warn
 
 from ..errors import RunError
 from .diffusion_module import LightningDiffusion, gather_objects
@@ -105,23 +104,10 @@ class LightningAutoencoder(pl.LightningModule):
                   {'params': list(self.discriminator.parameters()), 'name': 'discriminator'}]
         return torch.optim.Adam(groups, lr=self.lr, betas=BETAS)
 
-    def random_state(self):
-        """This rank's torch generators (posterior samples), saved with checkpoints so that
-        a resumed run draws what an uninterrupted one would have."""
-        state = {'torch': torch.get_rng_state()}
-        if self.device.type == 'cuda':
-            state['cuda'] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def restore_random(self, states):
-        if len(states) != self.trainer.world_size:
-            rank_zero_warn(f'the checkpoint holds the random state of {len(states)} processes '
-                           f'and this run has {self.trainer.world_size}; drawing afresh.')
-            return
-        state = states[self.global_rank]
-        torch.set_rng_state(state['torch'])
-        if 'cuda' in state and self.device.type == 'cuda':
-            torch.cuda.set_rng_state(state['cuda'], self.device)
+    # This rank's torch generators (posterior samples), saved with checkpoints so that a
+    # resumed run draws what an uninterrupted one would have.
+    random_state = LightningDiffusion.generator_state
+    restore_random = LightningDiffusion.restore_generators
 
     def reconstruct(self, images):
         """Images in [0, 1] -> (the posterior, a reconstruction in [-1, 1] of a sample)."""

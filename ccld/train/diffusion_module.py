@@ -181,22 +181,33 @@ class LightningDiffusion(pl.LightningModule):
         """This rank's random state: torch's generators, and how far its timestep sequence
         has gone. Saved with checkpoints, so a resumed run draws what an uninterrupted one
         would have."""
-        state = {'torch': torch.get_rng_state(), 'sobol': int(self.rng.num_generated)}
+        return {**self.generator_state(), 'sobol': int(self.rng.num_generated)}
+
+    def restore_random(self, states):
+        state = self.restore_generators(states)
+        if state is not None:
+            self.rng.reset()
+            self.rng.fast_forward(state['sobol'])
+
+    def generator_state(self):
+        """This rank's torch generators (the CPU's, and its GPU's)."""
+        state = {'torch': torch.get_rng_state()}
         if self.device.type == 'cuda':
             state['cuda'] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def restore_random(self, states):
+    def restore_generators(self, states):
+        """Restores this rank's torch generators from every rank's saved `states`; returns
+        this rank's state, or None (drawing afresh) when another number of ranks saved it."""
         if len(states) != self.trainer.world_size:
             rank_zero_warn(f'the checkpoint holds the random state of {len(states)} processes '
                            f'and this run has {self.trainer.world_size}; drawing afresh.')
-            return
+            return None
         state = states[self.global_rank]
         torch.set_rng_state(state['torch'])
         if 'cuda' in state and self.device.type == 'cuda':
             torch.cuda.set_rng_state(state['cuda'], self.device)
-        self.rng.reset()
-        self.rng.fast_forward(state['sobol'])
+        return state
 
     def on_train_start(self):
         self.set_learning_rate()  # --lr wins over the LR stored in a resumed checkpoint
