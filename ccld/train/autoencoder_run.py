@@ -216,15 +216,8 @@ def describe_loss(args, disc_source):
             f'{s["disc_start"]} (weight {s["disc_weight"]:g})')
 
 
+@runner.releasing_lock
 def run(args):
-    try:
-        return _run(args)
-    finally:
-        if args.lock is not None:
-            args.lock.close()
-
-
-def _run(args):
     from pytorch_lightning.utilities import rank_zero_info
 
     from ..models.autoencoder import load_autoencoder, weights_path

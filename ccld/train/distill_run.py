@@ -187,15 +187,8 @@ def resume_paths(args, out):
     return paths
 
 
+@runner.releasing_lock
 def run(args):
-    try:
-        return _run(args)
-    finally:
-        if args.lock is not None:
-            args.lock.close()
-
-
-def _run(args):
     """Runs the stages that are not done; returns the final student's path."""
     from pytorch_lightning.utilities import rank_zero_info
 

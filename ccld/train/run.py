@@ -318,15 +318,8 @@ def start_from(module, args, base, mults):
     return ckpt_path
 
 
+@runner.releasing_lock
 def run(args):
-    try:
-        return _run(args)
-    finally:
-        if args.lock is not None:
-            args.lock.close()
-
-
-def _run(args):
     from pytorch_lightning.utilities import rank_zero_info
 
     from ..models.unet import infer_widths

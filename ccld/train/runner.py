@@ -8,6 +8,7 @@ throughput); the flags these functions read come from the groups in flags.py.
 """
 
 import fcntl
+import functools
 import logging
 import os
 import random
@@ -63,6 +64,19 @@ def claim_output_dir(output_dir, resume_from, checkpoint_bytes=None, checkpoint_
             warnings.warn(f'--output-dir {out} has {free / 2 ** 30:.1f} GiB free; two '
                           f'checkpoints of this model take about {needed / 2 ** 30:.1f} GiB.')
     return lock
+
+
+def releasing_lock(run):
+    """A tool's run(args) that releases the lock claim_output_dir took (args.lock) when it
+    ends, however it ends."""
+    @functools.wraps(run)
+    def run_then_release(args):
+        try:
+            return run(args)
+        finally:
+            if args.lock is not None:
+                args.lock.close()
+    return run_then_release
 
 
 def newest_checkpoint(output_dir, read):
