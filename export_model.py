@@ -77,6 +77,7 @@ def main(argv=None):
 
 def write(export, out):
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         return export()
     except OSError as e:
         raise RunError(f'could not write {out} ({e.strerror or e}); nothing was written.') from None

@@ -65,18 +65,47 @@ def atomic_write(path, mode='wb'):
 
 
 def check_writable_dir(path, flag):
-    """Makes directory `path` if needed and checks that a file can be made in it, so that
-    a run fails before its models load rather than at its first write. UserError naming
-    `flag` if not."""
+    """Checks that directory `path` can be written: that a file can be made in it, or, if
+    it does not exist yet, in the nearest folder above it that does (where it will be
+    made). Makes nothing, so a run that fails before it writes leaves no empty folder
+    behind. UserError naming `flag` if not."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f'{flag}: {path} is a file; pass a directory.')
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        if existing == path:
+            raise UserError(f'{flag}: {path} is a file; pass a directory.')
+        raise UserError(f'{flag}: cannot write in {path} ({existing} is a file); pass a '
+                        'writable directory.')
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
-        raise UserError(f'{flag}: cannot write in {path} ({e.strerror or e}); pass a writable '
-                        'directory.') from None
+        raise UserError(f'{flag}: cannot write in {existing} ({e.strerror or e}); pass a '
+                        'writable directory.') from None
+
+
+def make_dirs(path):
+    """Makes directory `path` and the folders above it that are missing; returns those it
+    made, the deepest first (for remove_empty_dirs)."""
+    path = Path(path)
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+    return missing
+
+
+def remove_empty_dirs(folders):
+    """Removes each of `folders` (the deepest first) while it is empty: what a run made
+    and then wrote nothing into."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): neither it nor those above it are ours to drop
+            return
 
 
 def remove_stale_temps(directory):

@@ -5,6 +5,7 @@ Real processes where the behaviour lives in the process (signals, kills, file li
 in-process runs elsewhere. All on tiny models on the CPU.
 """
 
+import fcntl
 import os
 import random
 import resource
@@ -25,7 +26,7 @@ import tiny
 import train_latent_diffusion
 from ccld.train import run as training_run, runner, saving
 from ccld.models.checkpoint_files import safe_load
-from ccld.errors import RunError
+from ccld.errors import RunError, UserError
 from ccld.train.signals import StopOnSignal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -430,6 +431,68 @@ def test_a_fresh_run_into_a_directory_with_checkpoints_is_refused(assets, tmp_pa
     err = capsys.readouterr().err
     assert 'already holds checkpoints; pass --resume-from auto' in err
     assert 'or a new --output-dir' in err
+
+
+def test_a_finetune_into_a_directory_with_checkpoints_is_refused(assets, tmp_path, capsys):
+    """A run started from a model file (or another run's checkpoint) would write its own
+    step 1 over the run there; continuing that run (auto, or one of its checkpoints by
+    path) is let through."""
+    model = tiny.tiny_diffusion(base_channels=64, channel_multipliers=(1, 1, 1, 1))
+    released = tiny.save_bare(model, tmp_path / 'released.pt')
+    out = tmp_path / 'run'
+    (out / 'checkpoints').mkdir(parents=True)
+    last = tiny.save_ccld_checkpoint(out / 'checkpoints' / 'last.ckpt', model, model,
+                                     global_step=6)
+    before = last.read_bytes()
+    for start in (released, tmp_path / 'other' / 'checkpoints' / 'last.ckpt'):
+        start.parent.mkdir(parents=True, exist_ok=True)
+        if not start.exists():
+            tiny.save_ccld_checkpoint(start, model, model, global_step=3)
+        argv = train_args(assets, out, '--resume-from', str(start))
+        assert tiny.exit_code(train_latent_diffusion.main, 'train', argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f'{out / "checkpoints"} already holds checkpoints, which a run ' \
+            f'started from {start} (not one of them) would overwrite; pass --resume-from auto ' \
+            'to continue that run, or a new --output-dir.' in err[0], err
+    assert last.read_bytes() == before
+    args = train_latent_diffusion.parser().parse_args(train_args(assets, out))
+    for args.resume_from in ('auto', str(last), str(out / 'checkpoints' / '..' / 'checkpoints'
+                                                    / 'step=00000002.ckpt')):
+        claim(args).close()
+
+
+def test_a_run_refused_after_it_took_its_new_output_dir_leaves_nothing(assets, tmp_path, capsys):
+    argv = train_args(assets, tmp_path / 'runs' / 'out', '--resume-from', 'auto',
+                      '--lora-rank', '4')
+    assert tiny.exit_code(train_latent_diffusion.main, 'train', argv) == 2
+    assert 'a LoRA run starts from a base model' in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_lock_file_goes_when_the_run_lets_go_and_a_run_taking_it_then_takes_the_new_one(
+        tmp_path, monkeypatch):
+    """A run that opened .lock just before its holder removed it and let go must not hold
+    the removed file (beside a third run holding the new one): it locks the file there."""
+    first = runner.claim_output_dir(tmp_path, None)
+    real_flock, calls = fcntl.flock, []
+
+    def holder_lets_go_first(file, operation):
+        if not calls:  # between this run's open and its flock
+            first.close()
+            assert not (tmp_path / '.lock').exists()
+            third = open(tmp_path / '.lock', 'a+')  # a third run takes the new file
+            real_flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            calls.append(third)
+        return real_flock(file, operation)
+    monkeypatch.setattr(fcntl, 'flock', holder_lets_go_first)
+    with pytest.raises(UserError, match='is in use by another run'):
+        runner.claim_output_dir(tmp_path, None)
+    calls[0].close()
+    monkeypatch.undo()
+    lock = runner.claim_output_dir(tmp_path, None)
+    assert (tmp_path / '.lock').read_text().startswith(f'pid {os.getpid()} on ')
+    lock.close()
+    assert not list(tmp_path.iterdir())
 
 
 def test_an_output_dir_that_is_a_file_is_refused(assets, tmp_path, capsys):

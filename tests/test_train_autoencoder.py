@@ -28,7 +28,7 @@ from ccld.models.autoencoder import (build_autoencoder, describe, load_autoencod
                                      save_autoencoder)
 from ccld.models.checkpoint_files import safe_load
 from ccld.sample import generate
-from ccld.train import autoencoder_module
+from ccld.train import autoencoder_module, runner
 from ccld.train.quickstart import CONFIGS
 from ldm.modules.losses import LPIPSWithDiscriminator
 
@@ -325,6 +325,33 @@ def test_usage_errors_are_one_line_before_any_model_loads(assets, tmp_path, monk
     assert run_cli(ae_args(assets, tmp_path / 'out', tmp_path / 'ae', *map(fill, extra))) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fill(message) in err[0], err
+
+
+def test_a_finished_run_leaves_no_lock_file_and_a_refused_one_no_empty_folder(
+        assets, decoder_run, tmp_path, capsys):
+    assert decoder_run.out.is_dir() and not (decoder_run.out / '.lock').exists()
+    argv = ae_args(assets, tmp_path / 'runs' / 'out', tmp_path / 'names' / 'ae',
+                   '--train-set', str(tmp_path / 'missing.txt'))
+    assert run_cli(argv) == 2
+    assert 'missing.txt does not exist' in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_continuing_another_run_over_this_ones_checkpoints_or_autoencoder_is_refused(
+        assets, decoder_run, full_run, tmp_path, capsys):
+    """--resume-from another run's checkpoint would write over the run in --output-dir, or
+    over the autoencoder --output-name names; continuing the run there is let through."""
+    other = full_run.out / 'checkpoints' / 'last.ckpt'
+    for out, name, taken in ((decoder_run.out, tmp_path / 'ae', decoder_run.out / 'checkpoints'),
+                             (tmp_path / 'out', decoder_run.name, f'{decoder_run.name}.ckpt')):
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in decoder_run.out.rglob('*'))
+        assert run_cli(ae_args(assets, out, name, '--resume-from', str(other), '--full')) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f'{taken}' in err[0] and '--resume-from auto' in err[0], err
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in decoder_run.out.rglob('*')) == before
+    args = train_autoencoder.parser().parse_args(ae_args(assets, decoder_run.out, tmp_path / 'ae'))
+    args.resume_from = str(decoder_run.out / 'checkpoints' / 'last.ckpt')
+    runner.claim_output_dir(args.output_dir, args.resume_from).close()
 
 
 def test_a_non_finite_step_is_skipped_and_counted_on_tar_shards(assets, tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ def prepare(root, settings):
     temp files."""
     root = Path(root)
     check_writable_dir(root, '--output')
-    (root / 'parts').mkdir(exist_ok=True)
+    (root / 'parts').mkdir(parents=True, exist_ok=True)
     plan_path = root / latent_cache.PLAN
     if plan_path.is_file():
         plan = latent_cache.read_json(plan_path, 'cache plan')

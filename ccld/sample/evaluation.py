@@ -379,14 +379,14 @@ def run(args):
     models = FrozenModels(args, plan.device)
     reference = None
     if is_first_process():  # what killed processes of a previous run left half-written
-        folders = [plan.out, plan.out / 'grids', *(c.directory for c in plan.columns)]
-        for folder in folders + ([plan.cache] if plan.source is not None else []):
-            folder.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(folder)
-        if plan.source is not None:  # before sampling: a set that cannot be read fails early
+        if plan.source is not None:  # first: a set that cannot be read fails before any write
+            remove_stale_temps(plan.cache)  # (made when the features are cached in it)
             reference = reference_features(plan.source, models.feature_network(plan),
                                            plan.columns[0].settings.size, plan.cache,
                                            plan.batch_size, args.num_workers)
+        for folder in [plan.out, plan.out / 'grids', *(c.directory for c in plan.columns)]:
+            folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(folder)
     rank, world, device, barrier = launch(args, plan.device)
     if device != plan.device:
         models = FrozenModels(args, device)

@@ -71,11 +71,12 @@ def validate(args):
     if is_first_process():
         args.lock = runner.claim_output_dir(args.output_dir, args.resume_from,
                                             checkpoint_bytes(args.config, args.loss_settings))
-    if args.resume_from == 'auto':
-        path, args.resume = runner.newest_checkpoint(args.output_dir, read_resume)
-        args.resume_from = None if path is None else str(path)
-    if args.resume is not None and args.start is not None:
-        check_resume(args)
+    with runner.released_on_exit(args.lock, error_only=True):
+        if args.resume_from == 'auto':
+            path, args.resume = runner.newest_checkpoint(args.output_dir, read_resume)
+            args.resume_from = None if path is None else str(path)
+        if args.resume is not None and args.start is not None:
+            check_resume(args)
     return args
 
 
@@ -99,8 +100,9 @@ def check_image_size(image_size, config):
 
 
 def check_output_name(args):
-    """NAME.ckpt + NAME.yaml must be new files in a writable directory (a resumed run
-    writes the files it wrote before), and not the starting autoencoder's."""
+    """NAME.ckpt + NAME.yaml must be new files in a writable directory (a run continued
+    from --output-dir's checkpoints writes the files it wrote before), and not the
+    starting autoencoder's."""
     from ..files import check_writable_dir
     name = Path(args.output_name)
     if name.resolve() == Path(args.vqgan_model).resolve():
@@ -108,7 +110,8 @@ def check_output_name(args):
                         '(the starting autoencoder is kept as it is).')
     check_writable_dir(name.parent, '--output-name')
     existing = [p for p in (Path(f'{name}.ckpt'), Path(f'{name}.yaml')) if p.exists()]
-    if existing and args.resume_from is None:
+    continued = runner.continues_run(args.resume_from, [Path(args.output_dir) / 'checkpoints'])
+    if existing and not continued:
         raise UserError(f'--output-name: {existing[0]} exists; pass a new name, or '
                         '--resume-from auto to continue the run that wrote it.')
 

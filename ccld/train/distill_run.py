@@ -154,19 +154,14 @@ def validate(args):
         size = checkpoint_bytes(*infer_widths(args.teacher_ckpt.model_ema))
         args.lock = runner.claim_output_dir(out, args.resume_from, size,
                                             checkpoint_dirs=list(out.glob('*/checkpoints')))
-        # A fresh run would replace the students too.
+    with runner.released_on_exit(args.lock, error_only=True):
+        # A fresh run would replace the students too (the first process checks).
         students = sorted(out.glob('student*.ckpt'))
-        if args.resume_from is None and students:
-            args.lock.close()
+        if args.lock is not None and args.resume_from is None and students:
             raise UserError(f'--output-dir: {out} already holds students ({students[0].name}); '
                             'pass --resume-from auto to continue that distillation, or a new '
                             '--output-dir.')
-    try:
         args.resume_paths = resume_paths(args, out) if args.resume_from == 'auto' else {}
-    except BaseException:
-        if args.lock is not None:
-            args.lock.close()
-        raise
     return args
 
 

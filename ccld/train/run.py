@@ -81,10 +81,11 @@ def validate(args):
         args.lock = runner.claim_output_dir(
             args.output_dir, args.resume_from,
             checkpoint_bytes(args.base_channels, args.channel_multipliers))
-    if args.resume_from == 'auto':
-        path, args.resume = runner.newest_checkpoint(args.output_dir, read_resume)
-        args.resume_from = None if path is None else str(path)
-    args.lora = lora_run(args)
+    with runner.released_on_exit(args.lock, error_only=True):
+        if args.resume_from == 'auto':
+            path, args.resume = runner.newest_checkpoint(args.output_dir, read_resume)
+            args.resume_from = None if path is None else str(path)
+        args.lora = lora_run(args)
     return args
 
 

@@ -7,6 +7,7 @@ A tool brings its LightningModule, its loader and its own callbacks (demo grids,
 throughput); the flags these functions read come from the groups in flags.py.
 """
 
+import contextlib
 import fcntl
 import functools
 import logging
@@ -23,40 +24,95 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 
 from ..errors import RunError, UserError
-from ..files import check_writable_dir
+from ..files import check_writable_dir, make_dirs, remove_empty_dirs
 from .saving import (AtomicCheckpointIO, Checkpoints, TimedLastCheckpoint, checkpoint_files,
                      newest_good_checkpoint)
 from .signals import StopOnSignal, StopRequested
+
+
+class OutputDirLock:
+    """OUTPUT_DIR/.lock, held (flock) by the run that writes OUTPUT_DIR. close() lets go
+    and removes the file, and the folders claim_output_dir made if the run wrote nothing
+    into them, so a finished or refused run leaves nothing of its own behind.
+
+    The file is removed while still locked, and a process that takes the lock checks
+    that the file it locked is still the one at OUTPUT_DIR/.lock (else it was removed
+    under it, and it takes the new one): without that check, a process that opened the
+    file just before its holder removed it would lock a file no one else can see, beside
+    another run locking the new one. (A run killed before close() leaves the file; its
+    lock went with the process, and the next run takes it as it is.)
+    """
+
+    NAME = '.lock'
+
+    def __init__(self, directory):
+        self.path = Path(directory) / self.NAME
+        self.created = []
+        for _ in range(100):  # each pass means another run let go in between
+            self.created = make_dirs(directory) or self.created
+            try:
+                self.file = open(self.path, 'a+')
+            except FileNotFoundError:  # a run that let go removed the folder it had made
+                continue
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.file.seek(0)
+                owner = self.file.read().strip() or 'another process'
+                self.file.close()
+                raise UserError(f'--output-dir: {directory} is in use by another run ({owner}); '
+                                'wait for it to end or pass another --output-dir.') from None
+            if self._is_at_path():
+                break
+            self.file.close()
+        else:
+            raise RunError(f'could not lock {self.path}: other runs keep taking and removing it.')
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+        self.file.flush()
+
+    def _is_at_path(self):
+        try:
+            there = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self.file.fileno())
+        return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+
+    @property
+    def closed(self):
+        return self.file.closed
+
+    def close(self):
+        if self.file.closed:
+            return
+        self.path.unlink(missing_ok=True)  # while locked: see the class's docstring
+        self.file.close()
+        remove_empty_dirs(self.created)
 
 
 def claim_output_dir(output_dir, resume_from, checkpoint_bytes=None, checkpoint_dirs=None):
     """Checks --output-dir before any model loads and locks it for this run.
 
     Refuses a file, an unwritable directory, a directory another live run holds, and a
-    fresh run (no --resume-from) into a directory that already holds checkpoints (in
-    OUTPUT_DIR/checkpoints, or in any of `checkpoint_dirs` for a tool that keeps them
-    elsewhere). Warns when the free space looks short of two checkpoints of
-    `checkpoint_bytes`. Returns the open lock file, which the run holds until it ends.
+    new run into a directory that already holds checkpoints (in OUTPUT_DIR/checkpoints,
+    or in any of `checkpoint_dirs` for a tool that keeps them elsewhere): a fresh one (no
+    --resume-from), or one started from a file that is not one of those checkpoints (a
+    model to finetune, another run's checkpoint), which would write its own step-N and
+    last.ckpt over them. Warns when the free space looks short of two checkpoints of
+    `checkpoint_bytes`. Returns the OutputDirLock, which the run holds until it ends.
     """
     out = Path(output_dir)
     check_writable_dir(out, '--output-dir')
-    lock = open(out / '.lock', 'a+')
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        owner = lock.read().strip() or 'another process'
+    lock = OutputDirLock(out)
+    dirs = checkpoint_dirs or [out / 'checkpoints']
+    taken = [d for d in dirs if checkpoint_files(d)]
+    if taken and not continues_run(resume_from, dirs):
         lock.close()
-        raise UserError(f'--output-dir: {out} is in use by another run ({owner}); wait for it '
-                        'to end or pass another --output-dir.') from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
-    lock.flush()
-    taken = [d for d in checkpoint_dirs or [out / 'checkpoints'] if checkpoint_files(d)]
-    if resume_from is None and taken:
-        lock.close()
-        raise UserError(f'--output-dir: {taken[0]} already holds checkpoints; pass '
+        started = '' if resume_from is None else \
+            f', which a run started from {resume_from} (not one of them) would overwrite'
+        raise UserError(f'--output-dir: {taken[0]} already holds checkpoints{started}; pass '
                         '--resume-from auto to continue that run, or a new --output-dir.')
     if checkpoint_bytes:
         needed, free = 2 * checkpoint_bytes, shutil.disk_usage(out).free
@@ -66,17 +122,39 @@ def claim_output_dir(output_dir, resume_from, checkpoint_bytes=None, checkpoint_
     return lock
 
 
+def continues_run(resume_from, checkpoint_dirs):
+    """Whether --resume-from continues the run whose checkpoints are in `checkpoint_dirs`:
+    auto, or the path of one of its checkpoints (to go back to an earlier step)."""
+    if resume_from == 'auto':
+        return True
+    if resume_from is None:
+        return False
+    folder = Path(resume_from).resolve().parent
+    return any(folder == Path(d).resolve() for d in checkpoint_dirs)
+
+
 def releasing_lock(run):
     """A tool's run(args) that releases the lock claim_output_dir took (args.lock) when it
     ends, however it ends."""
     @functools.wraps(run)
     def run_then_release(args):
-        try:
+        with released_on_exit(args.lock):
             return run(args)
-        finally:
-            if args.lock is not None:
-                args.lock.close()
     return run_then_release
+
+
+@contextlib.contextmanager
+def released_on_exit(lock, error_only=False):
+    """Releases `lock` (an OutputDirLock, or None) when the block ends; with `error_only`,
+    only when it raises (the checks after claim_output_dir in a tool's validate)."""
+    try:
+        yield lock
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    if lock is not None and not error_only:
+        lock.close()
 
 
 def newest_checkpoint(output_dir, read):
