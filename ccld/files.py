@@ -138,6 +138,17 @@ def _alive(pid):
     return True
 
 
+def not_a_file(path):
+    """Why `path` is no file to read, as the end of a sentence ('does not exist', 'is a
+    directory, not a file'), or None when it is one."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return 'is a directory, not a file'
+    return 'does not exist'
+
+
 def read_text_lines(path, what):
     """The non-blank, stripped lines of a UTF-8 text file; UserError for a missing,
     binary or non-UTF-8 file. `what` names the file in messages ('path list ...')."""
@@ -148,8 +159,8 @@ def read_numbered_lines(path, what):
     """(1-based line number, line) of each non-blank line, stripped, as read_text_lines;
     the numbers are for messages and names that point back into the file."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f'{what} {path} does not exist.')
+    if not_a_file(path):
+        raise UserError(f'{what} {path} {not_a_file(path)}.')
     raw = path.read_bytes()
     if b'\0' in raw:
         raise UserError(f'{what} {path} is a binary file, not text with one entry a line.')

@@ -90,7 +90,8 @@ def resolve_checkpoint(arg, cache_dir=None):
         return config, download_checkpoint(config, cache_dir)
     path = Path(arg)
     if not path.is_file():
-        raise UserError(f'CLOOB checkpoint {arg} not found; pass an existing .pkl or one of '
+        why = 'is a directory' if path.is_dir() else 'not found'
+        raise UserError(f'CLOOB checkpoint {arg} {why}; pass an existing .pkl or one of '
                         f'{", ".join(list_configs())}')
     if path.with_suffix('.json').is_file():
         return _read_json(path.with_suffix('.json')), path

@@ -427,6 +427,25 @@ def test_cli_user_errors(assets, capsys, extra, message, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_folder_given_for_a_file_is_named_a_folder(assets, tmp_path, capsys):
+    """A run's folder where its checkpoint goes is pointed to the newest checkpoint in it."""
+    run = tmp_path / 'run'
+    (run / 'checkpoints').mkdir(parents=True)
+    (run / 'checkpoints' / 'last.ckpt').write_bytes(assets.ccld.read_bytes())
+    for extra, message in (
+            (['--checkpoint', str(run)], f'checkpoint {run} is a directory, not a file; pass '
+             f'{run / "checkpoints" / "last.ckpt"}, the newest checkpoint of the run there.'),
+            (['--checkpoint', str(assets.dir)], f'checkpoint {assets.dir} is a directory, not '
+             'a file.'),
+            (['--lora', str(tmp_path)], f'--lora: {tmp_path} is a directory, not a file.'),
+            (['--cloob-checkpoint', str(tmp_path)], f'CLOOB checkpoint {tmp_path} is a '
+             'directory;')):
+        assert run_sample(base_args(assets, 'a fox', '--output-dir', str(tmp_path / 'out'),
+                                    *extra)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith('sample.py: error: ') and message in err[0], err
+
+
 def run_process(args, cwd):
     return subprocess.run([sys.executable, str(ROOT / 'sample.py'), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300)

@@ -23,6 +23,7 @@ import torch
 
 from . import exports
 from ..errors import UserError
+from ..files import not_a_file
 from .student import StudentModel, is_student
 from .unet import DiffusionModel, infer_widths
 
@@ -79,6 +80,8 @@ def safe_load(path, mmap=True):
     weights or widths does not read its optimizer state into memory. Only files in
     torch.save's zip format can be mapped; older ones (and other pickles) are read whole.
     """
+    if not_a_file(path):
+        raise UserError(f'{path} {not_a_file(path)}.')
     zipped = zipfile.is_zipfile(path)
     with open(path, 'rb') as f:
         pickled = f.read(1) == b'\x80'  # the first opcode of pickle protocols 2 and later
@@ -136,8 +139,8 @@ def read_checkpoint(path, lora=False):
     """Loads a diffusion checkpoint of any kind to the CPU; a LoRA checkpoint (adapters
     only) only with `lora`, else UserError saying what to do with it."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f'checkpoint {path} does not exist.')
+    if not_a_file(path):
+        raise UserError(f'checkpoint {path} {not_a_file(path)}{checkpoint_in(path)}.')
     record = {}
     if path.suffix == '.safetensors':
         obj, metadata = read_safetensors(path)
@@ -174,6 +177,15 @@ def read_checkpoint(path, lora=False):
                         'dict, a training checkpoint or a model export.')
     scale = float(scale) if scale is not None else None
     return DiffusionCheckpoint(kind, model, model_ema, scale, record, obj)
+
+
+def checkpoint_in(directory):
+    """'; pass DIR/checkpoints/last.ckpt' where `directory` is a run's folder (or its
+    checkpoints folder) given for a checkpoint, else ''."""
+    for last in (Path(directory) / 'checkpoints' / 'last.ckpt', Path(directory) / 'last.ckpt'):
+        if last.is_file():
+            return f'; pass {last}, the newest checkpoint of the run there'
+    return ''
 
 
 def read_record(path):

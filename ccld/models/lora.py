@@ -23,8 +23,9 @@ from torch import nn
 
 from .. import cli, software_version
 from ..errors import UserError
-from ..files import atomic_write
+from ..files import atomic_write, not_a_file
 from . import exports
+from .frozen_files import carried
 from .unet import Modulation, ResLinearBlock, ResModConvBlock, SelfAttention2d, infer_widths
 
 FORMAT = 'ccld-lora'
@@ -250,7 +251,7 @@ def read(path):
         if file and Path(file).is_file():
             raise UserError(f'--lora {path}: the strength after the colon, {strength!r}, must be '
                             'a number (FILE:STRENGTH, e.g. my_style.safetensors:0.8).')
-        raise UserError(f'--lora: {path} does not exist.')
+        raise UserError(f'--lora: {path} {not_a_file(path)}.')
     state, meta = read_safetensors(path)
     if meta.get('format') != FORMAT:
         raise UserError(f'--lora: {path} is not a ccld LoRA adapter (export_model.py writes one '

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..files import not_a_file
 
 VGG16_FILE = 'vgg16-397923af.pth'
 VGG16_URL = f'https://download.pytorch.org/models/{VGG16_FILE}'
@@ -135,8 +136,8 @@ def find_weights(lpips_weights, autoencoder_checkpoint):
     checkpoint when it holds LPIPS, else torchvision's VGG16 (fetched if need be)."""
     from ldm.models.autoencoder import read_state_dict
     if lpips_weights is not None:
-        if not Path(lpips_weights).is_file():
-            raise UserError(f'--lpips-weights: {lpips_weights} does not exist; pass '
+        if not_a_file(lpips_weights):
+            raise UserError(f'--lpips-weights: {lpips_weights} {not_a_file(lpips_weights)}; pass '
                             f'{VGG16_FILE} (from {VGG16_URL}) or a CompVis autoencoder '
                             'checkpoint holding loss.perceptual_loss.*.')
         return Path(lpips_weights)

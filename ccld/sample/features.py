@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..files import sha256
+from ..files import not_a_file, sha256
 
 FEATURES = ('inception', 'cloob')
 INCEPTION_URL = ('https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/'
@@ -58,8 +58,8 @@ def inception_weights(path=None):
                                 'cloob.') from None
         return path
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f'--inception-weights {path} does not exist; pass torch-fidelity\'s '
+    if not_a_file(path):
+        raise UserError(f'--inception-weights {path} {not_a_file(path)}; pass torch-fidelity\'s '
                         f'{INCEPTION_URL.rsplit("/", 1)[-1]} ({INCEPTION_URL}).')
     return path
 
