@@ -53,26 +53,24 @@ def main(argv=None):
         adapter = lora.from_checkpoint(ckpt)
         if not args.merge:
             step = ckpt.raw.get('global_step')
-            write(lambda: lora.write(adapter, out, args.dtype, step), out)
+            write(lambda: lora.write(adapter, out, args.dtype, step, args.checkpoint), out)
             print(f'wrote {out} ({out.stat().st_size / 1e6:,.1f} MB, {args.dtype}): the LoRA '
                   f'adapter (rank {adapter.rank}, alpha {adapter.alpha:g}) at step {step} of '
-                  f'the base {adapter.base}.\nSample with: python3 sample.py "a prompt" '
-                  f'--checkpoint {adapter.base} --lora {out}', file=sys.stderr)
+                  f'the base {adapter.base}.\nSample with: '
+                  f'{cli.sample_command(adapter.base, ("--lora", out))}', file=sys.stderr)
             return
         ckpt = lora.merged_checkpoint(ckpt, adapter, args.checkpoint)
     elif args.merge:
         raise UserError(f'--merge folds the adapter of a LoRA checkpoint into its base; '
                         f'{args.checkpoint} is {ckpt.description}, a whole model: drop --merge.')
     check_weights(ckpt.model_ema, args.checkpoint)
-    record = write(lambda: exports.export(ckpt, out, args.dtype), out)
+    record = write(lambda: exports.export(ckpt, out, args.dtype, args.checkpoint), out)
     widths = ','.join(str(record['base_channels'] * m) for m in record['channel_multipliers'])
     step = 'unknown' if record['step'] is None else record['step']
-    frozen = ''.join(f' --{key.replace("_", "-")} {record[key]}'
-                     for key in ('autoencoder', 'cloob_checkpoint') if record[key])
     print(f'wrote {out} ({out.stat().st_size / 1e6:,.0f} MB, {args.dtype}) from '
           f'{source}: level widths {widths}, autoencoder scale '
-          f'{record["autoencoder_scale"]:g}, step {step}.\nSample with: python3 sample.py '
-          f'"a prompt" --checkpoint {out}{frozen}', file=sys.stderr)
+          f'{record["autoencoder_scale"]:g}, step {step}.\nSample with: '
+          f'{cli.sample_command(out)}', file=sys.stderr)
 
 
 def write(export, out):

@@ -62,6 +62,19 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
 
 
+def sample_command(checkpoint, *flags):
+    """The sample.py command line, as the tools print it, that samples `checkpoint` with
+    the `flags` (pairs of a flag and a path): every path absolute, so that it runs as
+    printed from any folder. The checkpoint's record gives the rest (sample.py's defaults
+    are the frozen models, scale and size it records)."""
+    import shlex
+    sample_py = Path(__file__).resolve().parents[1] / 'sample.py'
+    words = ['python3', str(sample_py), 'a prompt', '--checkpoint', os.path.abspath(checkpoint)]
+    for flag, path in flags:
+        words += [flag, os.path.abspath(path)]
+    return shlex.join(words)
+
+
 def default_workers():
     """Image loading processes by default: one per CPU this process may use, at most 8."""
     usable = os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else None

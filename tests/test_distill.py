@@ -3,6 +3,7 @@ resuming in the right stage and round, the students in sample.py and export_mode
 and what is refused before any model loads."""
 
 import hashlib
+import logging
 import shutil
 import signal
 from pathlib import Path
@@ -26,6 +27,7 @@ from ccld.models.student import StudentModel
 from ccld.train import demo_grids
 from ccld.train.distill_module import LightningDistillation
 from ccld.train.signals import StopOnSignal
+from test_train_autoencoder import Said
 
 SCALE = 1.5
 
@@ -115,14 +117,19 @@ def distilled(assets, tmp_path_factory):
         patch.setattr(StopOnSignal, 'on_train_batch_end', stop_in_the_last_round)
         patch.setattr(demo_grids, 'sample_latents', spy_demo)
         seen.codes = []
-        for extra in ([], ['--resume-from', 'auto']):
-            seen.built.append([])
-            seen.started.append([])
-            seen.codes.append(run_distill(distill_args(assets, out, *extra)))
-            if not seen.codes[-1]:
-                break
-            seen.guidance_bytes = (out / 'student-guidance.ckpt').read_bytes()
-    seen.out = out
+        said = Said()
+        logging.getLogger('pytorch_lightning').addHandler(said)
+        try:
+            for extra in ([], ['--resume-from', 'auto']):
+                seen.built.append([])
+                seen.started.append([])
+                seen.codes.append(run_distill(distill_args(assets, out, *extra)))
+                if not seen.codes[-1]:
+                    break
+                seen.guidance_bytes = (out / 'student-guidance.ckpt').read_bytes()
+        finally:
+            logging.getLogger('pytorch_lightning').removeHandler(said)
+    seen.out, seen.said = out, '\n'.join(said.lines)
     return seen
 
 
@@ -221,6 +228,16 @@ def test_a_student_exports_and_its_export_samples_the_same_images(distilled, ass
     for name in ('out_00000.png', 'out_00001.png'):
         assert np.array_equal(np.asarray(Image.open(tmp_path / 'a' / name)),
                               np.asarray(Image.open(tmp_path / 'b' / name)))
+
+
+def test_the_printed_command_samples_the_student_as_printed_from_another_folder(distilled,
+                                                                               tmp_path):
+    """With the frozen models the distillation recorded, no flag naming them."""
+    said = distilled.said.split('sample it with: ')[-1]
+    assert tiny.run_printed_sample_command(said, tmp_path, '-n', '1', '--device', 'cpu') == 0
+    with Image.open(tmp_path / 'out_00000.png') as image:
+        assert (image.size, image.text['checkpoint'], image.text['steps']) == \
+            ((64, 64), 'student.ckpt', '1')
 
 
 def test_training_refuses_to_resume_from_a_student(distilled):

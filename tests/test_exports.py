@@ -2,6 +2,7 @@
 in the metadata, which sample.py --checkpoint and training's --resume-from read."""
 
 import hashlib
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -134,6 +135,31 @@ def test_a_released_state_dict_exports_with_what_it_has(assets, tmp_path):
     assert [base * int(m) for m in mults] == [64] * 4  # the level widths of the weights
     assert (metadata['dtype'], metadata['autoencoder_scale']) == ('fp16', '1.5')
     assert not {'step', 'image_size', 'autoencoder', 'cloob_checkpoint'} & metadata.keys()
+
+
+def test_the_printed_command_samples_as_printed_from_another_folder(assets, tmp_path,
+                                                                    monkeypatch, capsys):
+    """A checkpoint that records its frozen models as older runs did (the paths typed where
+    training ran): its export records where they are, and the "Sample with:" line printed
+    samples with them as printed, from any folder."""
+    record = {'image_size': 64, 'autoencoder': Path(assets.autoencoder).name,
+              'cloob_checkpoint': assets.cloob.name}
+    (tmp_path / 'run').mkdir()
+    ckpt = tiny.save_ccld_checkpoint(tmp_path / 'run' / 'last.ckpt', assets.ema, assets.ema,
+                                     record)
+    monkeypatch.chdir(assets.dir)  # where training ran
+    out = Path(os.path.relpath(tmp_path / 'model.safetensors'))
+    capsys.readouterr()
+    assert run_export([str(ckpt), str(out)]) == 0
+    printed = capsys.readouterr().err
+    with safe_open(str(tmp_path / 'model.safetensors'), 'pt') as f:
+        metadata = f.metadata()
+    assert (metadata['autoencoder'], metadata['cloob_checkpoint']) == (assets.autoencoder,
+                                                                       str(assets.cloob))
+    (tmp_path / 'elsewhere').mkdir()
+    assert tiny.run_printed_sample_command(printed, tmp_path / 'elsewhere', '-n', '1',
+                                           '--steps', '2', '--device', 'cpu') == 0
+    assert Image.open(tmp_path / 'elsewhere' / 'out_00000.png').size == (64, 64)
 
 
 def write_not_a_model(directory, kind, assets):

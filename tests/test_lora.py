@@ -3,8 +3,10 @@ checkpoints of adapters alone, export_model.py (the adapter, or --merge), sample
 evaluate.py --lora; all on tiny models on the CPU."""
 
 import copy
+import io
 import json
 import signal
+from contextlib import redirect_stderr
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -224,6 +226,51 @@ def test_evaluate_py_lora_gives_the_images_of_sample_py_lora(assets, files, tmp_
     assert len(made) == len(expected) == 2
     assert all(np.array_equal(a, b) for a, b in zip(made, expected))
     assert report['checkpoints'][0]['settings']['lora'] == 'adapter.safetensors:0.7'
+
+
+@pytest.fixture(scope='module')
+def own_run(assets, files):
+    """An adapter whose run trained at another autoencoder scale (2) than its base records
+    (1.5), at 64 px where the base records no size (so 256), with its frozen models
+    recorded as a run records them; its adapter and merged exports, and what
+    export_model.py printed."""
+    d = files.dir / 'own_run'
+    d.mkdir()
+    record = {'autoencoder_scale': 2.0, 'autoencoder': assets.autoencoder,
+              'cloob_checkpoint': assets.cloob}
+    ckpt, _ = lora_checkpoint(d / 'lora.ckpt', files.base, files.base_path, record)
+    printed = []
+    for name, *flags in (('adapter', '--dtype', 'fp32'), ('merged', '--merge', '--dtype', 'fp32')):
+        with redirect_stderr(io.StringIO()) as err:
+            assert export(ckpt, d / f'{name}.safetensors', *flags) == 0
+        printed.append(err.getvalue())
+    return SimpleNamespace(dir=d, adapter=d / 'adapter.safetensors',
+                           merged=d / 'merged.safetensors', printed=printed[0])
+
+
+def test_base_and_adapter_sample_at_the_adapter_runs_scale_and_size_as_its_merge_does(
+        assets, files, own_run, tmp_path):
+    """No --size or --autoencoder-scale: the same seed gives the merged export's images (to
+    a level of rounding: the merge sums in another order)."""
+    def run(name, *checkpoint):
+        argv = ['a red fox', '-n', '2', '--steps', '2', '--method', 'ddim', '--seed', '7',
+                '--device', 'cpu', '--autoencoder', assets.autoencoder, '--cloob-checkpoint',
+                assets.cloob, '--no-grid', '--output-dir', str(tmp_path / name), *checkpoint]
+        assert tiny.exit_code(sample.main, 'sample.py', argv) == 0
+        return pixels(tmp_path / name)
+    applied = run('applied', '--checkpoint', str(files.base_path), '--lora', str(own_run.adapter))
+    merged = run('merged', '--checkpoint', str(own_run.merged))
+    assert [a.shape for a in applied] == [b.shape for b in merged] == [(64, 64, 3)] * 2
+    assert all(np.abs(a - b).max() <= 1 for a, b in zip(applied, merged))
+    with Image.open(sorted((tmp_path / 'applied').glob('*.png'))[0]) as image:
+        assert image.text['autoencoder_scale'] == '2.0'
+
+
+def test_the_adapters_printed_command_samples_as_printed_from_another_folder(own_run, tmp_path):
+    """With the frozen models the adapter's run recorded, no flag naming them."""
+    assert tiny.run_printed_sample_command(own_run.printed, tmp_path, '-n', '1', '--steps', '2',
+                                           '--device', 'cpu') == 0
+    assert Image.open(tmp_path / 'out_00000.png').size == (64, 64)
 
 
 def lora_args(assets, out, base, *extra):

@@ -672,6 +672,44 @@ def test_the_frozen_model_check_runs_before_sampling(assets, tmp_path):
         assert run_sample(argv) == 0
 
 
+def test_the_frozen_models_default_to_those_the_checkpoint_records(assets, tmp_path,
+                                                                   monkeypatch, capsys):
+    """Without --autoencoder and --cloob-checkpoint, a checkpoint samples with the frozen
+    models it records, from any folder: by absolute path, or (older records) by the path
+    typed where training ran, found beside the checkpoint. A flag overrides what is
+    recorded; a recorded file that is gone is one line naming it and the flag."""
+    models = tmp_path / 'old' / 'models'
+    models.mkdir(parents=True)
+    for path in (f'{assets.autoencoder}.yaml', f'{assets.autoencoder}.ckpt', assets.cloob,
+                 assets.cloob.with_suffix('.json')):
+        (models / Path(path).name).symlink_to(path)
+    other_ae = tiny.tiny_autoencoder(tmp_path, seed=1)
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    flags = ['a fox', '--size', '64', '--steps', '2', '-n', '1', '--no-grid', '--output-dir']
+
+    def sample_of(name, record, *extra):
+        ckpt = tiny.save_ccld_checkpoint(tmp_path / 'old' / f'{name}.ckpt', assets.ema,
+                                         assets.ema, record)
+        code = run_sample([*flags, name, '--checkpoint', str(ckpt), *extra])
+        return pixels(elsewhere / name / 'out_00000.png') if code == 0 else code
+    given = sample_of('given', {}, '--autoencoder', assets.autoencoder, '--cloob-checkpoint',
+                      str(assets.cloob))
+    recorded = {'autoencoder': assets.autoencoder, 'cloob_checkpoint': str(assets.cloob)}
+    assert np.array_equal(sample_of('absolute', recorded), given)
+    typed = {'autoencoder': 'models/tiny_ae', 'cloob_checkpoint': 'models/tiny_cloob.pkl'}
+    assert np.array_equal(sample_of('relative', typed), given)
+    overridden = sample_of('overridden', recorded, '--autoencoder', other_ae)
+    assert not isinstance(overridden, int) and not np.array_equal(overridden, given)
+    capsys.readouterr()
+    gone = str(tmp_path / 'gone' / 'kl_f8')
+    assert sample_of('gone', {'autoencoder': gone}) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f'gone.ckpt was trained with the autoencoder {gone}, which is ' \
+        'not there' in err[0] and 'pass --autoencoder NAME' in err[0], err
+
+
 class StubCLOOB(torch.nn.Module):
     """A CLOOB stand-in: the text embeddings are chosen, and an image's embedding is a
     known function of the image."""

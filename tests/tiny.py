@@ -22,7 +22,7 @@ BASE_CHANNELS, CHANNEL_MULTIPLIERS = 16, (4, 4, 4, 4)
 __all__ = ['BASE_CHANNELS', 'CHANNEL_MULTIPLIERS', 'make_images', 'write_path_list',
            'tiny_autoencoder', 'tiny_cloob', 'tiny_diffusion', 'save_bare',
            'save_ccld_checkpoint', 'save_original_checkpoint', 'inception_weights', 'exit_code',
-           'set_up_run', 'learning_rates', 'write_img2dataset_parquet', 'write_datasets_parquet']
+           'run_printed_sample_command', 'set_up_run', 'learning_rates', 'write_img2dataset_parquet', 'write_datasets_parquet']
 
 
 def tiny_autoencoder(directory, seed=0):
@@ -96,6 +96,25 @@ def exit_code(main, prog, argv):
     except SystemExit as e:
         return e.code
     return 0
+
+
+def run_printed_sample_command(output, cwd, *extra):
+    """Runs the "Sample with:" command line in a tool's `output` as the user would, from
+    folder `cwd` (sample.py in this process), the sampling flags `extra` added; returns its
+    exit code."""
+    import os
+    import shlex
+
+    import sample
+    line = next(line for line in output.splitlines() if 'python3 ' in line)
+    words = shlex.split(line[line.index('python3 '):])
+    assert words[:2] == ['python3', str(Path(sample.__file__).resolve())], line
+    before = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return exit_code(sample.main, 'sample.py', [*words[2:], *extra])
+    finally:
+        os.chdir(before)
 
 
 class Asked(Exception):

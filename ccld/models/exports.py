@@ -4,11 +4,14 @@ which autoencoder and CLOOB). It holds no optimizer state and no second copy of 
 weights, so a 557M model is ~1.1 GB in fp16 against ~9 GB for its training checkpoint.
 """
 
+from pathlib import Path
+
 import torch
 
 from .. import software_version
 from ..errors import UserError
 from ..files import atomic_write
+from .frozen_files import carried
 from .unet import infer_widths
 
 FORMAT = 'ccld-diffusion-model'
@@ -41,9 +44,11 @@ def read_record(metadata, path):
     return {key: PARSERS.get(key, str)(value) for key, value in metadata.items()}
 
 
-def export(ckpt, path, dtype='fp16'):
+def export(ckpt, path, dtype='fp16', source='.'):
     """Writes a DiffusionCheckpoint's EMA weights to `path` atomically, floating-point
-    tensors in `dtype`; returns the record written as metadata.
+    tensors in `dtype`; returns the record written as metadata. Its frozen models are
+    recorded by absolute path, found from `source` (the checkpoint's file) where its
+    record is older and holds them relative to where training ran.
 
     The autoencoder scale stays fp32 (fp16 would round 8.0779 to 8.0781, and every
     latent with it) and is also in the metadata.
@@ -56,7 +61,7 @@ def export(ckpt, path, dtype='fp16'):
                      key != 'autoencoder_scale' else value).contiguous()
                for key, value in state.items()}
     base, mults = infer_widths(state, ckpt.record.get('channel_multipliers', (4, 4, 8, 8)))
-    record = {key: ckpt.record.get(key) for key in CARRIED}
+    record = carried({key: ckpt.record.get(key) for key in CARRIED}, Path(source).parent)
     record.update(format=FORMAT, format_version=FORMAT_VERSION, dtype=dtype,
                   base_channels=base, channel_multipliers=mults,
                   autoencoder_scale=ckpt.autoencoder_scale,

@@ -33,8 +33,9 @@ FORMAT_VERSION = '1'
 TRAINED = 'default'  # peft's name of the adapter a run trains
 DEFAULT_TARGETS = cli.DEFAULT_LORA_TARGETS
 DTYPES = {'fp16': torch.float16, 'fp32': torch.float32}
-# What an adapter file passes on from its run's record, for sampling.
-CARRIED = ('image_size', 'autoencoder', 'autoencoder_sha256', 'autoencoder_encoder_sha256',
+# What an adapter file passes on from its run's record: sampling a base with it defaults
+# to the size, scale and frozen models its run trained with.
+CARRIED = ('image_size', 'autoencoder_scale', 'autoencoder', 'autoencoder_sha256', 'autoencoder_encoder_sha256',
            'cloob_checkpoint', 'cloob_checkpoint_sha256')
 
 
@@ -228,10 +229,11 @@ def merged_checkpoint(ckpt, adapter, what):
                                ckpt.raw)
 
 
-def write(adapter, path, dtype='fp32', step=None):
-    """Writes the adapter file atomically; returns the metadata written."""
+def write(adapter, path, dtype='fp32', step=None, source='.'):
+    """Writes the adapter file atomically; returns the metadata written. Its frozen models
+    are found from `source`, the checkpoint it comes from (see exports.export)."""
     tensors = {key: value.to(DTYPES[dtype]).contiguous() for key, value in adapter.state.items()}
-    metadata = {key: adapter.record.get(key) for key in CARRIED}
+    metadata = carried({key: adapter.record.get(key) for key in CARRIED}, Path(source).parent)
     metadata.update(format=FORMAT, format_version=FORMAT_VERSION, dtype=dtype,
                     rank=adapter.rank, alpha=adapter.alpha, targets=adapter.targets,
                     base=adapter.base, base_sha256=adapter.base_sha256,
@@ -264,7 +266,8 @@ def read(path):
                    meta['base'], meta['base_sha256'],
                    (int(meta['base_channels']),
                     [int(m) for m in meta['channel_multipliers'].split(',')]),
-                   {k: v.float() for k, v in state.items()}, meta)
+                   {k: v.float() for k, v in state.items()},
+                   {key: exports.PARSERS.get(key, str)(value) for key, value in meta.items()})
 
 
 def apply(model, adapters):

@@ -15,6 +15,7 @@ grids and the gallery.
 import hashlib
 import itertools
 import json
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -130,6 +131,20 @@ def check_autoencoder(name, size):
                                 size)
 
 
+def one_pair_of_frozen_models(settings):
+    """The (autoencoder, CLOOB) that every checkpoint's Settings chose; UserError if they
+    chose different ones (from their records)."""
+    pairs = {(os.path.abspath(s.autoencoder),  # (a CLOOB file by path, a pretrained one by name)
+              os.path.abspath(s.cloob) if os.path.isfile(s.cloob) else s.cloob)
+             for s in settings}
+    if len(pairs) > 1:
+        shown = '; '.join(f'{Path(s.checkpoint).name}: {s.autoencoder}, {s.cloob}'
+                          for s in settings)
+        raise UserError(f'the checkpoints record different autoencoders or CLOOBs ({shown}); '
+                        'pass --autoencoder and --cloob-checkpoint to sample them all with one.')
+    return settings[0].autoencoder, settings[0].cloob
+
+
 def make_plan(args):
     """Checks everything the user wrote and fetches what must be downloaded (CLOOB, the
     Inception weights), before any model loads: a mistake costs seconds, not a run."""
@@ -162,6 +177,9 @@ def make_plan(args):
     if len(sizes) > 1:
         raise UserError(f'the checkpoints sample at different sizes ({", ".join(map(str, sizes))} '
                         'px, from what they record); pass --size to compare them at one.')
+    # Every checkpoint is sampled with one autoencoder and CLOOB: from here on, the flags
+    # name those the checkpoints chose (sampler.frozen_models).
+    args.autoencoder, args.cloob_checkpoint = one_pair_of_frozen_models(settings)
     check_autoencoder(args.autoencoder, sizes[0])
     resolve_checkpoint(args.cloob_checkpoint)  # a pretrained name downloads now
     weights = None

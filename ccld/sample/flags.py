@@ -11,15 +11,20 @@ PROG = 'sample.py'
 DEFAULT_SIZE = 256
 DEFAULT_STRENGTH = 0.9
 DEFAULT_BATCH_SIZE = 16
+# The frozen models of a checkpoint that records none (a released state dict).
+DEFAULT_AUTOENCODER = 'kl_f8'
+DEFAULT_CLOOB = 'cloob_laion_400m_vit_b_16_16_epochs'
 
 
 def add_sampling_flags(p):
     """The flags that say how a checkpoint samples, the same in every tool that samples
     (sample.py, evaluate.py), so that the same flags give the same images."""
-    p.add_argument('--cloob-checkpoint', default='cloob_laion_400m_vit_b_16_16_epochs',
-                   help='pretrained CLOOB name, or a .pkl file')
-    p.add_argument('--autoencoder', default='kl_f8',
-                   help='autoencoder NAME, for NAME.yaml + NAME.ckpt')
+    p.add_argument('--cloob-checkpoint',
+                   help='pretrained CLOOB name, or a .pkl file (default: the one the checkpoint, '
+                   f'export or --lora adapter records, else {DEFAULT_CLOOB})')
+    p.add_argument('--autoencoder', metavar='NAME',
+                   help='autoencoder NAME, for NAME.yaml + NAME.ckpt (default: the one the '
+                   f'checkpoint, export or --lora adapter records, else {DEFAULT_AUTOENCODER})')
     p.add_argument('--base-channels', type=cli.positive_int,
                    help='override the width read from the weights (yfcc_cfg: 192)')
     p.add_argument('--channel-multipliers', type=cli.multipliers,
@@ -43,10 +48,11 @@ def add_sampling_flags(p):
                    help="timesteps: the original's spliced DDPM/cosine, or Karras et al.'s "
                    "(sigma 80 to 0.03, rho 7)")
     p.add_argument('--autoencoder-scale', type=cli.positive_float,
-                   help='override the latent scale stored in the checkpoint')
+                   help='override the latent scale stored in the checkpoint (or the --lora '
+                   "adapter: its run's)")
     p.add_argument('--size', type=cli.positive_int,
-                   help=f'output image size (default: the training size a ccld checkpoint '
-                   f'or export records, else {DEFAULT_SIZE})')
+                   help=f'output image size (default: the training size a ccld checkpoint, '
+                   f'export or --lora adapter records, else {DEFAULT_SIZE})')
     p.add_argument('--batch-size', type=cli.positive_int,
                    help=f'images per batch (default {DEFAULT_BATCH_SIZE}); the images do not '
                    'depend on it')

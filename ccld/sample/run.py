@@ -53,9 +53,9 @@ def run(args):
     init = generate.read_image(args.init, 'init image') if args.init else None
 
     model, settings = load_sampler(args, args.checkpoint, device)
-    autoencoder = load_autoencoder(args.autoencoder, device=device)
+    autoencoder = load_autoencoder(settings.autoencoder, device=device)
     generate.latent_shape(autoencoder, settings.size)
-    cloob = load_cloob(args.cloob_checkpoint, device) if has_text or images else None
+    cloob = load_cloob(settings.cloob, device) if has_text or images else None
 
     metadata = {'image_prompts': json.dumps(image_prompts), **settings.metadata(),
                 **({'init': args.init, 'strength': strength} if init is not None else {})}

@@ -4,7 +4,9 @@ sample.py and evaluate.py both build each model and its settings here, so the sa
 give the same images in both, and whatever changes how a checkpoint samples (an adapter
 loaded onto the model, a distilled student's own step count read from its record)
 changes it for both at once: `load_sampler` is where a model is built and `settings_for`
-where a checkpoint's record completes the flags (a student's sampler: students.py).
+where a checkpoint's record (and its adapters') completes the flags: the size, the
+autoencoder scale, the frozen models (`frozen_models`) and a student's sampler
+(students.py).
 """
 
 import warnings
@@ -15,7 +17,8 @@ from .. import cli
 from ..errors import UserError
 from ..models.checkpoint_files import check_weights, read_checkpoint
 from . import generate, students
-from .flags import DEFAULT_BATCH_SIZE, DEFAULT_SIZE
+from ..models import frozen_files
+from .flags import DEFAULT_AUTOENCODER, DEFAULT_BATCH_SIZE, DEFAULT_CLOOB, DEFAULT_SIZE
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class Settings:
     seed: int
     n: int
     lora: tuple = ()        # (adapter file, strength) pairs
+    autoencoder: str = DEFAULT_AUTOENCODER  # its NAME (NAME.yaml + NAME.ckpt)
+    cloob: str = DEFAULT_CLOOB              # a pretrained name or a .pkl
 
     @property
     def stochastic(self):
@@ -61,20 +66,57 @@ def check_sampling_flags(args, strength=1.0):
     return args.device or cli.default_device(), args.batch_size or DEFAULT_BATCH_SIZE
 
 
-def settings_for(args, checkpoint, ckpt):
-    """The Settings of `checkpoint` (its DiffusionCheckpoint `ckpt`) under the flags."""
-    scale = args.autoencoder_scale or ckpt.autoencoder_scale
+def settings_for(args, checkpoint, ckpt, adapters=()):
+    """The Settings of `checkpoint` (its DiffusionCheckpoint `ckpt`, with the Adapters of
+    --lora, `adapters`) under the flags. A flag left out takes what an adapter records
+    (its run's size and scale: "base + adapter" samples as the adapter's merged export
+    does), else what the checkpoint records, else the default."""
+    recorded = [adapter.record for adapter in adapters] + [ckpt.record]
+    scale = args.autoencoder_scale or \
+        next((r['autoencoder_scale'] for r in recorded[:-1] if r.get('autoencoder_scale')),
+             ckpt.autoencoder_scale)
     if scale is None:
         raise UserError(f'{checkpoint} records no autoencoder scale; pass the one it was '
                         'trained with as --autoencoder-scale.')
+    size = args.size or next((r['image_size'] for r in recorded if r.get('image_size')),
+                             DEFAULT_SIZE)
     method, steps = students.sampler_for(ckpt.record, args.method, args.steps, args.schedule,
                                          args.eta, checkpoint)
+    autoencoder, cloob = frozen_models(args, checkpoint, ckpt, adapters)
     return Settings(checkpoint=str(checkpoint), description=ckpt.description,
-                    autoencoder_scale=scale,
-                    size=args.size or ckpt.record.get('image_size', DEFAULT_SIZE),
-                    method=method, steps=steps, schedule=args.schedule, eta=args.eta,
-                    cond_scale=args.cond_scale, seed=args.seed, n=args.n,
-                    lora=tuple(args.lora))
+                    autoencoder_scale=float(scale), size=int(size), method=method, steps=steps,
+                    schedule=args.schedule, eta=args.eta, cond_scale=args.cond_scale,
+                    seed=args.seed, n=args.n, lora=tuple(args.lora), autoencoder=autoencoder,
+                    cloob=cloob)
+
+
+def frozen_models(args, checkpoint, ckpt, adapters=()):
+    """(autoencoder NAME, CLOOB) to sample `checkpoint` (its DiffusionCheckpoint `ckpt`,
+    with the Adapters of --lora, `adapters`) with, as sample.py, evaluate.py and the web
+    page choose them: --autoencoder and --cloob-checkpoint where given; else those an
+    adapter records, else those the checkpoint records (a ccld training or distillation
+    checkpoint, an export), each found as frozen_files.find finds it; else kl_f8 and
+    the LAION CLOOB. UserError naming the file when a recorded one is not to be found."""
+    files = [(adapter.record, path) for adapter, (path, _) in zip(adapters, args.lora)]
+    files.append((ckpt.record, checkpoint))
+    chosen = []
+    for kind, flag, given, default in (
+            (frozen_files.AUTOENCODER, '--autoencoder NAME', args.autoencoder,
+             DEFAULT_AUTOENCODER),
+            (frozen_files.CLOOB, '--cloob-checkpoint', args.cloob_checkpoint, DEFAULT_CLOOB)):
+        named = [(record[kind], path) for record, path in files if record.get(kind)]
+        if given is not None or not named:
+            chosen.append(given or default)
+            continue
+        value, path = named[0]
+        found = frozen_files.find(kind, value, Path(path).parent)
+        if found is None:
+            what = 'autoencoder' if kind == frozen_files.AUTOENCODER else 'CLOOB'
+            raise UserError(f'{path} was trained with the {what} {value}, which is not there '
+                            f'(nor beside {Path(path).name}); pass {flag} to sample with it '
+                            'from where it is now.')
+        chosen.append(found)
+    return tuple(chosen)
 
 
 def read_adapters(args, checkpoint, ckpt):
@@ -92,21 +134,22 @@ def check_checkpoint(args, checkpoint):
     its model (the weights are matched against one on the meta device); UserError if not."""
     ckpt = read_checkpoint(checkpoint)
     check_weights(ckpt.model_ema, checkpoint, args.base_channels, args.channel_multipliers)
-    read_adapters(args, checkpoint, ckpt)
-    return settings_for(args, checkpoint, ckpt)
+    adapters = read_adapters(args, checkpoint, ckpt)
+    return settings_for(args, checkpoint, ckpt, [adapter for adapter, _ in adapters])
 
 
 def load_sampler(args, checkpoint, device):
     """The frozen model of `checkpoint` on `device`, with the --lora adapters on it, and
-    its Settings. Warns when it was trained with other frozen models than the flags name."""
+    its Settings. Warns when it was trained with other frozen models than those chosen."""
     model, ckpt = generate.load_model(checkpoint, args.base_channels, args.channel_multipliers,
                                       device)
-    if args.lora:
+    adapters = read_adapters(args, checkpoint, ckpt)
+    settings = settings_for(args, checkpoint, ckpt, [adapter for adapter, _ in adapters])
+    if adapters:
         from ..models import lora
-        lora.apply(model, read_adapters(args, checkpoint, ckpt)).to(device)
-    generate.check_frozen_models(ckpt.record, args.autoencoder, args.cloob_checkpoint,
-                                 checkpoint)
-    return model, settings_for(args, checkpoint, ckpt)
+        lora.apply(model, adapters).to(device)
+    generate.check_frozen_models(ckpt.record, settings.autoencoder, settings.cloob, checkpoint)
+    return model, settings
 
 
 def sample(model, settings, autoencoder, embeds, weights, *, batch_size, device, init=None,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..cli import check_devices, check_frozen_model_files, check_image_size
+from ..cli import check_devices, check_frozen_model_files, check_image_size, sample_command
 from ..errors import UserError
 from ..files import atomic_write, sha256
 from ..processes import is_first_process
@@ -217,7 +217,7 @@ def run(args):
     if is_first_process():
         link_or_copy(out / args.stages[-1].student_file, final)
         rank_zero_info(f'The {args.target_steps}-step student is {final}; sample it with: '
-                       f'python3 sample.py "a prompt" --checkpoint {final}')
+                       f'{sample_command(final)}')
     return final
 
 
@@ -229,8 +229,10 @@ def resume_note(args, stage):
 def record_of(args, stage, scale):
     """The 'ccld' record of a stage's checkpoints and student: what training records, and
     which teacher it was distilled from, for which steps and guidance range."""
-    record = {'autoencoder': args.vqgan_model, 'cloob_checkpoint': args.cloob_checkpoint,
-              'image_size': args.image_size, 'teacher': str(args.teacher),
+    from ..models.frozen_files import AUTOENCODER, CLOOB, recorded
+    record = {'autoencoder': recorded(AUTOENCODER, args.vqgan_model),
+              'cloob_checkpoint': recorded(CLOOB, args.cloob_checkpoint),
+              'image_size': args.image_size, 'teacher': os.path.abspath(args.teacher),
               'teacher_sha256': args.teacher_sha256,
               'guidance_range': list(args.guidance_range), 'distill_stage': stage.name,
               'student_steps': stage.steps, 'loss_weighting': args.loss_weighting}

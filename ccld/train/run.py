@@ -323,6 +323,7 @@ def start_from(module, args, base, mults):
 def run(args):
     from pytorch_lightning.utilities import rank_zero_info
 
+    from ..models.frozen_files import AUTOENCODER, CLOOB, recorded
     from ..models.unet import infer_widths
     from .demo_grids import DemoCallback
     from .diffusion_module import LightningDiffusion
@@ -339,8 +340,8 @@ def run(args):
     if weights is not None:
         base, mults = infer_widths(weights, mults)
     ae_model, cloob = load_frozen_models(args)
-    record = {'autoencoder': args.vqgan_model, 'cloob_checkpoint': args.cloob_checkpoint,
-              'image_size': args.image_size, 'random_flip': args.random_flip}
+    record = {'autoencoder': recorded(AUTOENCODER, args.vqgan_model),
+              'cloob_checkpoint': recorded(CLOOB, args.cloob_checkpoint), 'image_size': args.image_size, 'random_flip': args.random_flip}
     model = None
     if args.lora is not None:
         from ..models.lora import adapted_model
