@@ -30,7 +30,7 @@ def parser():
                    help='image loading processes (by default one per usable CPU, at most 8)')
     cli.add_table_flags(p)
     p.add_argument('--device', type=cli.device, help='default: cuda if available, else cpu')
-    p.add_argument('--seed', type=cli.seed, default=0, help='picks the images and latent samples')
+    p.add_argument('--seed', type=cli.seed, default=0, help='picks the images (when there are more than --batches x --batch-size)')
     p.add_argument('--json', action='store_true', help='print one JSON object instead')
     return p
 

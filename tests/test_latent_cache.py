@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+import compute_ae_scale
 import precompute_latents
 import tiny
 import train_latent_diffusion
@@ -175,6 +176,20 @@ def test_the_manifest_records_what_made_the_cache_and_the_scale(assets, cached, 
     mean, std = mean.double(), std.double()
     expected = math.sqrt((mean ** 2 + std ** 2).mean() - mean.mean() ** 2)
     assert manifest['autoencoder_scale'] == pytest.approx(expected, rel=1e-4)
+
+
+def test_compute_ae_scale_prints_the_scale_precompute_prints_on_the_same_images(
+        assets, cached, capsys):
+    """The same estimator on the same images (the list's 16 readable ones, in batches of
+    another size): the two tools print the same value to paste into training."""
+    argv = [assets.autoencoder, str(assets.train), '--batches', '5', '--batch-size', '5',
+            '--image-size', str(SIZE), '--num-workers', '0', '--device', 'cpu', '--json']
+    with pytest.warns(UserWarning, match='skipping unreadable image'):
+        assert tiny.exit_code(compute_ae_scale.main, 'compute_ae_scale.py', argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result['images'], result['skipped']) == (N, 1)
+    manifest = latent_cache.read_manifest(cached)
+    assert result['autoencoder_scale'] == pytest.approx(manifest['autoencoder_scale'], rel=1e-5)
 
 
 def test_the_loss_from_the_cache_is_the_loss_from_the_images(assets, cached, models):

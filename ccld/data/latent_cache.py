@@ -70,7 +70,7 @@ class PartStats:
         self.total_sq += total_sq
 
     def scale(self):
-        """sqrt of the variance of latent samples: compute_ae_scale.py's statistic."""
+        """sqrt of the variance of latent samples: the autoencoder scale (data/scale.py)."""
         mean = self.total / self.elements
         return math.sqrt(self.total_sq / self.elements - mean ** 2)
 

@@ -17,6 +17,7 @@ from torch.utils import data
 from tqdm.auto import tqdm
 
 from . import latent_cache
+from ..models import latents
 from ..errors import RunError, UserError
 from ..files import check_writable_dir, remove_stale_temps
 from .sources import transformed
@@ -82,8 +83,7 @@ class UnitImages(data.IterableDataset):
 def encode(ae_model, cloob, images):
     """Images in [0, 1] -> posterior means and stds (fp32) and CLOOB embeddings, as
     training computes them."""
-    posterior = ae_model.encode(images * 2 - 1)
-    return posterior.mean, posterior.std, cloob.embed_images(images)
+    return (*latents.posterior(ae_model, images), cloob.embed_images(images))
 
 
 class Part:

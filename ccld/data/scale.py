@@ -1,11 +1,16 @@
 """The autoencoder scale: the factor that brings a dataset's latents to unit variance.
 
 The noise schedule assumes unit-variance data, so training divides latents by this scale
-and sampling multiplies by it. It is sqrt(mean over batches of var(latent samples)).
+and sampling multiplies by it. It is the standard deviation of latent samples over the
+images. The original drew one sample per image and averaged the variances of 32 batches
+of 64; here the variance over all the images comes from their posteriors in closed form
+(latent_cache.PartStats): what that estimates, without its sampling noise (and without
+leaving out how the batches' means differ). compute_ae_scale.py (on --batches x
+--batch-size images) and precompute_latents.py (on every image it caches) compute it with
+this same code, so on the same images they print the same scale.
 """
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..models import latents
 from .images import make_loader
+from .latent_cache import PartStats, latent_sums
 from .sources import Source
 from ..errors import RunError
 
@@ -31,10 +37,8 @@ class ScaleEstimate:
 def estimate_scale(autoencoder, images, batches=32, batch_size=64, image_size=256,
                    num_workers=0, device='cpu', seed=0, progress=True):
     """Encodes `batches` shuffled batches of `images`, a list of paths or a Source (all of
-    them if there are fewer).
+    them if there are fewer; `seed` picks them), and returns the scale of their latents.
 
-    Each batch's variance counts by its number of images, so with full batches this is
-    the original's plain mean, and a short last batch or skipped files do not tilt it.
     Raises RunError if the first BATCHES_CHECKED batches (or all of them, if fewer) hold
     no readable image: a list of wrong paths would otherwise go through every batch to
     say so.
@@ -51,16 +55,16 @@ def estimate_scale(autoencoder, images, batches=32, batch_size=64, image_size=25
                                       world_size=1)
         known = source.known_images
         available = None if known is None else -(-known // batch_size)
-    generator = torch.Generator(device).manual_seed(seed)
     n_batches = batches if available is None else min(batches, available)
-    var_sum, encoded, used, skipped, seen = 0.0, 0, 0, 0, 0
+    stats, encoded, used, skipped, seen = PartStats(), 0, 0, 0, 0
     for seen, batch in enumerate(tqdm(itertools.islice(loader, n_batches), total=n_batches,
                                       unit='batch', disable=not progress), 1):
         skipped += batch['skipped']
         if len(batch['images']):
-            z = latents.encode(autoencoder, batch['images'].to(device), 1.0, generator)
-            var_sum += z.double().var().item() * len(z)
-            encoded += len(z)
+            mean, std = latents.posterior(autoencoder, batch['images'].to(device))
+            totals, totals_sq = (t.sum().item() for t in latent_sums(mean, std))
+            stats.add(mean.numel(), totals, totals_sq)
+            encoded += len(mean)
             used += 1
         if not encoded and seen == BATCHES_CHECKED:
             break
@@ -73,4 +77,4 @@ def estimate_scale(autoencoder, images, batches=32, batch_size=64, image_size=25
         raise RunError(f'none of the {skipped} images tried from {images.spec} ({seen} '
                        'batch(es)) could be read; check that they are image files (and, for '
                        'parquet files and datasets, --image-column).')
-    return ScaleEstimate(math.sqrt(var_sum / encoded), encoded, used, skipped)
+    return ScaleEstimate(stats.scale(), encoded, used, skipped)

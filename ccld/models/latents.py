@@ -13,6 +13,14 @@ def encode(autoencoder, images, scale, generator=None):
 
 
 @torch.no_grad()
+def posterior(autoencoder, images):
+    """Images [n, 3, H, W] in [0, 1] -> the mean and std of the autoencoder's posterior
+    N(mean, std^2), unscaled: what a latent cache stores and the scale is computed from."""
+    moments = autoencoder.encode(images * 2 - 1)
+    return moments.mean, moments.std
+
+
+@torch.no_grad()
 def decode(autoencoder, latents, scale):
     """Scaled latents -> images [n, 3, H, W] in [0, 1]."""
     images = autoencoder.decode(latents * scale)
