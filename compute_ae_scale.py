@@ -41,6 +41,7 @@ def main(argv=None):
     from ccld.data.scale import estimate_scale
     from ccld.data.sources import Source
 
+    cli.check_image_size(args.image_size)  # one training takes: the scale is for it
     source = Source(args.train_set, image_column=args.image_column, split=args.dataset_split)
     device = args.device or cli.default_device()
     autoencoder = load_autoencoder(args.vqgan_model, device=device)

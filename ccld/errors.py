@@ -13,3 +13,14 @@ class RunError(Exception):
 
     The message is a single line that says what happened and what was kept.
     """
+
+
+def reason(exception, limit=120):
+    """What went wrong, short enough for a one-line error: the first sentence of the
+    exception's message (libraries append paragraphs of advice), at most `limit`
+    characters, or its type's name when it says nothing."""
+    text = ' '.join(str(exception).split())
+    if not text:
+        return type(exception).__name__
+    sentence = text.split('. ', 1)[0].rstrip('.')
+    return sentence if len(sentence) <= limit else sentence[:limit - 3].rstrip() + '...'

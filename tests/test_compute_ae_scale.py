@@ -152,6 +152,7 @@ def test_cli_seed_workers_and_device_are_the_estimates(assets, tmp_path, capsys,
     (['{name}', '{list}', '--batches', '0'], 'argument --batches: must be at least 1, got 0'),
     (['{name}', '{list}', '--num-workers', '-1'], 'argument --num-workers: expected a whole'),
     (['{name}', '{list}', '--image-column', 'jpg'], 'names a column of parquet files or datas'),
+    (['{name}', '{list}', '--image-size', '63'], '--image-size 63 must be a multiple of 64'),
 ])
 def test_cli_user_errors(assets, capsys, argv, message):
     (assets.dir / 'empty.txt').write_text('\n\n')

@@ -446,6 +446,29 @@ def test_a_folder_given_for_a_file_is_named_a_folder(assets, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith('sample.py: error: ') and message in err[0], err
 
 
+def test_no_prompt_at_all_samples_the_model_unguided_and_says_so(assets, tmp_path, capsys):
+    """As the original did, but not silently: one warning line before any model loads."""
+    argv = base_args(assets, '--output-dir', str(tmp_path), '--no-grid')
+    with pytest.warns(UserWarning, match=r'^no prompt given: sampling the model unguided '
+                      r'\(unconditional images\); pass a text prompt or --images to guide it'):
+        assert run_sample(argv) == 0
+    with Image.open(tmp_path / 'out_00000.png') as image:
+        assert (image.text['prompts'], image.text['image_prompts']) == ('[]', '[]')
+
+
+def test_a_truncated_autoencoder_is_one_short_line_naming_it(assets, tmp_path, capsys):
+    weights = Path(f'{assets.autoencoder}.ckpt').read_bytes()
+    (tmp_path / 'cut.ckpt').write_bytes(weights[:len(weights) // 2])
+    (tmp_path / 'cut.yaml').write_text(Path(f'{assets.autoencoder}.yaml').read_text())
+    argv = base_args(assets, 'a fox', '--autoencoder', str(tmp_path / 'cut'), '--output-dir',
+                     str(tmp_path / 'out'))
+    assert run_sample(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and len(err[0]) < 300, err
+    assert err[0].startswith(f'sample.py: error: cannot read autoencoder checkpoint '
+                             f'{tmp_path / "cut.ckpt"} (') and 'truncated, corrupt' in err[0]
+
+
 def run_process(args, cwd):
     return subprocess.run([sys.executable, str(ROOT / 'sample.py'), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300)

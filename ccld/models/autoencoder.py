@@ -7,13 +7,14 @@ reported as a one-line UserError that names the file and says what to do.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from ..errors import UserError
+from ..errors import UserError, reason as error_reason
 from ldm.models.autoencoder import AutoencoderKL, read_state_dict
 
 KL_TARGET = "ldm.models.autoencoder.AutoencoderKL"
@@ -34,7 +35,7 @@ def read_config(path) -> dict:
     try:
         config = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = error_reason(e)
         raise UserError(f"cannot parse autoencoder config {path}: {reason}") from e
     model = config.get("model") if isinstance(config, dict) else None
     params = model.get("params") if isinstance(model, dict) else None
@@ -68,6 +69,28 @@ def build_autoencoder(config: dict) -> AutoencoderKL:
     return AutoencoderKL(**{"lossconfig": None, **params})
 
 
+@contextlib.contextmanager
+def reading_weights(path, what="autoencoder checkpoint"):
+    """ldm's weight readers report a file torch cannot read with all torch says (a
+    paragraph, for a truncated zip); inside this block that is one short line naming the
+    file and saying what to do."""
+    try:
+        yield
+    except UserError as e:
+        if e.__cause__ is None:  # one of ldm's own lines (a file that does not fit)
+            raise
+        raise UserError(f"cannot read {what} {path} "
+                        f"({error_reason(e.__cause__)}): it is truncated, corrupt or not a "
+                        "checkpoint; download or copy it again") from None
+
+
+def read_weights(path, what="autoencoder checkpoint") -> dict:
+    """The tensors of an autoencoder checkpoint, or another weights file (`what` names it),
+    as ldm.models.autoencoder.read_state_dict reads them."""
+    with reading_weights(path, what):
+        return read_state_dict(path)
+
+
 def weights_path(name) -> Path:
     """NAME.ckpt, or NAME.safetensors when only that exists."""
     safetensors = Path(f"{name}.safetensors")
@@ -95,7 +118,7 @@ def describe(name) -> dict:
     (a decoder-only finetune names the autoencoders it came from), when the claim holds."""
     from ..files import sha256
     weights = weights_path(name)
-    encoder = encoder_digest(read_state_dict(weights))
+    encoder = encoder_digest(read_weights(weights))
     lineage = read_lineage(f"{name}.yaml")
     same_encoder_as = lineage.get("same_encoder_as", []) \
         if lineage.get("encoder_sha256") == encoder else []
@@ -144,7 +167,8 @@ def load_autoencoder(name=None, *, config=None, checkpoint=None,
                         f"that belong to {config} (for kl-f8: {KL_F8_WEIGHTS}; with NAME, "
                         "NAME.safetensors is also accepted)")
     model = build_autoencoder(cfg)
-    model.init_from_ckpt(checkpoint)
+    with reading_weights(checkpoint):
+        model.init_from_ckpt(checkpoint)
     return model.eval().requires_grad_(False).to(device)
 
 

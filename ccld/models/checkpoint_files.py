@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import exports
-from ..errors import UserError
+from ..errors import UserError, reason as error_reason
 from ..files import not_a_file
 from .student import StudentModel, is_student
 from .unet import DiffusionModel, infer_widths
@@ -105,7 +105,7 @@ def safe_load(path, mmap=True):
                             'checkpoints without running code in them, so it is refused.') from None
         raise UserError(f'{path}: cannot read it as a PyTorch checkpoint ({e}).') from None
     except Exception as e:  # noqa: BLE001 - truncated, not a zip or pickle, wrong format...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = error_reason(e)
         raise UserError(f'{path}: cannot read it as a PyTorch checkpoint ({reason}); it may be '
                         'truncated or not a checkpoint.') from None
 
@@ -117,7 +117,7 @@ def read_safetensors(path):
         with safe_open(str(path), 'pt') as f:
             return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - truncated, not safetensors, bad header...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = error_reason(e)
         raise UserError(f'{path}: cannot read it as safetensors ({reason}); it may be '
                         'truncated or not a safetensors file.') from None
 

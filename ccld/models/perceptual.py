@@ -95,8 +95,8 @@ def lpips_state(state, path):
 
 def load_lpips(path, device='cpu'):
     """LPIPS with its weights from `path` (any of the kinds above), frozen, in eval mode."""
-    from ldm.models.autoencoder import read_state_dict
-    state = lpips_state(read_state_dict(path), path)
+    from .autoencoder import read_weights
+    state = lpips_state(read_weights(path, 'LPIPS weights'), path)
     model = build_lpips('meta').to_empty(device='cpu')
     try:
         model.load_state_dict(state)
@@ -134,13 +134,13 @@ def fetch_vgg16():
 def find_weights(lpips_weights, autoencoder_checkpoint):
     """The file LPIPS loads from: --lpips-weights, else the starting autoencoder's
     checkpoint when it holds LPIPS, else torchvision's VGG16 (fetched if need be)."""
-    from ldm.models.autoencoder import read_state_dict
+    from .autoencoder import read_weights
     if lpips_weights is not None:
         if not_a_file(lpips_weights):
             raise UserError(f'--lpips-weights: {lpips_weights} {not_a_file(lpips_weights)}; pass '
                             f'{VGG16_FILE} (from {VGG16_URL}) or a CompVis autoencoder '
                             'checkpoint holding loss.perceptual_loss.*.')
         return Path(lpips_weights)
-    if holds_lpips(read_state_dict(autoencoder_checkpoint)):
+    if holds_lpips(read_weights(autoencoder_checkpoint)):
         return Path(autoencoder_checkpoint)
     return fetch_vgg16()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, reason as error_reason
 from ..files import not_a_file, sha256
 
 FEATURES = ('inception', 'cloob')
@@ -71,7 +71,7 @@ def check_inception_weights(path):
     try:
         torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated, not torch.save's format, code in it
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = error_reason(e)
         raise UserError(f'--inception-weights {path}: cannot read it as weights ({reason}); '
                         f'pass torch-fidelity\'s {INCEPTION_URL.rsplit("/", 1)[-1]}.') from None
     try:

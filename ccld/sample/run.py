@@ -44,7 +44,11 @@ def run(args):
     # Everything the user wrote is checked before any model loads.
     todo = jobs(args)
     has_text = any(texts for _, texts, _ in todo)
-    if args.score and not has_text:
+    if not has_text and not args.images:  # as the original sampled then, but not silently
+        warnings.warn('no prompt given: sampling the model unguided (unconditional images'
+                      f'{", unscored" if args.score else ""}); pass a text prompt or --images '
+                      'to guide it.')
+    elif args.score and not has_text:
         warnings.warn('--score: there is no text prompt to score the images against; they '
                       'are written unscored.')
     check_writable_dir(args.output_dir, '--output-dir')

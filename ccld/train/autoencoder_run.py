@@ -196,8 +196,8 @@ def build_loss(args):
 def start_loss_from(loss, checkpoint):
     """A fresh run's discriminator and log-variance start from the starting checkpoint's
     `loss.*` where it has them (CompVis releases do); returns a phrase saying which."""
-    from ldm.models.autoencoder import read_state_dict
-    state = read_state_dict(checkpoint)
+    from ..models.autoencoder import read_weights
+    state = read_weights(checkpoint)
     prefix = 'loss.discriminator.'
     disc = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if 'loss.logvar' in state:
