@@ -205,6 +205,15 @@ def test_validation_logs_the_starting_values_at_step_0_then_every_val_every(asse
     assert Image.open(grids[0]).size == (4 * SIZE, 2 * SIZE)
 
 
+def test_train_loss_is_per_pixel_beside_latent_diffusions_summed_total(decoder_run):
+    rows = [r for r in metrics(decoder_run.out) if r['train/loss']]
+    assert rows
+    for row in rows:
+        per_pixel = float(row['train/total_loss']) / (3 * SIZE * SIZE)
+        assert float(row['train/loss']) == pytest.approx(per_pixel, rel=1e-5)
+        assert float(row['train/loss']) < 10 * float(row['train/rec_loss'])
+
+
 def test_unreadable_training_images_are_skipped_and_counted(decoder_run):
     counts = [float(r['train/skipped_images']) for r in metrics(decoder_run.out)
               if r['train/skipped_images']]

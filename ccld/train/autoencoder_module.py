@@ -158,7 +158,10 @@ class LightningAutoencoder(pl.LightningModule):
             log.update(disc_log)
         else:
             disc_loss = sum(p.sum() for p in self.discriminator.parameters()) * 0.0
-        self.log('train/loss', log.pop('total_loss'), prog_bar=True)
+        # latent-diffusion's loss sums over each image's pixels (a 256 px image's is ~2e5
+        # times a pixel's): train/loss is it per pixel, which compares across image sizes
+        # and with rec_loss; train/total_loss, nll_loss and kl_loss are CompVis's, summed.
+        self.log('train/loss', log['total_loss'] / x[0].numel(), prog_bar=True)
         self.log_dict({f'train/{k}': v for k, v in log.items()})
         return ae_loss + disc_loss
 
