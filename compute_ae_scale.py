@@ -53,9 +53,9 @@ def main(argv=None):
                             args.num_workers, device, args.seed)
     flag = f'--autoencoder-scale {result.scale:.6g}'
     if result.skipped:
-        print(f'skipped {result.skipped} unreadable images.', file=sys.stderr)
-    print(f'{result.images} images in {result.batches} batches; train with:\n  {flag}',
-          file=sys.stderr)
+        print(f'skipped {cli.count(result.skipped, "unreadable image")}.', file=sys.stderr)
+    print(f'{cli.count(result.images, "image")} in {cli.count(result.batches, "batch", "batches")}'
+          f'; train with:\n  {flag}', file=sys.stderr)
     if args.json:
         print(json.dumps({'autoencoder_scale': result.scale, 'images': result.images,
                           'batches': result.batches, 'skipped': result.skipped,

@@ -62,6 +62,11 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message} (see {self.prog} --help)\n')
 
 
+def count(n, noun, plural=None):
+    """'1 image', '2 images': a number of things, in words that read right for 1."""
+    return f'{n} {noun if n == 1 else plural or noun + "s"}'
+
+
 def sample_command(checkpoint, *flags):
     """The sample.py command line, as the tools print it, that samples `checkpoint` with
     the `flags` (pairs of a flag and a path): every path absolute, so that it runs as

@@ -122,6 +122,12 @@ def test_sigterm_saves_the_step_and_resume_auto_continues_as_if_never_stopped(as
     assert last_line == (f'train_latent_diffusion.py: stopped by SIGTERM at step {k}; saved '
                          f'{out / "checkpoints" / "last.ckpt"}. Run the same command with '
                          '--resume-from auto to continue.')
+    # What the terminal showed says nothing untrue or empty (Lightning's own lines).
+    shown = stderr_of(tmp_path / 'a') + (tmp_path / 'a' / 'stdout.txt').read_text()
+    for noise in ('was raised with message', '/-2', 'FLOPs'):
+        assert noise not in shown, noise
+    assert "(cpu's device memory: all of this machine's RAM" in shown
+    assert not (out / '.lock').exists()  # (a stopped run lets go of its directory too)
 
     resumed, _ = run_in_process(train_args(assets, out, '--checkpoint-every', '2',
                                            '--resume-from', 'auto', '--max-steps', str(k + 2),

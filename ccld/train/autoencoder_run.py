@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..cli import check_devices
+from ..cli import check_devices, count
 from ..errors import UserError
 from ..processes import is_first_process
 from . import runner
@@ -62,7 +62,7 @@ def validate(args):
             args.val_images, skipped = read_images(args.val_source, args.val_count,
                                                    args.image_size)
             if skipped:
-                print(f'{PROG}: --val-set: skipped {skipped} unreadable images.',
+                print(f'{PROG}: --val-set: skipped {count(skipped, "unreadable image")}.',
                       file=sys.stderr)
     args.resume = None
     if args.resume_from not in (None, 'auto'):

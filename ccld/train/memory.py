@@ -98,6 +98,9 @@ def table(states, heading):
             f'{gb(None if row is None else row.get(d, 0)):>12}' for d in devices))
     memory = ''.join(f'{gb(device_memory(d)):>12}' for d in devices)
     lines.append(f'  {"device memory":<16}{memory}')
+    if 'cpu' in devices:
+        lines.append("  (cpu's device memory: all of this machine's RAM, shared with every "
+                     'process on it)')
     return '\n'.join(lines)
 
 

@@ -25,6 +25,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from ..errors import RunError, UserError
 from ..files import check_writable_dir, make_dirs, remove_empty_dirs
+from . import console
 from .saving import (AtomicCheckpointIO, Checkpoints, TimedLastCheckpoint, checkpoint_files,
                      newest_good_checkpoint)
 from .signals import StopOnSignal, StopRequested
@@ -192,11 +193,6 @@ def strategy_for(args):
     return DDPStrategy(find_unused_parameters=False)
 
 
-def _not_an_advert(record):
-    """Drops Lightning's product tips from the log (one function, so adding it is idempotent)."""
-    return not str(record.msg).startswith('💡 Tip')
-
-
 def quiet_lightning():
     """Silences what Lightning warns about that these runs do on purpose."""
     # Frozen models are meant to stay in eval mode.
@@ -210,7 +206,7 @@ def quiet_lightning():
     warnings.filterwarnings('ignore', message='Checkpoint directory .* exists and is not empty')
     # litdata splits its stream across loader workers itself.
     warnings.filterwarnings('ignore', message='.*`IterableDataset` has `__len__` defined')
-    logging.getLogger('pytorch_lightning.utilities.rank_zero').addFilter(_not_an_advert)
+    logging.getLogger('pytorch_lightning.utilities.rank_zero').addFilter(console.not_noise)
 
 
 def set_tf32(tf32):
@@ -250,12 +246,14 @@ def make_trainer(args, prog, callbacks, logger, log_every_n_steps):
     checkpoint_io = AtomicCheckpointIO(prog=prog)
     standard = [Checkpoints(checkpoint_dir, args.checkpoint_every, args.keep_last),
                 StopOnSignal(signal.Signals[args.signal]),
-                TimedLastCheckpoint(checkpoint_dir / 'last.ckpt', args.checkpoint_minutes)]
+                TimedLastCheckpoint(checkpoint_dir / 'last.ckpt', args.checkpoint_minutes),
+                console.progress_bar(), console.ModuleTable()]
     return pl.Trainer(
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
         strategy=strategy_for(args), precision=args.fprecision, plugins=[checkpoint_io],
         max_steps=args.max_steps or -1, max_epochs=-1,
         callbacks=[standard[0], *callbacks, *standard[1:]], logger=logger,
+        enable_model_summary=False,  # (console.ModuleTable is it, less what reads 0)
         default_root_dir=str(args.output_dir), log_every_n_steps=log_every_n_steps)
 
 
