@@ -490,7 +490,7 @@ def test_cli_from_any_directory_same_images_from_bare_and_training_checkpoint(as
 
 
 def test_cli_error_is_one_line_without_traceback(assets, tmp_path):
-    run = run_process(base_args(assets, '--checkpoint', 'missing.pth'), tmp_path)
+    run = run_process(base_args(assets, 'a fox', '--checkpoint', 'missing.pth'), tmp_path)
     assert run.returncode == 2
     assert run.stderr.strip() == 'sample.py: error: checkpoint missing.pth does not exist.'
 
