@@ -171,6 +171,25 @@ def test_kid_is_the_unbiased_squared_mmd(shift_squared):
     assert distances.kernel_distance(x[:1], y) is None
 
 
+def mmd_by_hand(x, y):
+    """The unbiased squared MMD of two sets of m features under (x.y / d + 1)^3."""
+    m, d = len(x), x.shape[1]
+    kxx, kyy, kxy = ((p @ q.T / d + 1) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+    same = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+    return same - 2 * kxy.mean()
+
+
+def test_kid_of_more_images_than_the_reference_takes_subsets_of_the_reference_size():
+    """6 generated images (one image 6 times), 5 reference: every subset of 5 is the whole
+    reference and 5 copies of the image, so the KID is their MMD, computed by hand, with
+    no spread (subsets of 4 would leave out a reference image in turn)."""
+    rng = np.random.default_rng(2)
+    generated, reference = np.repeat(rng.normal(size=(1, 8)), 6, 0), rng.normal(size=(5, 8))
+    kid, spread = distances.kernel_distance(generated, reference)
+    assert kid == pytest.approx(mmd_by_hand(generated[:5], reference), rel=1e-9)
+    assert spread < 1e-9
+
+
 def frechet_by_hand(a, b):
     """A second implementation, for sets a of few features: the nonzero eigenvalues of
     S_a S_b are those of the small PSD matrix A S_b A^T / (n_a - 1), where A is a's
