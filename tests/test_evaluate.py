@@ -477,7 +477,7 @@ def test_each_checkpoint_samples_with_its_own_sampler_and_each_column_says_which
     assert len(at_own) == N and all(np.array_equal(a, b) for a, b in zip(at_own, expected))
     assert all(np.abs(a.astype(int) - b).max() > 10 for a, b in zip(at_own, at_run))
     # The student kept its own step, and said so.
-    assert any('is a distilled student: it samples with its own ddim, 1 step' in w
+    assert any('is a distilled student: it samples with its own ddim, 1 step, spliced' in w
                for w in own_samplers.warnings)
     # Every table states each column's own sampler; no line claims one for all.
     texts = ['ddim, 2 steps, spliced schedule', 'ddim, 3 steps, spliced schedule',

@@ -195,14 +195,15 @@ def make_plan(args):
 
 
 def warn_own_samplers(args, specs, settings):
-    """A warning for each checkpoint that samples otherwise than the run's --method or
-    --steps ask without its own: a distilled student, which keeps its own."""
+    """A warning for each checkpoint that samples otherwise than the run's sampler flags
+    ask, without a sampler of its own: a distilled student, which keeps its own."""
     for spec, s in zip(specs, settings):
-        method, steps = spec.method or args.method, spec.steps or args.steps
-        if (method or steps) and (method or s.method, steps or s.steps) != (s.method, s.steps):
+        asked = (spec.method or args.method or s.method, spec.steps or args.steps or s.steps,
+                 args.schedule, args.eta)
+        if asked != (s.method, s.steps, s.schedule, s.eta):
             warnings.warn(f'{spec.path} is a distilled student: it samples with its own '
-                          f'{reports.sampler_text(s.metadata())} (--method and --steps are '
-                          'for the other checkpoints).')
+                          f'{reports.sampler_text(s.metadata(), full=True)} (--method, --steps, '
+                          '--schedule and --eta are for the other checkpoints).')
 
 
 class FrozenModels:
