@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import RunError, UserError
 
@@ -171,6 +172,45 @@ def adapter_spec(text):
         if value is not None:
             return path, value
     return text, 1.0
+
+
+class CheckpointSpec(NamedTuple):
+    """evaluate.py's --checkpoint: a file, with its own sampler and label where given."""
+    path: str
+    method: str = None
+    steps: int = None
+    label: str = None
+
+
+def checkpoint_spec(text):
+    """'FILE' or 'FILE:KEY=VALUE,...' with the keys method, steps and label -> a
+    CheckpointSpec. A path may hold ':' itself (as adapter_spec's do), so what follows the
+    last ':' is read as options only where each of its comma-separated pieces is
+    KEY=VALUE and the whole text is not a file; then an unknown key or a bad value is an
+    error, not a path that does not exist."""
+    path, colon, tail = text.rpartition(':')
+    pieces = tail.split(',')
+    if not colon or not path or Path(text).exists() or not all('=' in p for p in pieces):
+        return CheckpointSpec(text)
+    options = {}
+    for piece in pieces:
+        key, _, value = (part.strip() for part in piece.partition('='))
+        if key not in CheckpointSpec._fields[1:] or key in options:
+            raise argparse.ArgumentTypeError(
+                f'{text!r}: expected FILE:method=M,steps=N,label=NAME (each at most once), '
+                f'got {key!r}')
+        if key == 'method' and value not in SAMPLING_METHODS:
+            raise argparse.ArgumentTypeError(f'{text!r}: method must be one of '
+                                             f'{", ".join(SAMPLING_METHODS)}, got {value!r}')
+        if key == 'steps':
+            try:
+                value = positive_int(value)
+            except argparse.ArgumentTypeError as e:
+                raise argparse.ArgumentTypeError(f'{text!r}: steps {e}') from None
+        if key == 'label' and not value:
+            raise argparse.ArgumentTypeError(f'{text!r}: the label is empty')
+        options[key] = value
+    return CheckpointSpec(path, **options)
 
 
 def device(text):

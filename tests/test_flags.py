@@ -72,6 +72,8 @@ EVALUATE = 'test_the_report_holds_every_checkpoint_in_order_with_its_numbers'
 SAME_AS_SAMPLE = 'test_the_same_model_gives_the_same_images_in_every_column_and_those_of_sample_py'
 EVALUATE_FLAGS = 'test_the_sampling_flags_reach_every_column_as_they_reach_sample_py'
 EVALUATE_ERRORS = 'test_user_errors'  # (test_evaluate.py's too)
+OWN_SAMPLERS = 'test_each_checkpoint_samples_with_its_own_sampler_and_each_column_says_which'
+LABELS = 'test_column_labels_are_unique_and_the_page_shows_the_grids_enlarged_and_sharp'
 
 DISTILL = 'test_each_flag_reaches_the_trainer_module_loader_or_callback_it_sets'
 INTERRUPTED = 'test_an_interrupted_distillation_resumes_in_its_stage_and_round'
@@ -227,7 +229,7 @@ COVERED = {
                     'one_line'],
     },
     'evaluate.py': {
-        '--checkpoint': [EVALUATE, SAME_AS_SAMPLE],
+        '--checkpoint': [EVALUATE, SAME_AS_SAMPLE, OWN_SAMPLERS, LABELS],
         '--prompts-file': [EVALUATE, EVALUATE_FLAGS],
         '--reference-set': [EVALUATE],
         '--image-column': [EVALUATE_ERRORS],
@@ -252,7 +254,7 @@ COVERED = {
         '-n': [SAME_AS_SAMPLE,
                'test_one_grid_per_prompt_a_column_per_checkpoint_and_a_row_per_seed'],
         '--seed': [EVALUATE_FLAGS],
-        '--steps': [SAME_AS_SAMPLE],
+        '--steps': [SAME_AS_SAMPLE, OWN_SAMPLERS],
         '--schedule': [EVALUATE_FLAGS],
         '--autoencoder-scale': [EVALUATE_FLAGS],
         '--size': [SAME_AS_SAMPLE, 'test_checkpoints_that_sample_at_other_sizes_need_size'],

@@ -61,18 +61,30 @@ def check_sampling_flags(args, strength=1.0):
     return args.device or cli.default_device(), args.batch_size or DEFAULT_BATCH_SIZE
 
 
-def settings_for(args, checkpoint, ckpt):
-    """The Settings of `checkpoint` (its DiffusionCheckpoint `ckpt`) under the flags."""
+def settings_for(args, checkpoint, ckpt, own=None):
+    """The Settings of `checkpoint` (its DiffusionCheckpoint `ckpt`) under the flags.
+
+    `own` is given where a tool compares several checkpoints (evaluate.py's --checkpoint
+    FILE:method=M,steps=N): this checkpoint's own (method, steps), None where not given,
+    which override --method and --steps. Then the run's sampler flags are for the
+    checkpoints that can take them: a progressive student keeps its own sampler."""
     scale = args.autoencoder_scale or ckpt.autoencoder_scale
     if scale is None:
         raise UserError(f'{checkpoint} records no autoencoder scale; pass the one it was '
                         'trained with as --autoencoder-scale.')
-    method, steps = students.sampler_for(ckpt.record, args.method, args.steps, args.schedule,
-                                         args.eta, checkpoint)
+    method, steps, schedule, eta = args.method, args.steps, args.schedule, args.eta
+    drop = '--method, --steps, --schedule and --eta'
+    if own is not None:
+        if students.is_progressive(ckpt.record):
+            method, steps, schedule, eta = None, None, students.STUDENT_SCHEDULE, 0.0
+            drop = 'its own method= and steps='
+        method, steps = own[0] or method, own[1] or steps
+    method, steps = students.sampler_for(ckpt.record, method, steps, schedule, eta, checkpoint,
+                                         drop)
     return Settings(checkpoint=str(checkpoint), description=ckpt.description,
                     autoencoder_scale=scale,
                     size=args.size or ckpt.record.get('image_size', DEFAULT_SIZE),
-                    method=method, steps=steps, schedule=args.schedule, eta=args.eta,
+                    method=method, steps=steps, schedule=schedule, eta=eta,
                     cond_scale=args.cond_scale, seed=args.seed, n=args.n,
                     lora=tuple(args.lora))
 
@@ -87,18 +99,20 @@ def read_adapters(args, checkpoint, ckpt):
     return adapters
 
 
-def check_checkpoint(args, checkpoint):
-    """The Settings of `checkpoint`, checked to sample under the flags without building
-    its model (the weights are matched against one on the meta device); UserError if not."""
+def check_checkpoint(args, checkpoint, own=None):
+    """The Settings of `checkpoint` (its own sampler `own`: settings_for), checked to
+    sample under the flags without building its model (the weights are matched against
+    one on the meta device); UserError if not."""
     ckpt = read_checkpoint(checkpoint)
     check_weights(ckpt.model_ema, checkpoint, args.base_channels, args.channel_multipliers)
     read_adapters(args, checkpoint, ckpt)
-    return settings_for(args, checkpoint, ckpt)
+    return settings_for(args, checkpoint, ckpt, own)
 
 
-def load_sampler(args, checkpoint, device):
+def load_sampler(args, checkpoint, device, own=None):
     """The frozen model of `checkpoint` on `device`, with the --lora adapters on it, and
-    its Settings. Warns when it was trained with other frozen models than the flags name."""
+    its Settings (its own sampler `own`: settings_for). Warns when it was trained with
+    other frozen models than the flags name."""
     model, ckpt = generate.load_model(checkpoint, args.base_channels, args.channel_multipliers,
                                       device)
     if args.lora:
@@ -106,7 +120,7 @@ def load_sampler(args, checkpoint, device):
         lora.apply(model, read_adapters(args, checkpoint, ckpt)).to(device)
     generate.check_frozen_models(ckpt.record, args.autoencoder, args.cloob_checkpoint,
                                  checkpoint)
-    return model, settings_for(args, checkpoint, ckpt)
+    return model, settings_for(args, checkpoint, ckpt, own)
 
 
 def sample(model, settings, autoencoder, embeds, weights, *, batch_size, device, init=None,
