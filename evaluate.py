@@ -24,7 +24,7 @@ def parser():
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0])
     p.add_argument('--checkpoint', action='append', required=True, metavar='FILE',
                    help='a checkpoint to compare, of any kind sample.py takes; repeat the flag '
-                   'for each (they are compared in this order)')
+                   'for each (they are compared in this order)' + cli.HUB_FILE_HELP)
     p.add_argument('--prompts-file', metavar='FILE',
                    help='one prompt a line ("text" or "text:weight"; blank lines and # comments '
                    'skipped), -n images of each (default: eval_prompts.txt beside evaluate.py)')

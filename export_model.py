@@ -23,7 +23,7 @@ def parser():
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0])
     p.add_argument('checkpoint', metavar='CHECKPOINT',
                    help='a ccld training checkpoint, a checkpoint of the original training '
-                   'script, a released model state dict or an export')
+                   'script, a released model state dict or an export' + cli.HUB_FILE_HELP)
     p.add_argument('output', metavar='OUT.safetensors', help='the file to write')
     p.add_argument('--dtype', default='fp16', choices=DTYPES,
                    help='precision of the weights: fp16 is half the size; fp32 keeps them '
@@ -38,7 +38,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     from pathlib import Path
 
-    from ccld.models import exports, lora
+    from ccld.models import exports, hub, lora
     from ccld.models.checkpoint_files import check_weights, read_checkpoint
     from ccld.files import check_writable_dir
 
@@ -47,7 +47,7 @@ def main(argv=None):
         raise UserError(f'{out}: name the export *.safetensors; sample.py and --resume-from '
                         'know exports by that.')
     check_writable_dir(out.parent, 'OUT.safetensors')
-    ckpt = read_checkpoint(args.checkpoint, lora=True)
+    ckpt = read_checkpoint(hub.resolve(args.checkpoint, 'CHECKPOINT'), lora=True)
     source = ckpt.description
     if ckpt.kind == 'lora':
         adapter = lora.from_checkpoint(ckpt)

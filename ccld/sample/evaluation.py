@@ -30,11 +30,13 @@ from tqdm.auto import tqdm
 from .. import cli, software_version
 from ..errors import UserError
 from ..files import check_writable_dir, remove_stale_temps, sha256
+from ..models import hub
 from . import distances, features, gallery, generate, report as reports
 from .cloob_score import scorer
 from .png_files import save_png
 from .prompts import read_prompts_file, slug
-from .sampler import check_checkpoint, check_sampling_flags, load_sampler, sample
+from .sampler import (check_checkpoint, check_sampling_flags, load_sampler, resolve_model_names,
+                      sample)
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / 'eval_prompts.txt'
 REFERENCE_UNIT = 256  # reference images per loader unit (the units are dealt to workers)
@@ -86,13 +88,17 @@ class Plan:
 
 def names(paths):
     """Short distinct names for the checkpoints: the file name, with as many parent
-    folders as it takes to tell different files apart; a file given again is numbered."""
+    folders as it takes to tell different files apart (a file from the hub: its hub name);
+    a file given again is numbered."""
     resolved = [Path(p).resolve() for p in paths]
 
     def tail(path, k):
         return '/'.join(path.parts[-k:])
     found = []
-    for path in resolved:
+    for path, given in zip(resolved, paths):
+        if hub.cached_location(given):
+            found.append(hub.name_of(given, pinned=False))
+            continue
         k = 1
         while k < len(path.parts) and any(other != path and tail(other, k) == tail(path, k)
                                           for other in resolved):
@@ -156,6 +162,8 @@ def make_plan(args):
     elif args.inception_weights:
         warnings.warn('--inception-weights: there is no --reference-set to compare with, so '
                       'no features are computed.')
+    args.checkpoint = [hub.resolve(path, '--checkpoint') for path in args.checkpoint]
+    resolve_model_names(args)
     # A file that is not a diffusion model is refused here, before anything is sampled.
     settings = [check_checkpoint(args, path) for path in args.checkpoint]
     sizes = sorted({s.size for s in settings})

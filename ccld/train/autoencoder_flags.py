@@ -79,7 +79,8 @@ def parser():
     add_validation_flags(p)
     flags.add_optimizer_flags(p, lr=DEFAULT_LR)
     flags.add_run_flags(p, resume_help='a checkpoint of a train_autoencoder.py run, or "auto": '
-                        'the newest good one in --output-dir (a fresh start when there is none)',
+                        'the newest good one in --output-dir (a fresh start when there is none)'
+                        + cli.HUB_FILE_HELP,
                         output_dir='autoencoder_outputs',
                         output_help='the run\'s checkpoints (for resuming), reconstruction grids '
                         'and local logs go here')
