@@ -60,6 +60,9 @@ SCALE_JSON = 'test_cli_json'
 SCALE_SEED = 'test_cli_seed_workers_and_device_are_the_estimates'
 
 EXPORT = 'test_the_export_holds_the_ema_weights_and_the_settings'
+PUSH = 'test_push_to_hub_uploads_the_export_its_card_and_sample_grid_and_nothing_else'
+CARD_ONLY = 'test_card_only_writes_the_card_of_an_adapter_or_a_student_and_uploads_nothing'
+PUSH_REFUSED = 'test_push_refusals_are_one_line_exit_2'
 FROM_HUB = 'test_sample_py_from_hub_names_gives_the_pixels_of_the_local_files'
 HUB_ERRORS = 'test_what_cannot_be_had_from_the_hub_is_one_line_exit_2'
 HUB_FLAGS = 'test_training_and_distillation_resolve_their_model_flags_before_any_model_loads'
@@ -227,6 +230,13 @@ COVERED = {
         'checkpoint': [EXPORT],
         'output': [EXPORT],
         '--dtype': [EXPORT],
+        '--push-to-hub': [PUSH, PUSH_REFUSED],
+        '--private': [PUSH, PUSH_REFUSED],
+        '--card-only': [CARD_ONLY],
+        '--card-prompts': [PUSH, CARD_ONLY],
+        '--no-card-grid': [CARD_ONLY, 'test_a_grid_whose_models_are_not_here_is_refused_before_'
+                           'the_export'],
+        '--license': [CARD_ONLY],
         '--merge': [LORA_MERGE, 'test_merge_of_a_whole_model_and_a_lora_checkpoint_elsewhere_are_'
                     'one_line'],
     },

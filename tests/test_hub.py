@@ -1,5 +1,7 @@
-"""Models on the Hugging Face hub (models/hub.py): hf://OWNER/NAME names read from a hub
-cache built here in huggingface_hub's own layout, offline. No network."""
+"""Models on the Hugging Face hub (models/hub.py, sample/model_card.py): hf://OWNER/NAME
+names read from a hub cache built here in huggingface_hub's own layout, offline; and
+export_model.py --push-to-hub against huggingface_hub's upload API, replaced here. No
+network."""
 
 import hashlib
 import json
@@ -241,3 +243,172 @@ def test_training_and_distillation_resolve_their_model_flags_before_any_model_lo
     assert run_tool(distill, 'distill.py', [*common, '--train-latents', tmp_path,
                                             '--teacher', 'hf://alice/tiny@v3']) == 2
     assert 'distill.py: error: --teacher: hf://alice/tiny@v3: revision v3' in one_line(capsys)
+
+
+class FakeHub:
+    """huggingface_hub's HfApi calls an upload makes, recorded (with the files' contents
+    as they are when committed) instead of sent."""
+
+    def __init__(self, monkeypatch, public_repo=False, logged_in=True):
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import LocalTokenNotFoundError
+        self.calls, self.files = [], {}
+
+        def whoami(api, *args, **kwargs):
+            if not logged_in:
+                raise LocalTokenNotFoundError('Token is required (`token=True`), but no token '
+                                              'found.')
+            self.calls.append(('whoami',))
+            return {'name': 'alice'}
+
+        def create_repo(api, repo_id, **kwargs):
+            self.calls.append(('create_repo', repo_id, kwargs))
+
+        def repo_info(api, repo_id, **kwargs):
+            return SimpleNamespace(private=not public_repo)
+
+        def create_commit(api, repo_id, operations, **kwargs):
+            self.calls.append(('create_commit', repo_id, kwargs['repo_type']))
+            for op in operations:
+                self.files[op.path_in_repo] = (op.path_or_fileobj,
+                                               Path(op.path_or_fileobj).read_bytes())
+            return SimpleNamespace(commit_url=f'https://huggingface.co/{repo_id}/commit/1')
+        for name, method in (('whoami', whoami), ('create_repo', create_repo),
+                             ('repo_info', repo_info), ('create_commit', create_commit)):
+            monkeypatch.setattr(HfApi, name, method)
+
+
+@pytest.fixture
+def online(shared, monkeypatch):
+    """The hub cache of `shared`, online (the base's card is there, so nothing is fetched)."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(shared.cache))
+    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', False)
+    return shared
+
+
+def test_push_to_hub_uploads_the_export_its_card_and_sample_grid_and_nothing_else(
+        online, tmp_path, monkeypatch, capsys):
+    fake = FakeHub(monkeypatch)
+    work = tmp_path / 'work'
+    work.mkdir()
+    (work / 'secret.txt').write_text('not for the hub')
+    monkeypatch.chdir(work)
+    prompts = tmp_path / 'card_prompts.txt'
+    prompts.write_text('a red fox\n# a comment\na blue boat:5\n')
+    out = work / 'shared.safetensors'
+    assert run_tool(export_model, 'export_model.py', [
+        online.ckpt, out, '--push-to-hub', 'alice/tiny-share', '--private', '--card-prompts',
+        prompts, '--dtype', 'fp32']) == 0
+    assert fake.calls[0] == ('whoami',)  # logged in, before anything was made
+    assert fake.calls[1:] == [('create_repo', 'alice/tiny-share',
+                               {'repo_type': 'model', 'private': True, 'exist_ok': True,
+                                'space_sdk': None}),
+                              ('create_commit', 'alice/tiny-share', 'model')]
+    assert set(fake.files) == {'shared.safetensors', 'README.md', 'samples.png'}
+    assert fake.files['shared.safetensors'] == (str(out), out.read_bytes())
+    assert not any(Path(path).parent == work for name, (path, _) in fake.files.items()
+                   if name != 'shared.safetensors')
+    assert 'Sample with: python3 sample.py "a prompt" --checkpoint hf://alice/tiny-share' in \
+        capsys.readouterr().err
+
+    from huggingface_hub import ModelCard
+    card = ModelCard(fake.files['README.md'][1].decode())
+    assert card.data.to_dict() == {
+        'license': 'mit', 'library_name': 'ccld', 'pipeline_tag': 'text-to-image',
+        'tags': ['ccld', 'text-to-image', 'latent-diffusion', 'cloob'],
+        'base_model': 'base-owner/base', 'base_model_relation': 'finetune',
+        'datasets': ['someone/wikiart'], 'ccld': {'model_file': 'shared.safetensors'}}
+    for said in ('finetuned from hf://base-owner/base@', '| U-Net level widths | 64,64,64,64',
+                 '| image size | 64 px |', '| autoencoder scale | 1.5 |', '`tiny_ae`',
+                 '`hf://someone/wikiart`, 80 images', '321 optimizer steps',
+                 '--checkpoint hf://alice/tiny-share', '1. a red fox', '2. a blue boat:5',
+                 '![samples](samples.png)'):
+        assert said in card.text, said
+
+    # The grid is sample.py's images of the card's prompts, -n 1 --seed 0, tiled.
+    made = tmp_path / 'by_sample_py'
+    assert run_tool(sample, 'sample.py', [
+        '--prompts-file', prompts, '--checkpoint', out, '--autoencoder', online.autoencoder,
+        '--cloob-checkpoint', online.cloob, '-n', '1', '--seed', '0', '--no-grid',
+        '--device', 'cpu', '--output-dir', made]) == 0
+    tiles = [pixels(p) for p in sorted(made.glob('*.png'))]
+    grid_file = tmp_path / 'grid.png'
+    grid_file.write_bytes(fake.files['samples.png'][1])
+    assert np.array_equal(pixels(grid_file), np.concatenate(tiles, axis=1))
+
+
+def test_card_only_writes_the_card_of_an_adapter_or_a_student_and_uploads_nothing(
+        offline, tmp_path, monkeypatch):
+    """Offline too. The adapter's grid is sampled on its base (from the hub, by its pinned
+    name)."""
+    online = offline
+    fake = FakeHub(monkeypatch, logged_in=False)
+    card_dir, prompts = tmp_path / 'card', tmp_path / 'prompts.txt'
+    prompts.write_text('a green hill\n')
+    adapter = tmp_path / 'style.safetensors'
+    assert run_tool(export_model, 'export_model.py', [
+        online.lora_ckpt, adapter, '--card-only', card_dir, '--push-to-hub', 'alice/style',
+        '--license', 'apache-2.0', '--card-prompts', prompts]) == 0
+    assert sorted(p.name for p in card_dir.iterdir()) == ['README.md', 'samples.png']
+    from huggingface_hub import ModelCard
+    card = ModelCard.load(card_dir / 'README.md')
+    assert (card.data.license, card.data.base_model, card.data.base_model_relation,
+            card.data.tags[-1]) == ('apache-2.0', 'alice/tiny', 'adapter', 'lora')
+    assert 'A LoRA adapter (rank 4) for the model hf://alice/tiny@' in card.text
+    assert f'--checkpoint hf://alice/tiny@{COMMIT}/model.safetensors --lora hf://alice/style' \
+        in card.text
+    made = tmp_path / 'by_sample_py'
+    assert run_tool(sample, 'sample.py', [
+        'a green hill', '--checkpoint', online.export, '--lora', adapter, '--autoencoder',
+        online.autoencoder, '--cloob-checkpoint', online.cloob, '-n', '1', '--seed', '0',
+        '--device', 'cpu', '--output-dir', made]) == 0
+    assert np.array_equal(pixels(card_dir / 'samples.png'), pixels(made / 'out_00000.png'))
+
+    from ccld.models.student import StudentModel
+    student = StudentModel(tiny.BASE_CHANNELS, tiny.CHANNEL_MULTIPLIERS, 1.5)
+    teacher = f'hf://alice/tiny@{COMMIT}/model.safetensors'
+    ckpt = tiny.save_ccld_checkpoint(tmp_path / 'student.ckpt', student, student, {
+        **online.record, 'teacher': teacher, 'teacher_sha256': 'e' * 64, 'student_steps': 4,
+        'guidance_range': [1.0, 8.0]})
+    assert run_tool(export_model, 'export_model.py', [
+        ckpt, tmp_path / 'student.safetensors', '--card-only', card_dir, '--no-card-grid']) == 0
+    card = ModelCard.load(card_dir / 'README.md')
+    assert (card.data.base_model, card.data.tags[-1], card.data.license) == \
+        ('alice/tiny', 'distillation', 'other')
+    assert 'A student distilled from hf://alice/tiny@' in card.text
+    assert '--checkpoint student.safetensors' in card.text  # no repository: the file
+    assert not (card_dir / 'samples.png').exists()  # (the adapter's card's, replaced)
+    assert fake.calls == []
+
+
+@pytest.mark.parametrize('extra, fake_hub, message', [
+    (['--push-to-hub', 'alice/tiny-share'], dict(logged_in=False),
+     "--push-to-hub: not logged in to the hub (Token is required (`token=True`), but no token "
+     "found.); log in with `hf auth login` (a token that can write to alice)."),
+    (['--push-to-hub', 'alice/tiny-share', '--private'], dict(public_repo=True),
+     '--private: the model repository alice/tiny-share exists and is public; make it private '
+     'on the hub first (its Settings), or drop --private.'),
+    (['--push-to-hub', 'not a name'], {}, '--push-to-hub: not a name is not a repository name '
+     'OWNER/NAME'),
+    (['--private'], {}, '--private is about sharing the export: pass --push-to-hub OWNER/NAME or '
+     '--card-only DIR too.'),
+])
+def test_push_refusals_are_one_line_exit_2(online, tmp_path, monkeypatch, capsys, extra,
+                                           fake_hub, message):
+    fake = FakeHub(monkeypatch, **fake_hub)
+    out = tmp_path / 'shared.safetensors'
+    assert run_tool(export_model, 'export_model.py', [online.ckpt, out, '--no-card-grid',
+                                                      *extra]) == 2
+    assert one_line(capsys).startswith(f'export_model.py: error: {message}')
+    assert not any(call[0] == 'create_commit' for call in fake.calls)
+
+
+def test_a_grid_whose_models_are_not_here_is_refused_before_the_export(online, tmp_path,
+                                                                       capsys):
+    released = tiny.save_bare(online.ema, tmp_path / 'released.pth')
+    out = tmp_path / 'released.safetensors'
+    assert run_tool(export_model, 'export_model.py', [released, out, '--card-only',
+                                                      tmp_path / 'card']) == 2
+    assert "the card's sample grid needs the autoencoder and CLOOB" in one_line(capsys)
+    assert not out.exists()

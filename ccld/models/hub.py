@@ -7,6 +7,8 @@ what was fetched before. From then on it is a local file like any other, loaded 
 safe way (weights only). What a tool records of such a file is `name_of(path)`, its hub
 name pinned to the commit it came from, beside the digests records hold already.
 
+The other way, `upload` commits chosen files to a repository: a model's, or a Space's.
+
 These names are model repositories; hf://OWNER/NAME given to --train-set is a dataset,
 which ccld.data.hf_datasets streams.
 """
@@ -263,3 +265,65 @@ def _not_cached(uri, name, flag, filename=None):
         what = f'{filename} of {uri.id} at {revision} is not in the hub cache (it holds {held})'
     return UserError(f'{flag}: {name}: {what}, and {why}: fetch it once online, or pass a '
                      'local file.')
+
+
+def check_can_push(repo_id, private=False, repo_type='model', flag='--push-to-hub'):
+    """Before anything is made: `repo_id` is OWNER/NAME, the hub is online, there is a
+    login (huggingface_hub's token), and a `private` upload goes to no public repository
+    that exists. Returns the user name."""
+    from huggingface_hub import HfApi, is_offline_mode
+    from huggingface_hub.errors import (HFValidationError, HfHubHTTPError, LocalTokenNotFoundError,
+                                        RepositoryNotFoundError)
+    from huggingface_hub.utils import validate_repo_id
+    try:
+        validate_repo_id(repo_id)
+        if '/' not in repo_id:
+            raise HFValidationError('it has no OWNER/')
+    except HFValidationError as e:
+        raise UserError(f'{flag}: {repo_id} is not a repository name OWNER/NAME '
+                        f'({str(e).splitlines()[0].rstrip(".")}).') from None
+    if is_offline_mode():
+        raise UserError(f'{flag}: HF_HUB_OFFLINE is set; unset it to upload, or write the card '
+                        'with --card-only DIR.')
+    api = HfApi()
+    try:
+        user = api.whoami()['name']
+    except (LocalTokenNotFoundError, HfHubHTTPError) as e:
+        raise UserError(f'{flag}: not logged in to the hub ({str(e).splitlines()[0]}); log in '
+                        f'with `{LOGIN}` (a token that can write to {repo_id.split("/")[0]}).') \
+            from None
+    try:
+        public = private and not api.repo_info(repo_id, repo_type=repo_type).private
+    except RepositoryNotFoundError:
+        public = False  # (it will be made, private)
+    if public:
+        raise UserError(f'--private: the {repo_type} repository {repo_id} exists and is public; '
+                        'make it private on the hub first (its Settings), or drop --private.')
+    return user
+
+
+def upload(repo_id, files, *, repo_type='model', private=False, message, space_sdk=None):
+    """Creates the repository (`repo_type` 'model' or 'space', with `space_sdk`), private
+    if `private`, if it does not exist, and commits exactly `files`, {path in the
+    repository: local file}, in one commit (check_can_push first). Returns the commit's
+    URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+    api = HfApi()
+    where = f'{repo_type} repository {repo_id}'
+    try:
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True,
+                        space_sdk=space_sdk)
+        operations = [CommitOperationAdd(path_in_repo=target, path_or_fileobj=str(local))
+                      for target, local in files.items()]
+        commit = api.create_commit(repo_id, operations, commit_message=message,
+                                   repo_type=repo_type)
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else '?'
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else 'no reason'
+        hint = f'log in with `{LOGIN}` as one who can write there' if status in (401, 403) \
+            else 'check the card\'s front matter (--license)' if 'metadata' in str(e).lower() \
+            else 'try again'
+        raise UserError(f'could not upload to the {where}: the hub answered {status} '
+                        f'({reason}); {hint}.') from None
+    return commit.commit_url
