@@ -17,7 +17,8 @@ def add_autoencoder_flags(p):
     g = p.add_argument_group('the autoencoder')
     g.add_argument('--vqgan-model', metavar='NAME',
                    help='the autoencoder to start from: NAME.yaml + NAME.ckpt (or '
-                   'NAME.safetensors)')
+                   'NAME.safetensors); or hf://OWNER/NAME[@REVISION][/NAME], the pair in a '
+                   'Hugging Face hub repository')
     g.add_argument('--output-name', metavar='PATH/NAME',
                    help='write the finetuned autoencoder as PATH/NAME.ckpt + PATH/NAME.yaml '
                    '(at the end of the run, and when a signal stops it), for --vqgan-model and '
