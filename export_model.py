@@ -120,6 +120,9 @@ def check_sharing(args):
     if given and not sharing:
         raise UserError(f'{given[0]} is about sharing the export: pass --push-to-hub OWNER/NAME '
                         'or --card-only DIR too.')
+    if args.private and not args.push_to_hub:
+        raise UserError('--private makes the --push-to-hub repository private: pass '
+                        '--push-to-hub OWNER/NAME too.')
     if args.card_prompts and args.no_card_grid:
         raise UserError('--card-prompts are the prompts of the card\'s grid: drop it or '
                         '--no-card-grid.')
