@@ -36,7 +36,7 @@ def parser():
                    'After the last ":", its own sampler and steps (default: --method and '
                    '--steps, which a distilled student leaves for its own) and its column\'s '
                    'label, without "," or ":" (default: the file name with the parent folders '
-                   'that tell it apart)')
+                   'that tell it apart)' + cli.HUB_FILE_HELP)
     p.add_argument('--prompts-file', metavar='FILE',
                    help='one prompt a line ("text" or "text:weight"; blank lines and # comments '
                    'skipped), -n images of each (default: eval_prompts.txt beside evaluate.py)')

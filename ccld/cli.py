@@ -23,6 +23,12 @@ IMAGES_HELP = ('a text file with one image path per line; webdataset tar shards 
                'images in a column (a .parquet file, a directory of them or a glob, as '
                'img2dataset --output_format parquet writes them); a directory written by '
                'datasets\' save_to_disk; or hf://OWNER/NAME, a Hugging Face hub dataset')
+# Said of every flag that takes a model file (ccld.models.hub resolves the names).
+HUB_FILE_HELP = ('; or hf://OWNER/NAME[@REVISION][/FILE], a file of a Hugging Face hub model '
+                 'repository (without FILE: its one model file)')
+AUTOENCODER_HELP = ('autoencoder NAME, for NAME.yaml + NAME.ckpt (or NAME.safetensors); or '
+                    'hf://OWNER/NAME[@REVISION][/NAME], the pair in a Hugging Face hub repository')
+CLOOB_HELP = 'pretrained CLOOB name, or a .pkl file (not from the hub: pickles can run code)'
 
 
 def run(main, prog):

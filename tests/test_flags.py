@@ -60,6 +60,12 @@ SCALE_JSON = 'test_cli_json'
 SCALE_SEED = 'test_cli_seed_workers_and_device_are_the_estimates'
 
 EXPORT = 'test_the_export_holds_the_ema_weights_and_the_settings'
+PUSH = 'test_push_to_hub_uploads_the_export_its_card_and_sample_grid_and_nothing_else'
+CARD_ONLY = 'test_card_only_writes_the_card_of_an_adapter_or_a_student_and_uploads_nothing'
+PUSH_REFUSED = 'test_push_refusals_are_one_line_exit_2'
+FROM_HUB = 'test_sample_py_from_hub_names_gives_the_pixels_of_the_local_files'
+HUB_ERRORS = 'test_what_cannot_be_had_from_the_hub_is_one_line_exit_2'
+HUB_FLAGS = 'test_training_and_distillation_resolve_their_model_flags_before_any_model_loads'
 
 TABLE = 'test_the_table_flags_reach_the_set_each_tool_reads'
 
@@ -104,7 +110,7 @@ COVERED = {
         '--autoencoder-scale': [RECORD, 'test_resume_from_a_checkpoint_of_the_original_script'],
         '--train-set': ['test_bad_image_files_are_skipped_and_counted', TRAIN_LOADER],
         '--checkpoint-every': [TRAIN_RUN],
-        '--resume-from': [RESUME, 'test_finetune_from_a_released_state_dict',
+        '--resume-from': [RESUME, 'test_finetune_from_a_released_state_dict', HUB_FLAGS,
                           'test_sigterm_saves_the_step_and_resume_auto_continues_as_if_never_'
                           'stopped'],
         '--demo-prompts': [TRAIN_RUN, 'test_every_demo_grid_logs_its_cloob_score'],
@@ -164,10 +170,11 @@ COVERED = {
     'sample.py': {
         'prompts': [PROMPTS_FILE, 'test_score_of_several_prompts_is_against_their_weighted_mean'],
         '--images': [GUIDANCE],
-        '--cloob-checkpoint': [SAMPLE_CLI, SAMPLE_ERRORS],
-        '--autoencoder': [SAMPLE_CLI, SAMPLE_ERRORS],
+        '--cloob-checkpoint': [SAMPLE_CLI, SAMPLE_ERRORS, HUB_ERRORS],
+        '--autoencoder': [SAMPLE_CLI, SAMPLE_ERRORS, FROM_HUB, HUB_ERRORS],
         '--checkpoint': ['test_cli_samples_at_the_image_size_the_checkpoint_records',
-                         'test_sample_py_gives_the_checkpoints_images_from_the_export'],
+                         'test_sample_py_gives_the_checkpoints_images_from_the_export', FROM_HUB,
+                         HUB_ERRORS],
         '--base-channels': [SAMPLE_ERRORS, WIDTHS],
         '--channel-multipliers': [SAMPLE_ERRORS, WIDTHS],
         '--cond-scale': [GUIDANCE],
@@ -190,7 +197,7 @@ COVERED = {
         '--score': ['test_score_is_higher_for_each_image_with_its_own_prompt'],
         '--init': [SAMPLER, 'test_cli_init_image'],
         '--strength': [SAMPLER, SAMPLE_ERRORS],
-        '--lora': [LORA_SAMPLE],
+        '--lora': [LORA_SAMPLE, FROM_HUB, HUB_ERRORS],
     },
     'precompute_latents.py': {
         '--train-set': [CACHE],
@@ -225,6 +232,13 @@ COVERED = {
         'checkpoint': [EXPORT],
         'output': [EXPORT],
         '--dtype': [EXPORT],
+        '--push-to-hub': [PUSH, PUSH_REFUSED],
+        '--private': [PUSH, PUSH_REFUSED],
+        '--card-only': [CARD_ONLY],
+        '--card-prompts': [PUSH, CARD_ONLY],
+        '--no-card-grid': [CARD_ONLY, 'test_a_grid_whose_models_are_not_here_is_refused_before_'
+                           'the_export'],
+        '--license': [CARD_ONLY],
         '--merge': [LORA_MERGE, 'test_merge_of_a_whole_model_and_a_lora_checkpoint_elsewhere_are_'
                     'one_line'],
     },
@@ -263,7 +277,7 @@ COVERED = {
     },
     'distill.py': {
         **{flag: [DISTILL] for flag in SHARED},
-        '--teacher': [DISTILL, STUDENTS],
+        '--teacher': [DISTILL, STUDENTS, HUB_FLAGS],
         '--train-latents': [DISTILL, INTERRUPTED],
         '--guidance-range': [DISTILL, 'test_continuing_with_another_teacher_or_range_is_refused'],
         '--start-steps': [INTERRUPTED, DISTILL_ERRORS],

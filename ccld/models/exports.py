@@ -15,14 +15,17 @@ FORMAT = 'ccld-diffusion-model'
 FORMAT_VERSION = '1'
 DTYPES = {'fp16': torch.float16, 'fp32': torch.float32}
 # What an export passes on from its checkpoint's 'ccld' record when it is there (a
-# distilled student's teacher, step count and guidance range included).
+# distilled student's teacher, step count and guidance range, the file a finetune started
+# from and the training set included).
 CARRIED = ('image_size', 'autoencoder', 'autoencoder_sha256', 'autoencoder_encoder_sha256',
            'cloob_checkpoint', 'cloob_checkpoint_sha256', 'step', 'teacher', 'teacher_sha256',
-           'student_steps', 'guidance_range')
+           'student_steps', 'guidance_range', 'finetuned_from', 'finetuned_from_sha256',
+           'train_set', 'train_images')
 # safetensors metadata is str -> str: how the fields that are not strings read back.
 PARSERS = {'base_channels': int, 'channel_multipliers': lambda s: [int(m) for m in s.split(',')],
            'autoencoder_scale': float, 'image_size': int, 'step': int, 'student_steps': int,
-           'guidance_range': lambda s: [float(w) for w in s.split(',')]}
+           'guidance_range': lambda s: [float(w) for w in s.split(',')], 'train_images': int,
+           'lora_rank': int, 'lora_alpha': float}
 
 
 def to_metadata(record):
@@ -57,6 +60,10 @@ def export(ckpt, path, dtype='fp16'):
                for key, value in state.items()}
     base, mults = infer_widths(state, ckpt.record.get('channel_multipliers', (4, 4, 8, 8)))
     record = {key: ckpt.record.get(key) for key in CARRIED}
+    lora = ckpt.record.get('lora')
+    if lora:  # a LoRA finetune folded into its base (export_model.py --merge)
+        record.update(lora_rank=lora['rank'], lora_alpha=lora['alpha'], lora_base=lora['base'],
+                      lora_base_sha256=lora['base_sha256'])
     record.update(format=FORMAT, format_version=FORMAT_VERSION, dtype=dtype,
                   base_channels=base, channel_multipliers=mults,
                   autoencoder_scale=ckpt.autoencoder_scale,

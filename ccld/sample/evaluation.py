@@ -30,11 +30,13 @@ from tqdm.auto import tqdm
 from .. import cli, software_version
 from ..errors import UserError
 from ..files import check_writable_dir, remove_stale_temps, sha256
+from ..models import hub
 from . import distances, features, gallery, generate, report as reports
 from .cloob_score import scorer
 from .png_files import save_png
 from .prompts import read_prompts_file, slug
-from .sampler import check_checkpoint, check_sampling_flags, load_sampler, sample
+from .sampler import (check_checkpoint, check_sampling_flags, load_sampler, resolve_model_names,
+                      sample)
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / 'eval_prompts.txt'
 REFERENCE_UNIT = 256  # reference images per loader unit (the units are dealt to workers)
@@ -88,8 +90,9 @@ class Plan:
 def names(specs, settings):
     """Distinct labels of the columns (cli.CheckpointSpec, sampler.Settings): its label=
     where given, else the file name with as many parent folders as it takes to tell
-    different files apart, and the sampler where the same file is sampled otherwise too;
-    a file given again as it was is numbered. UserError for a label given twice."""
+    different files apart (a file from the hub: its hub name), and the sampler where the
+    same file is sampled otherwise too; a file given again as it was is numbered.
+    UserError for a label given twice."""
     given = [spec.label for spec in specs if spec.label]
     twice = sorted({label for label in given if given.count(label) > 1})
     if twice:
@@ -109,10 +112,11 @@ def names(specs, settings):
         while k < len(path.parts) and any(other != path and tail(other, k) == tail(path, k)
                                           for other in resolved):
             k += 1
+        name = hub.name_of(spec.path, pinned=False) if hub.cached_location(spec.path) \
+            else tail(path, k)
         if len({s for other, s in zip(resolved, samplers) if other == path}) > 1:
-            found.append(f'{tail(path, k)} ({sampler})')
-        else:
-            found.append(tail(path, k))
+            name = f'{name} ({sampler})'
+        found.append(name)
     counts = {}
     for i, name in enumerate(found):
         counts[name] = counts.get(name, 0) + 1
@@ -171,6 +175,9 @@ def make_plan(args):
     elif args.inception_weights:
         warnings.warn('--inception-weights: there is no --reference-set to compare with, so '
                       'no features are computed.')
+    args.checkpoint = [spec._replace(path=hub.resolve(spec.path, '--checkpoint'))
+                       for spec in args.checkpoint]
+    resolve_model_names(args)
     # A file that is not a diffusion model is refused here, before anything is sampled.
     specs, owns = args.checkpoint, [(spec.method, spec.steps) for spec in args.checkpoint]
     settings = [check_checkpoint(args, spec.path, own) for spec, own in zip(specs, owns)]

@@ -17,9 +17,9 @@ def add_sampling_flags(p):
     """The flags that say how a checkpoint samples, the same in every tool that samples
     (sample.py, evaluate.py), so that the same flags give the same images."""
     p.add_argument('--cloob-checkpoint', default='cloob_laion_400m_vit_b_16_16_epochs',
-                   help='pretrained CLOOB name, or a .pkl file')
+                   help=cli.CLOOB_HELP)
     p.add_argument('--autoencoder', default='kl_f8',
-                   help='autoencoder NAME, for NAME.yaml + NAME.ckpt')
+                   help=cli.AUTOENCODER_HELP)
     p.add_argument('--base-channels', type=cli.positive_int,
                    help='override the width read from the weights (yfcc_cfg: 192)')
     p.add_argument('--channel-multipliers', type=cli.multipliers,
@@ -54,7 +54,8 @@ def add_sampling_flags(p):
                    metavar='FILE[:STRENGTH]',
                    help='put a LoRA adapter (export_model.py of a --lora-rank run) on the model, '
                    'scaled by STRENGTH (default 1; 0: the base model); repeat for several. An '
-                   'adapter made for another base is refused')
+                   'adapter made for another base is refused; FILE may be a hub name, '
+                   'hf://OWNER/NAME[@REVISION][/FILE]')
     return p
 
 
@@ -68,7 +69,7 @@ def parser():
     p.add_argument('--checkpoint', required=True,
                    help='released model state dict, model export (export_model.py), ccld '
                    'training checkpoint or checkpoint of the original training script '
-                   '(training checkpoints use the EMA weights)')
+                   '(training checkpoints use the EMA weights)' + cli.HUB_FILE_HELP)
     add_sampling_flags(p)
     # Added.
     p.add_argument('--prompts-file', metavar='FILE',

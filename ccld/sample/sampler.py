@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import cli
 from ..errors import UserError
+from ..models import hub
 from ..models.checkpoint_files import check_weights, read_checkpoint
 from . import generate, students
 from .flags import DEFAULT_BATCH_SIZE, DEFAULT_SIZE
@@ -43,12 +44,27 @@ class Settings:
 
     def metadata(self):
         """What the PNGs and reports record of them."""
-        adapters = {'lora': ','.join(f'{Path(path).name}:{strength:g}'
+        adapters = {'lora': ','.join(f'{short_name(path)}:{strength:g}'
                                      for path, strength in self.lora)} if self.lora else {}
         return {'seed': self.seed, 'n': self.n, 'method': self.method, 'steps': self.steps,
                 'schedule': self.schedule, 'eta': self.eta, 'cond_scale': self.cond_scale,
                 'autoencoder_scale': self.autoencoder_scale, 'size': self.size,
-                'checkpoint': Path(self.checkpoint).name, **adapters}
+                'checkpoint': short_name(self.checkpoint), **adapters}
+
+
+def short_name(path):
+    """How images name a model file: its pinned hub name if it came from the hub, else its
+    file name."""
+    return hub.name_of(path) if hub.cached_location(path) else Path(path).name
+
+
+def resolve_model_names(args):
+    """The --autoencoder and --lora hub names of the sampling flags, resolved to files in
+    the hub cache (downloaded now); a hub name for --cloob-checkpoint refused. The
+    --checkpoint(s), which each tool takes its own way, are the tool's to resolve."""
+    hub.resolve_frozen_models(args, 'autoencoder')
+    args.lora = [(hub.resolve(path, '--lora'), strength) for path, strength in args.lora]
+    return args
 
 
 def check_sampling_flags(args, strength=1.0):
