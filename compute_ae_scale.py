@@ -19,7 +19,7 @@ def parser():
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0])
     # The original script's arguments.
     p.add_argument('vqgan_model', metavar='VQGAN_MODEL',
-                   help='autoencoder NAME, for NAME.yaml + NAME.ckpt')
+                   help=cli.AUTOENCODER_HELP)
     p.add_argument('train_set', metavar='TRAIN_PATHS', help=cli.IMAGES_HELP)
     # Added.
     p.add_argument('--batches', type=cli.positive_int, default=32, help='batches to encode')
@@ -40,9 +40,11 @@ def main(argv=None):
     from ccld.models.autoencoder import load_autoencoder
     from ccld.data.scale import estimate_scale
     from ccld.data.sources import Source
+    from ccld.models import hub
 
     cli.check_image_size(args.image_size)  # one training takes: the scale is for it
     source = Source(args.train_set, image_column=args.image_column, split=args.dataset_split)
+    args.vqgan_model = hub.resolve_autoencoder(args.vqgan_model, 'VQGAN_MODEL')
     device = args.device or cli.default_device()
     autoencoder = load_autoencoder(args.vqgan_model, device=device)
     wanted, known = args.batches * args.batch_size, source.known_images

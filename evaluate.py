@@ -7,6 +7,12 @@ images against a reference set, and the images side by side.
         --prompts-file eval_prompts.txt -n 4 --reference-set my_art_val.txt \\
         --autoencoder kl_f8 --output-dir eval/
 
+A checkpoint may take its own sampler and steps, and a label: a teacher at 8 and 16
+steps beside its student (which samples with its own steps):
+
+    python3 evaluate.py --checkpoint teacher.ckpt:steps=8 \\
+        --checkpoint teacher.ckpt:steps=16,label=teacher-16 --checkpoint student.ckpt ...
+
 Writes OUTPUT_DIR/report.json, report.md, index.html (the gallery, opens from disk),
 grids/LINE_SLUG.png (one per prompt: a column per checkpoint, a row per seed) and the
 images under images/. Rerun the same command after an interruption: images already made
@@ -22,9 +28,15 @@ FEATURES = ('inception', 'cloob')  # ccld.sample.features.FEATURES, named here w
 
 def parser():
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0])
-    p.add_argument('--checkpoint', action='append', required=True, metavar='FILE',
+    p.add_argument('--checkpoint', action='append', required=True, type=cli.checkpoint_spec,
+                   metavar='FILE[:method=M,steps=N,label=NAME]',
                    help='a checkpoint to compare, of any kind sample.py takes; repeat the flag '
-                   'for each (they are compared in this order)')
+                   'for each (they are compared in this order), the same file too (say, '
+                   'teacher.ckpt:steps=8 and teacher.ckpt:steps=16 beside student.ckpt). '
+                   'After the last ":", its own sampler and steps (default: --method and '
+                   '--steps, which a distilled student leaves for its own) and its column\'s '
+                   'label, without "," or ":" (default: the file name with the parent folders '
+                   'that tell it apart)' + cli.HUB_FILE_HELP)
     p.add_argument('--prompts-file', metavar='FILE',
                    help='one prompt a line ("text" or "text:weight"; blank lines and # comments '
                    'skipped), -n images of each (default: eval_prompts.txt beside evaluate.py)')

@@ -22,9 +22,9 @@ def parser():
     p.add_argument('--train-set', required=True, help=cli.IMAGES_HELP)
     cli.add_table_flags(p)
     p.add_argument('--vqgan-model', required=True,
-                   help='autoencoder NAME, for NAME.yaml + NAME.ckpt')
+                   help=cli.AUTOENCODER_HELP)
     p.add_argument('--cloob-checkpoint', default='cloob_laion_400m_vit_b_16_16_epochs',
-                   help='pretrained CLOOB name, or a .pkl file')
+                   help=cli.CLOOB_HELP)
     p.add_argument('--output', required=True, help='the cache directory')
     p.add_argument('--image-size', type=cli.positive_int, default=256,
                    help='the size training will use')
@@ -51,9 +51,11 @@ def main(argv=None):
     from ccld.data import precompute
     from ccld.errors import UserError
     from ccld.data.sources import Source
+    from ccld.models import hub
 
     args.device = args.device or cli.default_device()
     cli.check_image_size(args.image_size)
+    hub.resolve_frozen_models(args)
     cli.check_frozen_model_files(args.vqgan_model, args.cloob_checkpoint)
     if args.device.type == 'cuda':
         cli.check_devices('gpu', args.num_gpus)

@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import RunError, UserError
 
@@ -22,6 +23,12 @@ IMAGES_HELP = ('a text file with one image path per line; webdataset tar shards 
                'images in a column (a .parquet file, a directory of them or a glob, as '
                'img2dataset --output_format parquet writes them); a directory written by '
                'datasets\' save_to_disk; or hf://OWNER/NAME, a Hugging Face hub dataset')
+# Said of every flag that takes a model file (ccld.models.hub resolves the names).
+HUB_FILE_HELP = ('; or hf://OWNER/NAME[@REVISION][/FILE], a file of a Hugging Face hub model '
+                 'repository (without FILE: its one model file)')
+AUTOENCODER_HELP = ('autoencoder NAME, for NAME.yaml + NAME.ckpt (or NAME.safetensors); or '
+                    'hf://OWNER/NAME[@REVISION][/NAME], the pair in a Hugging Face hub repository')
+CLOOB_HELP = 'pretrained CLOOB name, or a .pkl file (not from the hub: pickles can run code)'
 
 
 def run(main, prog):
@@ -69,14 +76,17 @@ def count(n, noun, plural=None):
 
 def sample_command(checkpoint, *flags):
     """The sample.py command line, as the tools print it, that samples `checkpoint` with
-    the `flags` (pairs of a flag and a path): every path absolute, so that it runs as
-    printed from any folder. The checkpoint's record gives the rest (sample.py's defaults
-    are the frozen models, scale and size it records)."""
+    the `flags` (pairs of a flag and a path): every path absolute (a hub name, hf://...,
+    as it is), so that it runs as printed from any folder. The checkpoint's record gives
+    the rest (sample.py's defaults are the frozen models, scale and size it records)."""
     import shlex
+
+    def absolute(path):
+        return str(path) if str(path).startswith('hf://') else os.path.abspath(path)
     sample_py = Path(__file__).resolve().parents[1] / 'sample.py'
-    words = ['python3', str(sample_py), 'a prompt', '--checkpoint', os.path.abspath(checkpoint)]
+    words = ['python3', str(sample_py), 'a prompt', '--checkpoint', absolute(checkpoint)]
     for flag, path in flags:
-        words += [flag, os.path.abspath(path)]
+        words += [flag, absolute(path)]
     return shlex.join(words)
 
 
@@ -189,6 +199,45 @@ def adapter_spec(text):
         if value is not None:
             return path, value
     return text, 1.0
+
+
+class CheckpointSpec(NamedTuple):
+    """evaluate.py's --checkpoint: a file, with its own sampler and label where given."""
+    path: str
+    method: str = None
+    steps: int = None
+    label: str = None
+
+
+def checkpoint_spec(text):
+    """'FILE' or 'FILE:KEY=VALUE,...' with the keys method, steps and label -> a
+    CheckpointSpec. A path may hold ':' itself (as adapter_spec's do), so what follows the
+    last ':' is read as options only where each of its comma-separated pieces is
+    KEY=VALUE and the whole text is not a file; then an unknown key or a bad value is an
+    error, not a path that does not exist."""
+    path, colon, tail = text.rpartition(':')
+    pieces = tail.split(',')
+    if not colon or not path or Path(text).exists() or not all('=' in p for p in pieces):
+        return CheckpointSpec(text)
+    options = {}
+    for piece in pieces:
+        key, _, value = (part.strip() for part in piece.partition('='))
+        if key not in CheckpointSpec._fields[1:] or key in options:
+            raise argparse.ArgumentTypeError(
+                f'{text!r}: expected FILE:method=M,steps=N,label=NAME (each at most once), '
+                f'got {key!r}')
+        if key == 'method' and value not in SAMPLING_METHODS:
+            raise argparse.ArgumentTypeError(f'{text!r}: method must be one of '
+                                             f'{", ".join(SAMPLING_METHODS)}, got {value!r}')
+        if key == 'steps':
+            try:
+                value = positive_int(value)
+            except argparse.ArgumentTypeError as e:
+                raise argparse.ArgumentTypeError(f'{text!r}: steps {e}') from None
+        if key == 'label' and not value:
+            raise argparse.ArgumentTypeError(f'{text!r}: the label is empty')
+        options[key] = value
+    return CheckpointSpec(path, **options)
 
 
 def device(text):

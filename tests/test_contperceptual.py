@@ -100,6 +100,19 @@ def test_the_discriminator_loss_is_the_hinge_loss_and_zero_before_disc_start():
     assert loss.discriminator_loss(real, fake, step=3)[0].item() == 0
 
 
+def test_the_discriminator_loss_trains_the_discriminator_alone():
+    """Its backward reaches every discriminator weight and leaves the images alone: the
+    decoder must not get the gradient of the discriminator's loss."""
+    loss = LPIPSWithDiscriminator(disc_start=0, perceptual_weight=0)
+    inputs, reconstructions, _ = known_batch()
+    inputs.requires_grad_()
+    value, _ = loss.discriminator_loss(inputs, reconstructions, step=0)
+    value.backward()
+    assert reconstructions.grad is None and inputs.grad is None
+    assert all(p.grad is not None and p.grad.abs().max() > 0
+               for p in loss.discriminator.parameters())
+
+
 def random_lpips_state(seed=0):
     """Random LPIPS weights (the scaling layer's constants kept)."""
     g = torch.Generator().manual_seed(seed)

@@ -14,7 +14,10 @@ from ccld.diffusion.distillation import (distillation_loss, guidance_target, pro
 from ccld.diffusion.guidance import cfg_model_fn, distilled_cfg_model_fn
 from ccld.diffusion.sampling import sample_latents
 from ccld.diffusion.schedule import sampling_timesteps
+from ccld.models.autoencoder import load_autoencoder
+from ccld.models.cloob import load_cloob
 from ccld.models.student import student_of
+from ccld.train import distill_module
 
 
 def cos_sin(t):
@@ -90,6 +93,93 @@ def test_the_progressive_target_takes_the_teachers_two_ddim_steps_in_one():
     target_error = (one_step - exact).pow(2).mean().sqrt()
     # DDIM is first order: two half steps land about half as far (here 0.040 vs 0.075).
     assert target_error < 0.6 * teacher_error, (target_error, teacher_error)
+
+
+def test_without_w_a_student_is_guided_at_1_whatever_its_guidance_embedding(teacher, batch):
+    """student(x, t, c) is documented as w = 1; a trained guidance embedding (here random)
+    makes w matter, so the default shows."""
+    x, t, cond, _ = batch
+    student = student_of(teacher)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in student.guidance_embed.mlp[-1].parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        at_1, at_3 = student(x, t, cond, 1.0), student(x, t, cond, 3.0)
+        assert (at_1 - at_3).abs().max() > 1e-3
+        assert torch.equal(student(x, t, cond), at_1)
+
+
+def test_a_round_learns_the_teachers_two_steps_taken_at_the_drawn_w():
+    """distillation_loss of a progressive round (2 student steps) with a teacher student
+    that records its w: each call gets the batch's w, and the loss of a student that
+    predicts v = 0 is the mean square of the two-step target computed by hand at that w."""
+    g = torch.Generator().manual_seed(6)
+    x0, noise = (torch.randn([4, 4, 8, 8], generator=g, dtype=torch.float64) for _ in 'ab')
+    cond = torch.randn([4, 512], generator=g, dtype=torch.float64)
+    w = torch.tensor([1.5, 3.0, 6.0, 8.0], dtype=torch.float64)
+    u = torch.tensor([0.1, 0.4, 0.6, 0.9], dtype=torch.float64)  # steps 0, 0, 1, 1
+    calls = []
+
+    def v(x, t, c, w):
+        w = torch.as_tensor(w, dtype=x.dtype).expand(t.shape)[:, None, None, None]
+        return torch.tanh(x) * (0.5 + t[:, None, None, None]) + 0.1 * w * c[:, :4, None, None]
+
+    def teacher(x, t, c, w=1.0):  # a student's signature: w = 1 unless given
+        calls.append(torch.as_tensor(w, dtype=x.dtype).expand(t.shape).clone())
+        return v(x, t, c, w)
+
+    loss = distillation_loss(lambda x, t, c, w: torch.zeros_like(x), teacher, x0, cond, w, u,
+                             noise, student_steps=2)
+    grid = torch.cat([sampling_timesteps(4).double(), torch.zeros(1, dtype=torch.float64)])
+    step = torch.tensor([0, 0, 1, 1])
+    t, t_mid, s = grid[2 * step], grid[2 * step + 1], grid[2 * step + 2]
+    a, sg = cos_sin(t)
+    x = a * x0 + sg * noise
+    teacher_v = lambda x, t: v(x, t, cond, w)  # noqa: E731
+    x_s = ddim_by_hand(teacher_v, ddim_by_hand(teacher_v, x, t, t_mid), t_mid, s)
+    # One DDIM step is affine in v: x_s = P + Q v.
+    p = ddim_by_hand(lambda x, t: torch.zeros_like(x), x, t, s)
+    q = ddim_by_hand(lambda x, t: torch.ones_like(x), x, t, s) - p
+    target = (x_s - p) / q
+    # (the grid and its alpha, sigma are float32 in the code: agreement to 1e-6)
+    torch.testing.assert_close(loss, target.pow(2).flatten(1).mean(1).mean(), rtol=1e-6, atol=0)
+    assert len(calls) == 2 and all(torch.equal(c, w) for c in calls)
+
+
+@pytest.fixture(scope='module')
+def distillation(teacher, tmp_path_factory):
+    """A round's LightningDistillation (2 student steps, w in [2, 6]) on tiny frozen models."""
+    d = tmp_path_factory.mktemp('distillation')
+    module = distill_module.LightningDistillation(
+        load_autoencoder(tiny.tiny_autoencoder(d)), load_cloob(str(tiny.tiny_cloob(d))),
+        teacher, student_of(teacher), 2, guidance_range=(2.0, 6.0))
+    module.setup('fit')
+    return module
+
+
+def test_the_guidance_scales_drawn_in_training_fill_the_guidance_range(distillation,
+                                                                       monkeypatch):
+    drawn = []
+
+    def loss(student, teacher, x0, cond, w, *args):
+        drawn.append(w)
+        return x0.sum() * 0
+    monkeypatch.setattr(distill_module, 'distillation_loss', loss)
+    n, g = 4096, torch.Generator().manual_seed(0)
+    distillation.v_loss({'mean': torch.randn([n, 4, 1, 1], generator=g),
+                         'std': torch.full([n, 4, 1, 1], 0.1),
+                         'embed': torch.randn([n, 512], generator=g)})
+    (w,) = drawn
+    assert w.shape == (n,) and w.min() >= 2.0 and w.max() <= 6.0
+    assert w.min() < 2.05 and w.max() > 5.95  # spanning it (all but certain at 4096 draws)
+
+
+@pytest.mark.parametrize('step, decay', [(0, 1 / 10), (5, 6 / 15), (90, 91 / 100),
+                                         (1000, 0.99), (30_000, 0.999), (250_000, 0.9999)])
+def test_the_distillation_ema_starts_short_then_follows_the_training_schedule(
+        distillation, step, decay):
+    """min((1 + step) / (10 + step), 0.99 to 20k steps, 0.999 to 200k, then 0.9999)."""
+    assert distillation.ema_decay(step) == pytest.approx(decay, rel=1e-12)
 
 
 @pytest.mark.parametrize('steps', [1, 4, 32])

@@ -22,15 +22,25 @@ import evaluate
 import sample
 import tiny
 from ccld.data.images import image_transform, load_image
+from ccld import cli
+from ccld.errors import UserError
 from ccld.models.cloob import load_cloob
+from ccld.models.student import student_of
 from ccld.sample import distances, evaluation, features, generate, reference_set
 from ccld.sample.prompts import slug
+from ccld.sample.sampler import Settings
+from ccld.train.distill_run import write_student
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = 1.5
 SIZE, N, STEPS = 64, 2, 2
 PROMPTS = 'a red fox\n# a comment\n\na hen:2\n'
 PROMPT_LINES = [(1, 'a red fox', 3.0), (4, 'a hen', 2.0)]
+
+
+def save_student(path, model):
+    write_student(path, model, {'student_steps': 1, 'guidance_range': [1.0, 8.0]}, 0)
+    return path
 
 
 @pytest.fixture(scope='module')
@@ -49,6 +59,8 @@ def assets(tmp_path_factory):
         # The same EMA weights in a training checkpoint: the same model in another file.
         ccld=tiny.save_ccld_checkpoint(d / 'run.ckpt', trained, ema),
         other=tiny.save_bare(other, d / 'other.pth'),
+        # A progressive student distilled for 1 step (fresh: bare.pth's model, w ignored).
+        student=save_student(d / 'student.ckpt', student_of(ema)),
         references=references,
         reference_list=tiny.write_path_list([*references[:3], d / 'reference' / 'broken.png',
                                              *references[3:]], d / 'reference.txt'),
@@ -159,6 +171,25 @@ def test_kid_is_the_unbiased_squared_mmd(shift_squared):
     assert distances.kernel_distance(x[:1], y) is None
 
 
+def mmd_by_hand(x, y):
+    """The unbiased squared MMD of two sets of m features under (x.y / d + 1)^3."""
+    m, d = len(x), x.shape[1]
+    kxx, kyy, kxy = ((p @ q.T / d + 1) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+    same = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+    return same - 2 * kxy.mean()
+
+
+def test_kid_of_more_images_than_the_reference_takes_subsets_of_the_reference_size():
+    """6 generated images (one image 6 times), 5 reference: every subset of 5 is the whole
+    reference and 5 copies of the image, so the KID is their MMD, computed by hand, with
+    no spread (subsets of 4 would leave out a reference image in turn)."""
+    rng = np.random.default_rng(2)
+    generated, reference = np.repeat(rng.normal(size=(1, 8)), 6, 0), rng.normal(size=(5, 8))
+    kid, spread = distances.kernel_distance(generated, reference)
+    assert kid == pytest.approx(mmd_by_hand(generated[:5], reference), rel=1e-9)
+    assert spread < 1e-9
+
+
 def frechet_by_hand(a, b):
     """A second implementation, for sets a of few features: the nonzero eigenvalues of
     S_a S_b are those of the small PSD matrix A S_b A^T / (n_a - 1), where A is a's
@@ -233,8 +264,8 @@ def test_the_report_holds_every_checkpoint_in_order_with_its_numbers(assets, eva
         entries[2]['frechet_distance']
     table = (out / 'report.md').read_text()
     for entry in entries:
-        assert re.search(rf'\| {re.escape(entry["name"])} \| {entry["frechet_distance"]:.4g} \|',
-                         table)
+        assert re.search(rf'\| {re.escape(entry["name"])} \| ddim, {STEPS} steps, spliced schedule '
+                         rf'\| {entry["frechet_distance"]:.4g} \|', table)
 
 
 def test_one_grid_per_prompt_a_column_per_checkpoint_and_a_row_per_seed(evaluated):
@@ -376,6 +407,110 @@ def test_wandb_gets_the_images_as_a_table_of_prompt_and_seed_rows(assets, evalua
     assert [row[0] for row in tables['metrics']['data']] == names
 
 
+# Checkpoints with their own samplers and labels: one file at two step counts beside a
+# distilled student, the run's --steps for the checkpoints without their own.
+
+class Table(HTMLParser):
+    """The rows of index.html's table, the grids' <img> attributes and the page's CSS."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.images, self.css, self.link, self.tag = [], [], '', None, None
+
+    def handle_starttag(self, tag, attrs):
+        self.tag, attrs = tag, dict(attrs)
+        if tag == 'tr':
+            self.rows.append([])
+        elif tag in ('td', 'th'):
+            self.rows[-1].append('')
+        elif tag == 'a':
+            self.link = attrs.get('href')
+        elif tag == 'img':
+            self.images.append({**attrs, 'link': self.link})
+
+    def handle_endtag(self, tag):
+        if tag == 'a':
+            self.link = None
+        self.tag = None
+
+    def handle_data(self, data):
+        if self.tag == 'style':
+            self.css += data
+        elif self.tag in ('td', 'th'):
+            self.rows[-1][-1] += data
+
+
+@pytest.fixture(scope='module')
+def own_samplers(assets):
+    """evaluate.py on a/last.ckpt (bare.pth's model) at its own 2 steps and at the run's
+    3, and a distilled 1-step student in b/last.ckpt, labelled; one prompt."""
+    d = assets.dir / 'own'
+    teacher, student = d / 'a' / 'last.ckpt', d / 'b' / 'last.ckpt'
+    for source, link in ((assets.bare, teacher), (assets.student, student)):
+        link.parent.mkdir(parents=True)
+        os.link(source, link)
+    (d / 'one.txt').write_text('a red fox\n')
+    argv = base_args(assets, d / 'eval', '--checkpoint', f'{teacher}:steps={STEPS}',
+                     '--checkpoint', str(teacher), '--checkpoint', f'{student}:label=student',
+                     '--prompts-file',
+                     str(d / 'one.txt'), '--steps', str(STEPS + 1))
+    with pytest.warns(UserWarning) as warned:
+        assert run_evaluate(argv) == 0
+    out = d / 'eval'
+    page = Table()
+    page.feed((out / 'index.html').read_text(encoding='utf-8'))
+    return SimpleNamespace(out=out, report=json.loads((out / 'report.json').read_text()),
+                           markdown=(out / 'report.md').read_text(), page=page,
+                           warnings=[str(w.message) for w in warned])
+
+
+def test_each_checkpoint_samples_with_its_own_sampler_and_each_column_says_which(
+        evaluated, own_samplers):
+    report, out = own_samplers.report, own_samplers.out
+    samplers = [(e['settings']['method'], e['settings']['steps']) for e in report['checkpoints']]
+    assert samplers == [('ddim', STEPS), ('ddim', STEPS + 1), ('ddim', 1)]
+    # FILE:steps=2 made the images of a run at --steps 2 (bare.pth in `evaluated`, the same
+    # model, prompt and seed); the same file at the run's --steps 3 made others.
+    at_own, at_run = ([pixels(p) for p in sorted((out / e['images']).glob('*.png'))]
+                      for e in report['checkpoints'][:2])
+    expected = [pixels(p) for p in images_of(evaluated.report, evaluated.out, 0)[:N]]
+    assert len(at_own) == N and all(np.array_equal(a, b) for a, b in zip(at_own, expected))
+    assert all(np.abs(a.astype(int) - b).max() > 10 for a, b in zip(at_own, at_run))
+    # The student kept its own step, and said so.
+    assert any('is a distilled student: it samples with its own ddim, 1 step, spliced' in w
+               for w in own_samplers.warnings)
+    # Every table states each column's own sampler; no line claims one for all.
+    texts = ['ddim, 2 steps, spliced schedule', 'ddim, 3 steps, spliced schedule',
+             'ddim, 1 step, spliced schedule']
+    rows = [line for line in own_samplers.markdown.splitlines() if line.startswith('| a/')
+            or line.startswith('| student ')]
+    assert [row.split(' | ')[1] for row in rows] == texts
+    assert [row[1] for row in own_samplers.page.rows[1:]] == texts
+    assert 'steps' not in evaluation.reports.summary(report)
+    with Image.open(out / report['prompts'][0]['grid']) as grid:
+        assert json.loads(grid.text['samplers']) == ['ddim, 2 steps', 'ddim, 3 steps',
+                                                     'ddim, 1 step']
+
+
+def test_column_labels_are_unique_and_the_page_shows_the_grids_enlarged_and_sharp(
+        own_samplers):
+    report, out, page = own_samplers.report, own_samplers.out, own_samplers.page
+    labels = ['a/last.ckpt (ddim, 2 steps)', 'a/last.ckpt (ddim, 3 steps)', 'student']
+    assert [e['name'] for e in report['checkpoints']] == labels
+    assert [row[0] for row in page.rows[1:]] == labels
+    with Image.open(out / report['prompts'][0]['grid']) as grid:
+        assert json.loads(grid.text['columns']) == labels
+        size = grid.size
+    # Each grid is shown with its 64 px tiles at 256 (a whole factor, pixels kept sharp:
+    # the CSS of its class), and a click opens it at its own size.
+    (image,) = page.images
+    assert image['link'] == image['src'] == report['prompts'][0]['grid']
+    assert (int(image['width']), int(image['height'])) == (4 * size[0], 4 * size[1])
+    rules = {k.strip(): v for k, v in re.findall(r'([^{}]+)\{([^}]*)\}', page.css)}
+    assert 'image-rendering:pixelated' in rules[f'img.{image["class"]}'].replace(' ', '')
+    assert 'height:auto' in rules['img'].replace(' ', '')
+
+
 # Inception features.
 
 def test_inception_features_with_weights_written_locally(assets, tmp_path):
@@ -446,6 +581,15 @@ def test_offline_inception_without_weights_is_one_line(assets, tmp_path, monkeyp
     (['--size', '100'], 'image size 100 is not a multiple of 64'),
     (['--method', 'ddim', '--eta', '2'], 'eta 2.0 is outside [0, 1]'),
     (['--features', 'vgg'], "argument --features: invalid choice: 'vgg'"),
+    (['--checkpoint', '{dir}/other.pth:step=3'],
+     "'{dir}/other.pth:step=3': expected FILE:method=M,steps=N,label=NAME"),
+    (['--checkpoint', '{dir}/other.pth:method=euler'], 'method must be one of ddpm, ddim'),
+    (['--checkpoint', '{dir}/other.pth:steps=0'], 'steps must be at least 1, got 0'),
+    (['--checkpoint', '{dir}/other.pth:label=x', '--checkpoint', '{dir}/run.ckpt:label=x'],
+     '--checkpoint: label=x is given twice'),
+    (['--checkpoint', '{dir}/student.ckpt:steps=4'],
+     'student.ckpt is a student distilled for 1 step of DDIM (eta 0) on the spliced schedule '
+     'and samples with nothing else; drop its own method= and steps='),
     (['--base-channels', '32', '--channel-multipliers', '4,4,8,8'], 'do not give'),
     (['--reference-set', '{dir}/reference.txt', '--image-column', 'jpg'],
      'names a column of parquet files or datasets'),
@@ -485,9 +629,30 @@ def test_checkpoints_that_sample_at_other_sizes_need_size(assets, tmp_path, monk
     assert 'sample at different sizes (128, 256 px' in capsys.readouterr().err
 
 
-def test_names_tell_files_apart():
-    assert evaluation.names(['a/last.ckpt', 'b/last.ckpt', 'c/base.pth', 'c/base.pth']) == \
-        ['a/last.ckpt', 'b/last.ckpt', 'base.pth', 'base.pth (2)']
+def test_names_tell_files_apart_and_the_same_file_sampled_otherwise():
+    specs = [cli.checkpoint_spec(text) for text in (
+        'a/last.ckpt', 'b/last.ckpt', 'c/base.pth', 'c/base.pth', 'd/t.ckpt:steps=8',
+        'd/t.ckpt:steps=16', 'e/t.ckpt:label=mine', 'f/x.ckpt')]
+    settings = [Settings(checkpoint=spec.path, description='', autoencoder_scale=1.0, size=64,
+                         method='plms', steps=spec.steps or 50, schedule='spliced', eta=0.0,
+                         cond_scale=3.0, seed=0, n=1) for spec in specs]
+    assert evaluation.names(specs, settings) == [
+        'a/last.ckpt', 'b/last.ckpt', 'base.pth', 'base.pth (2)', 'd/t.ckpt (plms, 8 steps)',
+        'd/t.ckpt (plms, 16 steps)', 'mine', 'x.ckpt']
+    with pytest.raises(UserError, match='label=mine is given twice'):
+        evaluation.names([cli.CheckpointSpec('a', label='mine'),
+                          cli.CheckpointSpec('b', label='mine')], settings[:2])
+
+
+def test_a_checkpoints_options_follow_its_last_colon_unless_the_whole_is_a_file(tmp_path):
+    spec = cli.checkpoint_spec
+    assert spec('runs:2/last.ckpt') == ('runs:2/last.ckpt', None, None, None)
+    assert spec('C:/runs/last.ckpt:steps=8, method=plms,label=t 8') == \
+        ('C:/runs/last.ckpt', 'plms', 8, 't 8')
+    assert spec('C:/runs/last.ckpt:label=a=b') == ('C:/runs/last.ckpt', None, None, 'a=b')
+    named = tmp_path / 'x.ckpt:steps=2'
+    named.touch()
+    assert spec(str(named)) == (str(named), None, None, None)
 
 
 def test_the_prompt_set_that_ships_is_a_few_dozen_varied_prompts():

@@ -60,6 +60,12 @@ SCALE_JSON = 'test_cli_json'
 SCALE_SEED = 'test_cli_seed_workers_and_device_are_the_estimates'
 
 EXPORT = 'test_the_export_holds_the_ema_weights_and_the_settings'
+PUSH = 'test_push_to_hub_uploads_the_export_its_card_and_sample_grid_and_nothing_else'
+CARD_ONLY = 'test_card_only_writes_the_card_of_an_adapter_or_a_student_and_uploads_nothing'
+PUSH_REFUSED = 'test_push_refusals_are_one_line_exit_2'
+FROM_HUB = 'test_sample_py_from_hub_names_gives_the_pixels_of_the_local_files'
+HUB_ERRORS = 'test_what_cannot_be_had_from_the_hub_is_one_line_exit_2'
+HUB_FLAGS = 'test_training_and_distillation_resolve_their_model_flags_before_any_model_loads'
 
 TABLE = 'test_the_table_flags_reach_the_set_each_tool_reads'
 
@@ -72,6 +78,8 @@ EVALUATE = 'test_the_report_holds_every_checkpoint_in_order_with_its_numbers'
 SAME_AS_SAMPLE = 'test_the_same_model_gives_the_same_images_in_every_column_and_those_of_sample_py'
 EVALUATE_FLAGS = 'test_the_sampling_flags_reach_every_column_as_they_reach_sample_py'
 EVALUATE_ERRORS = 'test_user_errors'  # (test_evaluate.py's too)
+OWN_SAMPLERS = 'test_each_checkpoint_samples_with_its_own_sampler_and_each_column_says_which'
+LABELS = 'test_column_labels_are_unique_and_the_page_shows_the_grids_enlarged_and_sharp'
 
 DISTILL = 'test_each_flag_reaches_the_trainer_module_loader_or_callback_it_sets'
 INTERRUPTED = 'test_an_interrupted_distillation_resumes_in_its_stage_and_round'
@@ -102,7 +110,7 @@ COVERED = {
         '--autoencoder-scale': [RECORD, 'test_resume_from_a_checkpoint_of_the_original_script'],
         '--train-set': ['test_bad_image_files_are_skipped_and_counted', TRAIN_LOADER],
         '--checkpoint-every': [TRAIN_RUN],
-        '--resume-from': [RESUME, 'test_finetune_from_a_released_state_dict',
+        '--resume-from': [RESUME, 'test_finetune_from_a_released_state_dict', HUB_FLAGS,
                           'test_sigterm_saves_the_step_and_resume_auto_continues_as_if_never_'
                           'stopped'],
         '--demo-prompts': [TRAIN_RUN, 'test_every_demo_grid_logs_its_cloob_score'],
@@ -162,10 +170,11 @@ COVERED = {
     'sample.py': {
         'prompts': [PROMPTS_FILE, 'test_score_of_several_prompts_is_against_their_weighted_mean'],
         '--images': [GUIDANCE],
-        '--cloob-checkpoint': [SAMPLE_CLI, SAMPLE_ERRORS],
-        '--autoencoder': [SAMPLE_CLI, SAMPLE_ERRORS],
+        '--cloob-checkpoint': [SAMPLE_CLI, SAMPLE_ERRORS, HUB_ERRORS],
+        '--autoencoder': [SAMPLE_CLI, SAMPLE_ERRORS, FROM_HUB, HUB_ERRORS],
         '--checkpoint': ['test_cli_samples_at_the_image_size_the_checkpoint_records',
-                         'test_sample_py_gives_the_checkpoints_images_from_the_export'],
+                         'test_sample_py_gives_the_checkpoints_images_from_the_export', FROM_HUB,
+                         HUB_ERRORS],
         '--base-channels': [SAMPLE_ERRORS, WIDTHS],
         '--channel-multipliers': [SAMPLE_ERRORS, WIDTHS],
         '--cond-scale': [GUIDANCE],
@@ -188,7 +197,7 @@ COVERED = {
         '--score': ['test_score_is_higher_for_each_image_with_its_own_prompt'],
         '--init': [SAMPLER, 'test_cli_init_image'],
         '--strength': [SAMPLER, SAMPLE_ERRORS],
-        '--lora': [LORA_SAMPLE],
+        '--lora': [LORA_SAMPLE, FROM_HUB, HUB_ERRORS],
     },
     'precompute_latents.py': {
         '--train-set': [CACHE],
@@ -223,11 +232,18 @@ COVERED = {
         'checkpoint': [EXPORT],
         'output': [EXPORT],
         '--dtype': [EXPORT],
+        '--push-to-hub': [PUSH, PUSH_REFUSED],
+        '--private': [PUSH, PUSH_REFUSED],
+        '--card-only': [CARD_ONLY],
+        '--card-prompts': [PUSH, CARD_ONLY],
+        '--no-card-grid': [CARD_ONLY, 'test_a_grid_whose_models_are_not_here_is_refused_before_'
+                           'the_export'],
+        '--license': [CARD_ONLY],
         '--merge': [LORA_MERGE, 'test_merge_of_a_whole_model_and_a_lora_checkpoint_elsewhere_are_'
                     'one_line'],
     },
     'evaluate.py': {
-        '--checkpoint': [EVALUATE, SAME_AS_SAMPLE],
+        '--checkpoint': [EVALUATE, SAME_AS_SAMPLE, OWN_SAMPLERS, LABELS],
         '--prompts-file': [EVALUATE, EVALUATE_FLAGS],
         '--reference-set': [EVALUATE],
         '--image-column': [EVALUATE_ERRORS],
@@ -252,7 +268,7 @@ COVERED = {
         '-n': [SAME_AS_SAMPLE,
                'test_one_grid_per_prompt_a_column_per_checkpoint_and_a_row_per_seed'],
         '--seed': [EVALUATE_FLAGS],
-        '--steps': [SAME_AS_SAMPLE],
+        '--steps': [SAME_AS_SAMPLE, OWN_SAMPLERS],
         '--schedule': [EVALUATE_FLAGS],
         '--autoencoder-scale': [EVALUATE_FLAGS],
         '--size': [SAME_AS_SAMPLE, 'test_checkpoints_that_sample_at_other_sizes_need_size'],
@@ -261,7 +277,7 @@ COVERED = {
     },
     'distill.py': {
         **{flag: [DISTILL] for flag in SHARED},
-        '--teacher': [DISTILL, STUDENTS],
+        '--teacher': [DISTILL, STUDENTS, HUB_FLAGS],
         '--train-latents': [DISTILL, INTERRUPTED],
         '--guidance-range': [DISTILL, 'test_continuing_with_another_teacher_or_range_is_refused'],
         '--start-steps': [INTERRUPTED, DISTILL_ERRORS],

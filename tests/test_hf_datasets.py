@@ -69,6 +69,19 @@ def test_a_saved_dataset_precomputes_and_trains(assets, tmp_path):
     assert trainer.global_step == 2 and module.skipped_images == 1
 
 
+@pytest.mark.filterwarnings('ignore:skipping')
+def test_two_ranks_of_two_workers_read_every_row_of_a_saved_dataset_once_per_epoch(assets):
+    """8 rows over 2 ranks of 2 workers: shares of 4, a batch of 2 per worker, each share
+    a part of the one piece, read up to where the share ends (as test_parquet's)."""
+    seen = tiny.rank_shares(Source(str(assets.saved)), SIZE, world_size=2, epochs=2,
+                            batch_size=2)
+    for epoch in (0, 1):
+        for rank in (0, 1):
+            assert sum(len(keys) + n for e, keys, n in seen[rank] if e == epoch) == 4
+        keys = [k for r in (0, 1) for e, batch, _ in seen[r] if e == epoch for k in batch]
+        assert sorted(keys) == [f'{assets.saved}:r{i}' for i in range(8) if i != 3]
+
+
 def test_a_split_the_saved_dataset_lacks_is_refused(assets, tmp_path):
     import datasets
     saved = datasets.load_from_disk(str(assets.saved))

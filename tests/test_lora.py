@@ -29,6 +29,7 @@ from ccld.diffusion.schedule import sampling_timesteps
 from ccld.models import lora
 from ccld.models.checkpoint_files import read_checkpoint, safe_load
 from ccld.train import diffusion_module, run as training_run
+from ccld.train.memory import MemoryReport
 from conftest import FIXTURES, fill_state_dict
 from test_survival import assert_same, assets, start, stderr_of, train_args, wait_for, weights
 
@@ -183,6 +184,7 @@ def pixels(directory):
 
 def test_sample_py_lora_applies_the_adapter_at_its_strength_and_refuses_another_base(
         assets, files, tmp_path, capsys):
+    """... and takes the base's fp16 export for its base (the digest is of fp16 weights)."""
     def run(name, checkpoint, *extra):
         argv = [*SAMPLE_ARGS, '--checkpoint', str(checkpoint), '--autoencoder',
                 assets.autoencoder, '--cloob-checkpoint', assets.cloob, '--no-grid',
@@ -194,12 +196,15 @@ def test_sample_py_lora_applies_the_adapter_at_its_strength_and_refuses_another_
     assert run('halves', files.base_path, '--lora', f'{files.adapter}:0.5', '--lora',
                f'{files.adapter}:0.5') == 0
     assert run('merged', files.merged) == 0
-    base, zero, applied, halves, merged = (pixels(tmp_path / n) for n in (
-        'base', 'strength0', 'applied', 'halves', 'merged'))
+    assert export(files.base_path, tmp_path / 'base_fp16.safetensors', '--dtype', 'fp16') == 0
+    assert run('fp16', tmp_path / 'base_fp16.safetensors', '--lora', str(files.adapter)) == 0
+    base, zero, applied, halves, merged, fp16 = (pixels(tmp_path / n) for n in (
+        'base', 'strength0', 'applied', 'halves', 'merged', 'fp16'))
     assert all(np.array_equal(a, b) for a, b in zip(base, zero))
     assert not any(np.array_equal(a, b) for a, b in zip(base, applied))
     for ours in (halves, merged):  # within one level of rounding
         assert all(np.abs(a - b).max() <= 1 for a, b in zip(applied, ours))
+    assert all(np.abs(a - b).mean() < 1 for a, b in zip(applied, fp16))  # the base rounded
     with Image.open(sorted((tmp_path / 'applied').glob('*.png'))[0]) as image:
         assert image.text['lora'] == 'adapter.safetensors:1'
     capsys.readouterr()
@@ -302,6 +307,14 @@ def test_a_lora_run_checkpoints_the_adapters_and_the_base_identity_and_keeps_the
             ours = adapted.get(key, adapted.get(key.rsplit('.', 1)[0] + '.base_layer.'
                                                 + key.rsplit('.', 1)[1]))
             assert torch.equal(ours, value), key
+    # The EMA holds the frozen base as the model's own tensors, not a second copy, and the
+    # memory table's EMA row is the adapters (and the buffers) alone.
+    ema = dict(module.model_ema.named_parameters())
+    frozen = [(n, p) for n, p in module.model.named_parameters() if not p.requires_grad]
+    assert frozen and all(ema[n] is p for n, p in frozen)
+    own = [p for n, p in ema.items() if lora.is_adapter_key(n)] + list(module.model_ema.buffers())
+    report = next(c for c in trainer.callbacks if isinstance(c, MemoryReport))
+    assert report.at_start['EMA'] == {'cpu': sum(t.numel() * t.element_size() for t in own)}
     path = tmp_path / 'checkpoints' / 'last.ckpt'
     raw = safe_load(path, mmap=False)
     targets = lora.target_modules(tiny.tiny_diffusion(base_channels=64,

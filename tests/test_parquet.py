@@ -71,15 +71,22 @@ def test_a_datasets_image_column_is_found_and_rows_are_keyed_by_position(sets, t
     np.testing.assert_array_equal(np.asarray(items[0][1]), picture(sets.cells[0]))
 
 
+def test_a_keyless_row_group_of_more_rows_than_a_read_keys_each_row_by_its_position(sets,
+                                                                                tmp_path):
+    """70 rows in one row group, read 64 at a time: keys FILE:0 to FILE:69, all distinct,
+    whether the group is read whole or from row 66 (as a rank's share may start)."""
+    table = tiny.write_datasets_parquet([sets.cells[1]] * 70, tmp_path / 'long.parquet',
+                                        row_group_size=70)
+    source = Source(str(table))
+    assert source.table.piece_rows == [70]
+    keys = [key for unit in range(len(source)) for key, _ in source.items(unit)]
+    assert keys == [f'{table}:{i}' for i in range(70)]
+    assert [key for key, _ in source.table.read(0, 66, 70)] == \
+        [f'{table}:{i}' for i in range(66, 70)]
+
+
 def shares(source, world_size, epochs, batch_size=4, workers=2):
-    """{rank: [(epoch, keys, skipped) of each batch]} of each rank's loader, run here."""
-    seen = {}
-    for rank in range(world_size):
-        loader = source.stream_loader(SIZE, batch_size, workers, seed=3, rank=rank,
-                                      world_size=world_size)
-        seen[rank] = [(epoch, batch['keys'], batch['skipped'])
-                      for epoch in range(epochs) for batch in loader]
-    return seen
+    return tiny.rank_shares(source, SIZE, world_size, epochs, batch_size, workers)
 
 
 @pytest.mark.filterwarnings('ignore:skipping')

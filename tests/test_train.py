@@ -132,7 +132,9 @@ def test_checkpoints_leave_out_the_frozen_models_and_say_how_to_rebuild(first_ru
                              'autoencoder_sha256': digest(assets.autoencoder + '.ckpt'),
                              'autoencoder_encoder_sha256': encoder_digest(
                                  load_autoencoder(assets.autoencoder).state_dict()),
-                             'cloob_checkpoint_sha256': digest(assets.cloob)}
+                             'cloob_checkpoint_sha256': digest(assets.cloob),
+                             'train_set': str(assets.train),
+                             'train_images': len(assets.train.read_text().split())}
     assert saved['global_step'] == 4
     assert float(saved['state_dict']['model_ema.autoencoder_scale']) == SCALE
     # The EMA copy is its own average: not the trained weights, and it moved since step 2.
@@ -220,6 +222,9 @@ def test_finetune_from_a_released_state_dict(assets, tmp_path, at_train_start, c
     assert_same_tensors(at_train_start['model'], expected)
     assert_same_tensors(at_train_start['model_ema'], expected)
     assert trainer.global_step == 1
+    # It records the file it started from, which exports and model cards name.
+    assert (module.record['finetuned_from'], module.record['finetuned_from_sha256']) == \
+        (str(bare), hashlib.sha256(bare.read_bytes()).hexdigest())
 
 
 @pytest.mark.parametrize('workers', [0, 2])

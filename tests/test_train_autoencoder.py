@@ -185,6 +185,29 @@ def test_the_discriminator_trains_from_disc_start_on_and_not_before(assets, deco
     assert logged and all(int(r['step']) >= 2 for r in logged)
 
 
+def test_grad_clip_clips_the_autoencoder_and_the_discriminator_each_to_its_own_norm():
+    """A step with the discriminator on: each network's gradient, both over the limit,
+    comes out scaled to norm --grad-clip, its direction kept."""
+    torch.manual_seed(0)
+    clip = 1e-3
+    module = autoencoder_module.LightningAutoencoder(
+        build_autoencoder(read_config(CONFIGS / 'tiny_autoencoder.yaml')),
+        LPIPSWithDiscriminator(disc_start=0, perceptual_weight=0), grad_clip=clip)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # (self.log without a trainer)
+        module.loss_of(torch.rand(2, 3, SIZE, SIZE), step=0, disc_on=True).backward()
+    optimizer = module.configure_optimizers()
+    groups = [[p for p in group['params'] if p.grad is not None]
+              for group in optimizer.param_groups]
+    before = [[p.grad.clone() for p in group] for group in groups]
+    norms = [math.sqrt(sum(g.double().square().sum().item() for g in grads)) for grads in before]
+    assert min(norms) > 10 * clip and all(groups)
+    module.on_before_optimizer_step(optimizer)
+    for group, grads, norm in zip(groups, before, norms):
+        for p, g in zip(group, grads):
+            torch.testing.assert_close(p.grad, g * (clip / norm), rtol=1e-4, atol=1e-12)
+
+
 def test_validation_logs_the_starting_values_at_step_0_then_every_val_every(assets, decoder_run):
     rows = {int(r['step']): r for r in metrics(decoder_run.out) if r['val/psnr']}
     assert sorted(rows) == [0, 2, 4]

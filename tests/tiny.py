@@ -22,7 +22,8 @@ BASE_CHANNELS, CHANNEL_MULTIPLIERS = 16, (4, 4, 4, 4)
 __all__ = ['BASE_CHANNELS', 'CHANNEL_MULTIPLIERS', 'make_images', 'write_path_list',
            'tiny_autoencoder', 'tiny_cloob', 'tiny_diffusion', 'save_bare',
            'save_ccld_checkpoint', 'save_original_checkpoint', 'inception_weights', 'exit_code',
-           'run_printed_sample_command', 'set_up_run', 'learning_rates', 'write_img2dataset_parquet', 'write_datasets_parquet']
+           'run_printed_sample_command', 'set_up_run', 'learning_rates', 'rank_shares',
+           'write_img2dataset_parquet', 'write_datasets_parquet']
 
 
 def tiny_autoencoder(directory, seed=0):
@@ -165,6 +166,18 @@ def learning_rates(module, steps):
         type(module).set_learning_rate(stand_in)
         lrs.append(optimizer.param_groups[0]['lr'])
     return lrs
+
+
+def rank_shares(source, size, world_size, epochs, batch_size=4, workers=2, seed=3):
+    """{rank: [(epoch, keys, skipped) of each batch]} of each rank's loader of a
+    data.sources.Source, run here one rank after the other."""
+    seen = {}
+    for rank in range(world_size):
+        loader = source.stream_loader(size, batch_size, workers, seed=seed, rank=rank,
+                                      world_size=world_size)
+        seen[rank] = [(epoch, batch['keys'], batch['skipped'])
+                      for epoch in range(epochs) for batch in loader]
+    return seen
 
 
 def write_img2dataset_parquet(cells, folder, per_file, row_group_size=1):

@@ -4,28 +4,28 @@ which autoencoder and CLOOB). It holds no optimizer state and no second copy of 
 weights, so a 557M model is ~1.1 GB in fp16 against ~9 GB for its training checkpoint.
 """
 
-from pathlib import Path
-
 import torch
 
 from .. import software_version
 from ..errors import UserError
 from ..files import atomic_write
-from .frozen_files import carried
 from .unet import infer_widths
 
 FORMAT = 'ccld-diffusion-model'
 FORMAT_VERSION = '1'
 DTYPES = {'fp16': torch.float16, 'fp32': torch.float32}
 # What an export passes on from its checkpoint's 'ccld' record when it is there (a
-# distilled student's teacher, step count and guidance range included).
+# distilled student's teacher, step count and guidance range, the file a finetune started
+# from and the training set included).
 CARRIED = ('image_size', 'autoencoder', 'autoencoder_sha256', 'autoencoder_encoder_sha256',
            'cloob_checkpoint', 'cloob_checkpoint_sha256', 'step', 'teacher', 'teacher_sha256',
-           'student_steps', 'guidance_range')
+           'student_steps', 'guidance_range', 'finetuned_from', 'finetuned_from_sha256',
+           'train_set', 'train_images')
 # safetensors metadata is str -> str: how the fields that are not strings read back.
 PARSERS = {'base_channels': int, 'channel_multipliers': lambda s: [int(m) for m in s.split(',')],
            'autoencoder_scale': float, 'image_size': int, 'step': int, 'student_steps': int,
-           'guidance_range': lambda s: [float(w) for w in s.split(',')]}
+           'guidance_range': lambda s: [float(w) for w in s.split(',')], 'train_images': int,
+           'lora_rank': int, 'lora_alpha': float}
 
 
 def to_metadata(record):
@@ -44,11 +44,9 @@ def read_record(metadata, path):
     return {key: PARSERS.get(key, str)(value) for key, value in metadata.items()}
 
 
-def export(ckpt, path, dtype='fp16', source='.'):
+def export(ckpt, path, dtype='fp16'):
     """Writes a DiffusionCheckpoint's EMA weights to `path` atomically, floating-point
-    tensors in `dtype`; returns the record written as metadata. Its frozen models are
-    recorded by absolute path, found from `source` (the checkpoint's file) where its
-    record is older and holds them relative to where training ran.
+    tensors in `dtype`; returns the record written as metadata.
 
     The autoencoder scale stays fp32 (fp16 would round 8.0779 to 8.0781, and every
     latent with it) and is also in the metadata.
@@ -61,7 +59,11 @@ def export(ckpt, path, dtype='fp16', source='.'):
                      key != 'autoencoder_scale' else value).contiguous()
                for key, value in state.items()}
     base, mults = infer_widths(state, ckpt.record.get('channel_multipliers', (4, 4, 8, 8)))
-    record = carried({key: ckpt.record.get(key) for key in CARRIED}, Path(source).parent)
+    record = {key: ckpt.record.get(key) for key in CARRIED}
+    lora = ckpt.record.get('lora')
+    if lora:  # a LoRA finetune folded into its base (export_model.py --merge)
+        record.update(lora_rank=lora['rank'], lora_alpha=lora['alpha'], lora_base=lora['base'],
+                      lora_base_sha256=lora['base_sha256'])
     record.update(format=FORMAT, format_version=FORMAT_VERSION, dtype=dtype,
                   base_channels=base, channel_multipliers=mults,
                   autoencoder_scale=ckpt.autoencoder_scale,

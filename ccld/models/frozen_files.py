@@ -3,7 +3,9 @@ and the CLOOB (a pretrained name, or a .pkl) that checkpoints, exports and adapt
 so that sampling can default to them.
 
 Records name files so that they resolve wherever the user runs the next command: as
-absolute paths (pretrained CLOOB names stay names). Records written before that hold the
+absolute paths (pretrained CLOOB names stay names, and a file from the hub cache is named
+by its pinned hub name, ccld.models.hub.name_of, which resolves the same way a flag's hub
+name does: from the cache, or downloaded into it). Records written before that hold the
 paths as the user typed them, relative to where training ran; and a file shared with its
 frozen models may be read on another machine. So a recorded path is looked for as
 recorded, then beside the file that records it, then by its last part in the current
@@ -14,21 +16,29 @@ is the same file (generate.check_frozen_models warns when not).
 import os
 from pathlib import Path
 
+from . import hub
+
 AUTOENCODER, CLOOB = 'autoencoder', 'cloob_checkpoint'  # their keys in records
 
 
 def recorded(kind, value):
     """How a record names the autoencoder NAME or the CLOOB `value` given on a command line:
-    its absolute path (a pretrained CLOOB name as it is; links are kept, not resolved)."""
-    if value is None or (kind == CLOOB and _pretrained(value)):
+    its absolute path (a pretrained CLOOB name or a hub name as it is, a file of the hub
+    cache by its pinned hub name; links are kept, not resolved)."""
+    if value is None or hub.is_hub_name(value) or (kind == CLOOB and _pretrained(value)):
         return value
-    return os.path.abspath(value)
+    return hub.name_of(os.path.abspath(value))
 
 
-def find(kind, value, beside):
+def find(kind, value, beside, flag):
     """The autoencoder NAME or CLOOB that a record naming `value` (kind AUTOENCODER or
     CLOOB), in the file whose folder is `beside`, means here; None if it is nowhere to be
-    found (see the module's docstring for where it is looked for)."""
+    found (see the module's docstring for where it is looked for). A hub name resolves as
+    the flags' do (hub.resolve_autoencoder, hub.resolve_cloob; UserError naming `flag`
+    when it cannot be had)."""
+    if hub.is_hub_name(value):
+        return hub.resolve_autoencoder(value, flag) if kind == AUTOENCODER else \
+            hub.resolve_cloob(value, flag)
     if kind == CLOOB and _pretrained(value):
         return value
     path, beside = Path(value), Path(beside)
@@ -41,11 +51,11 @@ def find(kind, value, beside):
 def carried(record, beside):
     """`record` with its frozen models named as `recorded` names them, each found from the
     file in folder `beside` that held it (left as it was where it is not found here): what
-    a file made from another (an export, an adapter) records."""
+    a file made from another (an export, an adapter) records. Hub names stay as they are."""
     record = dict(record)
     for kind in (AUTOENCODER, CLOOB):
-        if record.get(kind):
-            found = find(kind, record[kind], beside)
+        if record.get(kind) and not hub.is_hub_name(record[kind]):
+            found = find(kind, record[kind], beside, kind)
             record[kind] = recorded(kind, found) if found else record[kind]
     return record
 

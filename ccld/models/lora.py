@@ -24,8 +24,7 @@ from torch import nn
 from .. import cli, software_version
 from ..errors import UserError
 from ..files import atomic_write, not_a_file
-from . import exports
-from .frozen_files import carried
+from . import exports, hub
 from .unet import Modulation, ResLinearBlock, ResModConvBlock, SelfAttention2d, infer_widths
 
 FORMAT = 'ccld-lora'
@@ -35,8 +34,9 @@ DEFAULT_TARGETS = cli.DEFAULT_LORA_TARGETS
 DTYPES = {'fp16': torch.float16, 'fp32': torch.float32}
 # What an adapter file passes on from its run's record: sampling a base with it defaults
 # to the size, scale and frozen models its run trained with.
-CARRIED = ('image_size', 'autoencoder_scale', 'autoencoder', 'autoencoder_sha256', 'autoencoder_encoder_sha256',
-           'cloob_checkpoint', 'cloob_checkpoint_sha256')
+CARRIED = ('image_size', 'autoencoder_scale', 'autoencoder', 'autoencoder_sha256',
+           'autoencoder_encoder_sha256', 'cloob_checkpoint', 'cloob_checkpoint_sha256',
+           'train_set', 'train_images')
 
 
 def _peft():
@@ -178,10 +178,13 @@ class Adapter:
 
 
 def spec_of(rank, alpha, targets, base_path, base_state):
-    """A new run's Adapter settings, for the base at `base_path` with weights `base_state`."""
+    """A new run's Adapter settings, for the base at `base_path` (named by its absolute
+    path, or its pinned hub name if it came from the hub) with weights `base_state`."""
+    base = hub.name_of(base_path) if hub.cached_location(base_path) else \
+        str(Path(base_path).resolve())
     return Adapter(rank, float(alpha if alpha is not None else rank),
-                   list(targets or DEFAULT_TARGETS), str(Path(base_path).resolve()),
-                   weights_digest(base_state), infer_widths(base_state))
+                   list(targets or DEFAULT_TARGETS), base, weights_digest(base_state),
+                   infer_widths(base_state))
 
 
 def read_base(adapter, what):
@@ -189,10 +192,11 @@ def read_base(adapter, what):
     weights it had then (UserError if not); `what` names the adapter's file."""
     from .checkpoint_files import check_weights, read_checkpoint
     try:
-        base = read_checkpoint(adapter.base)
+        base = read_checkpoint(hub.resolve(adapter.base, what))
     except UserError as e:
+        back = '' if hub.is_hub_name(adapter.base) else '; put it back there'
         raise UserError(f'{what} adapts the base model {adapter.base}, which cannot be read '
-                        f'({e}); put it back there.') from None
+                        f'({e}){back}.') from None
     adapter.check_base(base.model_ema, adapter.base, what)
     check_weights(base.model_ema, adapter.base)
     return base
@@ -229,11 +233,10 @@ def merged_checkpoint(ckpt, adapter, what):
                                ckpt.raw)
 
 
-def write(adapter, path, dtype='fp32', step=None, source='.'):
-    """Writes the adapter file atomically; returns the metadata written. Its frozen models
-    are found from `source`, the checkpoint it comes from (see exports.export)."""
+def write(adapter, path, dtype='fp32', step=None):
+    """Writes the adapter file atomically; returns the metadata written."""
     tensors = {key: value.to(DTYPES[dtype]).contiguous() for key, value in adapter.state.items()}
-    metadata = carried({key: adapter.record.get(key) for key in CARRIED}, Path(source).parent)
+    metadata = {key: adapter.record.get(key) for key in CARRIED}
     metadata.update(format=FORMAT, format_version=FORMAT_VERSION, dtype=dtype,
                     rank=adapter.rank, alpha=adapter.alpha, targets=adapter.targets,
                     base=adapter.base, base_sha256=adapter.base_sha256,

@@ -31,11 +31,13 @@ from tqdm.auto import tqdm
 from .. import cli, software_version
 from ..errors import UserError
 from ..files import check_writable_dir, remove_stale_temps, sha256
+from ..models import hub
 from . import distances, features, gallery, generate, report as reports
 from .cloob_score import scorer
 from .png_files import save_png
 from .prompts import read_prompts_file, slug
-from .sampler import check_checkpoint, check_sampling_flags, load_sampler, sample
+from .sampler import (check_checkpoint, check_sampling_flags, load_sampler, resolve_model_names,
+                      sample)
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2] / 'eval_prompts.txt'
 REFERENCE_UNIT = 256  # reference images per loader unit (the units are dealt to workers)
@@ -65,6 +67,7 @@ class Column:
     settings: object  # sampler.Settings
     sha256: str
     directory: Path   # its images; named by the file's content and the settings
+    own: tuple        # its own (method, steps), None where not given (sampler.settings_for)
 
     def image(self, prompt, index):
         return generate.sample_path(self.directory, prompt.prefix, index)
@@ -85,20 +88,36 @@ class Plan:
     inception_weights: object  # the weights file when the features are Inception's
 
 
-def names(paths):
-    """Short distinct names for the checkpoints: the file name, with as many parent
-    folders as it takes to tell different files apart; a file given again is numbered."""
-    resolved = [Path(p).resolve() for p in paths]
+def names(specs, settings):
+    """Distinct labels of the columns (cli.CheckpointSpec, sampler.Settings): its label=
+    where given, else the file name with as many parent folders as it takes to tell
+    different files apart (a file from the hub: its hub name), and the sampler where the
+    same file is sampled otherwise too; a file given again as it was is numbered.
+    UserError for a label given twice."""
+    given = [spec.label for spec in specs if spec.label]
+    twice = sorted({label for label in given if given.count(label) > 1})
+    if twice:
+        raise UserError(f'--checkpoint: label={twice[0]} is given twice; each column needs a '
+                        'label of its own.')
+    resolved = [Path(spec.path).resolve() for spec in specs]
+    samplers = [reports.sampler_text(s.metadata()) for s in settings]
 
     def tail(path, k):
         return '/'.join(path.parts[-k:])
     found = []
-    for path in resolved:
+    for path, spec, sampler in zip(resolved, specs, samplers):
+        if spec.label:
+            found.append(spec.label)
+            continue
         k = 1
         while k < len(path.parts) and any(other != path and tail(other, k) == tail(path, k)
                                           for other in resolved):
             k += 1
-        found.append(tail(path, k))
+        name = hub.name_of(spec.path, pinned=False) if hub.cached_location(spec.path) \
+            else tail(path, k)
+        if len({s for other, s in zip(resolved, samplers) if other == path}) > 1:
+            name = f'{name} ({sampler})'
+        found.append(name)
     counts = {}
     for i, name in enumerate(found):
         counts[name] = counts.get(name, 0) + 1
@@ -171,8 +190,13 @@ def make_plan(args):
     elif args.inception_weights:
         warnings.warn('--inception-weights: there is no --reference-set to compare with, so '
                       'no features are computed.')
+    args.checkpoint = [spec._replace(path=hub.resolve(spec.path, '--checkpoint'))
+                       for spec in args.checkpoint]
+    resolve_model_names(args)
     # A file that is not a diffusion model is refused here, before anything is sampled.
-    settings = [check_checkpoint(args, path) for path in args.checkpoint]
+    specs, owns = args.checkpoint, [(spec.method, spec.steps) for spec in args.checkpoint]
+    settings = [check_checkpoint(args, spec.path, own) for spec, own in zip(specs, owns)]
+    warn_own_samplers(args, specs, settings)
     sizes = sorted({s.size for s in settings})
     if len(sizes) > 1:
         raise UserError(f'the checkpoints sample at different sizes ({", ".join(map(str, sizes))} '
@@ -186,13 +210,25 @@ def make_plan(args):
     if source is not None and args.features == 'inception':
         weights = features.inception_weights(args.inception_weights)
         features.check_inception_weights(weights)
-    digests = [sha256(path) for path in args.checkpoint]
+    digests = [sha256(spec.path) for spec in specs]
     frozen = [describe_autoencoder(args.autoencoder)['sha256'],
               describe_cloob(args.cloob_checkpoint)['sha256']]
-    columns = [Column(name, s, digest, image_directory(out, s, digest, frozen, batch_size))
-               for name, s, digest in zip(names(args.checkpoint), settings, digests)]
+    columns = [Column(name, s, digest, image_directory(out, s, digest, frozen, batch_size), own)
+               for name, s, digest, own in zip(names(specs, settings), settings, digests, owns)]
     return Plan(args, out, prompts_file, prompts, columns, device, batch_size, source, cache,
                 weights)
+
+
+def warn_own_samplers(args, specs, settings):
+    """A warning for each checkpoint that samples otherwise than the run's sampler flags
+    ask, without a sampler of its own: a distilled student, which keeps its own."""
+    for spec, s in zip(specs, settings):
+        asked = (spec.method or args.method or s.method, spec.steps or args.steps or s.steps,
+                 args.schedule, args.eta)
+        if asked != (s.method, s.steps, s.schedule, s.eta):
+            warnings.warn(f'{spec.path} is a distilled student: it samples with its own '
+                          f'{reports.sampler_text(s.metadata(), full=True)} (--method, --steps, '
+                          '--schedule and --eta are for the other checkpoints).')
 
 
 class FrozenModels:
@@ -271,7 +307,8 @@ def sample_share(plan, models, rank, world, device):
               file=sys.stderr, flush=True)
     bar = tqdm(total=len(todo) * n, unit='img', desc='sampling', disable=rank != 0)
     for column, group in itertools.groupby(todo, key=lambda unit: unit[0]):
-        model, settings = load_sampler(plan.args, column.settings.checkpoint, device)
+        model, settings = load_sampler(plan.args, column.settings.checkpoint, device,
+                                       column.own)
         bar.set_postfix_str(column.name, refresh=False)
         for _, prompt in group:
             embeds, weights = generate.embed_prompts(models.cloob, [(prompt.text, prompt.weight)],
@@ -356,18 +393,22 @@ def judge(plan, models, reference):
 
 
 def write_grids(plan, report):
-    """grids/LINE_SLUG.png for each prompt: a column per checkpoint, a row per image."""
+    """grids/LINE_SLUG.png for each prompt: a column per checkpoint (its label and its
+    sampler above it), a row per image."""
     names = [column.name for column in plan.columns]
+    samplers = [reports.sampler_text(column.settings.metadata()) for column in plan.columns]
+    # A label that names its sampler to tell a file's columns apart has it drawn once.
+    drawn = [name.removesuffix(f' ({sampler})') for name, sampler in zip(names, samplers)]
     seed = plan.args.seed
     rows = [f'seed {seed} #{i}' for i in range(plan.args.n)]
     for prompt, entry in zip(plan.prompts, report['prompts']):
         tiles = [[Image.open(column.image(prompt, i)) for column in plan.columns]
                  for i in range(plan.args.n)]
-        canvas, layout = gallery.comparison_grid(tiles, names, rows,
-                                                 f'{prompt.line}: {prompt.text}')
+        canvas, layout = gallery.comparison_grid(tiles, drawn, rows,
+                                                 f'{prompt.line}: {prompt.text}', samplers)
         save_png(canvas, plan.out / entry['grid'],
                  {'prompt': prompt.text, 'line': prompt.line, 'columns': json.dumps(names),
-                  'rows': json.dumps(rows), **layout})
+                  'samplers': json.dumps(samplers), 'rows': json.dumps(rows), **layout})
         for row in tiles:
             for tile in row:
                 tile.close()

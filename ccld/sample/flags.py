@@ -20,11 +20,11 @@ def add_sampling_flags(p):
     """The flags that say how a checkpoint samples, the same in every tool that samples
     (sample.py, evaluate.py), so that the same flags give the same images."""
     p.add_argument('--cloob-checkpoint',
-                   help='pretrained CLOOB name, or a .pkl file (default: the one the checkpoint, '
-                   f'export or --lora adapter records, else {DEFAULT_CLOOB})')
+                   help=f'{cli.CLOOB_HELP} (default: the one the checkpoint, export or --lora '
+                   f'adapter records, else {DEFAULT_CLOOB})')
     p.add_argument('--autoencoder', metavar='NAME',
-                   help='autoencoder NAME, for NAME.yaml + NAME.ckpt (default: the one the '
-                   f'checkpoint, export or --lora adapter records, else {DEFAULT_AUTOENCODER})')
+                   help=f'{cli.AUTOENCODER_HELP} (default: the one the checkpoint, export or '
+                   f'--lora adapter records, else {DEFAULT_AUTOENCODER})')
     p.add_argument('--base-channels', type=cli.positive_int,
                    help='override the width read from the weights (yfcc_cfg: 192)')
     p.add_argument('--channel-multipliers', type=cli.multipliers,
@@ -60,7 +60,8 @@ def add_sampling_flags(p):
                    metavar='FILE[:STRENGTH]',
                    help='put a LoRA adapter (export_model.py of a --lora-rank run) on the model, '
                    'scaled by STRENGTH (default 1; 0: the base model); repeat for several. An '
-                   'adapter made for another base is refused')
+                   'adapter made for another base is refused; FILE may be a hub name, '
+                   'hf://OWNER/NAME[@REVISION][/FILE]')
     return p
 
 
@@ -74,7 +75,7 @@ def parser():
     p.add_argument('--checkpoint', required=True,
                    help='released model state dict, model export (export_model.py), ccld '
                    'training checkpoint or checkpoint of the original training script '
-                   '(training checkpoints use the EMA weights)')
+                   '(training checkpoints use the EMA weights)' + cli.HUB_FILE_HELP)
     add_sampling_flags(p)
     # Added.
     p.add_argument('--prompts-file', metavar='FILE',

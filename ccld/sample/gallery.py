@@ -4,6 +4,7 @@ scores, with relative links only, so it opens from disk (or a copied folder) wit
 server."""
 
 import html
+import math
 import re
 from pathlib import Path
 from urllib.parse import quote
@@ -11,10 +12,13 @@ from urllib.parse import quote
 from PIL import Image, ImageDraw, ImageFont
 
 from ..files import atomic_write
-from .report import number, summary
+from .report import number, sampler_text, summary
 
 INK, PAPER = (0, 0, 0), (255, 255, 255)
 TITLE_LINES, LABEL_LINES = 3, 2
+# index.html shows a grid's tiles at least this wide (scaled by a whole factor, pixels
+# kept sharp), so that small images can be judged; a click opens the grid itself.
+SHOWN_TILE = 256
 
 
 def font(size):
@@ -51,10 +55,11 @@ def wrap(text, width, face, max_lines):
     return lines
 
 
-def comparison_grid(tiles, columns, rows, title):
-    """One PIL image: `title` above, a label per column and per row, and tiles[row][col]
-    (PIL images of one size) without gaps. Returns the image and where the tiles start
-    ({'left', 'top', 'tile_size'}: tile (r, c) is at left + c * size, top + r * size)."""
+def comparison_grid(tiles, columns, rows, title, notes=None):
+    """One PIL image: `title` above, a label per column (and under it the column's note,
+    such as its sampler) and per row, and tiles[row][col] (PIL images of one size) without
+    gaps. Returns the image and where the tiles start ({'left', 'top', 'tile_size'}: tile
+    (r, c) is at left + c * size, top + r * size)."""
     size = tiles[0][0].width
     pad = max(4, size // 32)
     face = font(max(11, min(20, size // 12)))
@@ -64,6 +69,9 @@ def comparison_grid(tiles, columns, rows, title):
     width = left + len(columns) * size
     title_lines = wrap(title, width - 2 * pad, face, TITLE_LINES)
     column_lines = [wrap(label, size - pad, face, LABEL_LINES) for label in columns]
+    if notes is not None:
+        column_lines = [lines + wrap(note, size - pad, face, LABEL_LINES)
+                        for lines, note in zip(column_lines, notes)]
     header = max(len(lines) for lines in column_lines)
     top = pad + len(title_lines) * line_height + pad + header * line_height + pad
     canvas = Image.new('RGB', (width, top + len(rows) * size), PAPER)
@@ -82,34 +90,50 @@ def comparison_grid(tiles, columns, rows, title):
     return canvas, {'left': left, 'top': top, 'tile_size': size}
 
 
+def shown_size(grid):
+    """(width, height) a grid is shown at: its tiles scaled by a whole factor to at least
+    SHOWN_TILE pixels (the page narrows it further to fit the window)."""
+    with Image.open(grid) as image:
+        factor = max(1, math.ceil(SHOWN_TILE / int(image.text['tile_size'])))
+        return image.width * factor, image.height * factor
+
+
 def write_index(path, report, title='ccld: compare models'):
     """index.html from a report (report.json's content; its paths relative to `path`'s
-    folder): the summary table, then each prompt's grid with the prompt and its scores."""
+    folder) and its grids: the summary table with each checkpoint's sampler, then each
+    prompt's grid, enlarged, with the prompt and its scores."""
     names = [c['name'] for c in report['checkpoints']]
+    samplers = [sampler_text(c['settings'], full=True) for c in report['checkpoints']]
     e = html.escape
     rows = ''.join(
-        f'<tr><td>{e(c["name"])}</td><td>{number(c["frechet_distance"])}</td>'
+        f'<tr><td>{e(c["name"])}</td><td>{e(sampler)}</td>'
+        f'<td>{number(c["frechet_distance"])}</td>'
         f'<td>{number(c["kid"])}</td><td>{number(c["cloob_score"])} ± '
         f'{number(c["cloob_score_std"], 2)}</td><td>{c["samples"]}</td>'
-        f'<td><code>{e(c["sha256"][:12])}</code></td></tr>' for c in report['checkpoints'])
+        f'<td><code>{e(c["sha256"][:12])}</code></td></tr>'
+        for c, sampler in zip(report['checkpoints'], samplers))
     features = report['features']['network'] if report['features'] else 'no reference set'
     sections = []
     for prompt in report['prompts']:
         scores = ''.join(f'<li>{e(name)}: {number(score)}</li>'
                          for name, score in zip(names, prompt['cloob_scores']))
         grid = quote(prompt['grid'])
+        width, height = shown_size(Path(path).parent / prompt['grid'])
         sections.append(
             f'<section id="line-{prompt["line"]}"><h2>{e(prompt["text"])}</h2>'
             f'<p class="meta">line {prompt["line"]} of {e(report["prompts_file"])}; CLOOB score '
-            f'per checkpoint:</p><ul>{scores}</ul>'
-            f'<a href="{grid}"><img src="{grid}" alt="{e(prompt["text"])}"></a></section>')
+            f'per checkpoint, the columns from left to right:</p><ul>{scores}</ul>'
+            f'<a href="{grid}" title="the grid at its own size"><img class="grid" src="{grid}" '
+            f'width="{width}" height="{height}" alt="{e(prompt["text"])}"></a></section>')
     page = f'''<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:100%}}img{{max-width:100%}}
+<style>body{{font-family:sans-serif;margin:2em;max-width:100%}}
+img{{max-width:100%;height:auto}}
+img.grid{{image-rendering:crisp-edges;image-rendering:pixelated}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .6em}}
 .meta{{color:#555}}section{{margin:2em 0}}</style></head><body>
 <h1>{e(title)}</h1>
-<table><tr><th>checkpoint</th><th>Frechet distance ({e(features)})</th><th>KID</th>
+<table><tr><th>checkpoint</th><th>sampler</th><th>Frechet distance ({e(features)})</th><th>KID</th>
 <th>CLOOB score ± spread over prompts</th><th>images</th><th>sha256</th></tr>{rows}</table>
 <p class="meta">{e(summary(report))} <a href="report.json">report.json</a>,
 <a href="report.md">report.md</a></p>

@@ -11,13 +11,14 @@ from tqdm.auto import tqdm
 from ..data.images import image_transform
 from ..errors import UserError
 from ..files import check_writable_dir
+from ..models import hub
 from ..models.autoencoder import load_autoencoder
 from ..models.cloob import load_cloob
 from . import generate
 from .cloob_score import scorer
 from .flags import DEFAULT_STRENGTH
 from .prompts import parse_prompt, read_prompts_file, slug
-from .sampler import check_sampling_flags, load_sampler, sample
+from .sampler import check_sampling_flags, load_sampler, resolve_model_names, sample
 
 
 def jobs(args):
@@ -55,6 +56,8 @@ def run(args):
     image_prompts = [parse_prompt(p, args.cond_scale) for p in args.images]
     images = [(generate.read_image(path, 'image prompt'), w) for path, w in image_prompts]
     init = generate.read_image(args.init, 'init image') if args.init else None
+    args.checkpoint = hub.resolve(args.checkpoint, '--checkpoint')  # last: it may download
+    resolve_model_names(args)
 
     model, settings = load_sampler(args, args.checkpoint, device)
     autoencoder = load_autoencoder(settings.autoencoder, device=device)

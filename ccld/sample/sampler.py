@@ -15,9 +15,9 @@ from pathlib import Path
 
 from .. import cli
 from ..errors import UserError
+from ..models import frozen_files, hub
 from ..models.checkpoint_files import check_weights, read_checkpoint
 from . import generate, students
-from ..models import frozen_files
 from .flags import DEFAULT_AUTOENCODER, DEFAULT_BATCH_SIZE, DEFAULT_CLOOB, DEFAULT_SIZE
 
 
@@ -48,12 +48,29 @@ class Settings:
 
     def metadata(self):
         """What the PNGs and reports record of them."""
-        adapters = {'lora': ','.join(f'{Path(path).name}:{strength:g}'
+        adapters = {'lora': ','.join(f'{short_name(path)}:{strength:g}'
                                      for path, strength in self.lora)} if self.lora else {}
         return {'seed': self.seed, 'n': self.n, 'method': self.method, 'steps': self.steps,
                 'schedule': self.schedule, 'eta': self.eta, 'cond_scale': self.cond_scale,
                 'autoencoder_scale': self.autoencoder_scale, 'size': self.size,
-                'checkpoint': Path(self.checkpoint).name, **adapters}
+                'checkpoint': short_name(self.checkpoint), **adapters}
+
+
+def short_name(path):
+    """How images name a model file: its pinned hub name if it came from the hub, else its
+    file name."""
+    return hub.name_of(path) if hub.cached_location(path) else Path(path).name
+
+
+def resolve_model_names(args):
+    """The --autoencoder and --lora hub names of the sampling flags, resolved to files in
+    the hub cache (downloaded now); a hub name for --cloob-checkpoint refused. The
+    --checkpoint(s), which each tool takes its own way, are the tool's to resolve; a
+    frozen model flag left out stays None, for the one its checkpoint records
+    (frozen_models, which resolves a recorded hub name the same way)."""
+    hub.resolve_frozen_models(args, 'autoencoder')
+    args.lora = [(hub.resolve(path, '--lora'), strength) for path, strength in args.lora]
+    return args
 
 
 def check_sampling_flags(args, strength=1.0):
@@ -66,11 +83,16 @@ def check_sampling_flags(args, strength=1.0):
     return args.device or cli.default_device(), args.batch_size or DEFAULT_BATCH_SIZE
 
 
-def settings_for(args, checkpoint, ckpt, adapters=()):
+def settings_for(args, checkpoint, ckpt, adapters=(), own=None):
     """The Settings of `checkpoint` (its DiffusionCheckpoint `ckpt`, with the Adapters of
     --lora, `adapters`) under the flags. A flag left out takes what an adapter records
     (its run's size and scale: "base + adapter" samples as the adapter's merged export
-    does), else what the checkpoint records, else the default."""
+    does), else what the checkpoint records, else the default.
+
+    `own` is given where a tool compares several checkpoints (evaluate.py's --checkpoint
+    FILE:method=M,steps=N): this checkpoint's own (method, steps), None where not given,
+    which override --method and --steps. Then the run's sampler flags are for the
+    checkpoints that can take them: a progressive student keeps its own sampler."""
     recorded = [adapter.record for adapter in adapters] + [ckpt.record]
     scale = args.autoencoder_scale or \
         next((r['autoencoder_scale'] for r in recorded[:-1] if r.get('autoencoder_scale')),
@@ -80,14 +102,20 @@ def settings_for(args, checkpoint, ckpt, adapters=()):
                         'trained with as --autoencoder-scale.')
     size = args.size or next((r['image_size'] for r in recorded if r.get('image_size')),
                              DEFAULT_SIZE)
-    method, steps = students.sampler_for(ckpt.record, args.method, args.steps, args.schedule,
-                                         args.eta, checkpoint)
+    method, steps, schedule, eta = args.method, args.steps, args.schedule, args.eta
+    drop = '--method, --steps, --schedule and --eta'
+    if own is not None:
+        if students.is_progressive(ckpt.record):
+            method, steps, schedule, eta = None, None, students.STUDENT_SCHEDULE, 0.0
+            drop = 'its own method= and steps='
+        method, steps = own[0] or method, own[1] or steps
+    method, steps = students.sampler_for(ckpt.record, method, steps, schedule, eta, checkpoint,
+                                         drop)
     autoencoder, cloob = frozen_models(args, checkpoint, ckpt, adapters)
     return Settings(checkpoint=str(checkpoint), description=ckpt.description,
                     autoencoder_scale=float(scale), size=int(size), method=method, steps=steps,
-                    schedule=args.schedule, eta=args.eta, cond_scale=args.cond_scale,
-                    seed=args.seed, n=args.n, lora=tuple(args.lora), autoencoder=autoencoder,
-                    cloob=cloob)
+                    schedule=schedule, eta=eta, cond_scale=args.cond_scale, seed=args.seed,
+                    n=args.n, lora=tuple(args.lora), autoencoder=autoencoder, cloob=cloob)
 
 
 def frozen_models(args, checkpoint, ckpt, adapters=()):
@@ -95,8 +123,9 @@ def frozen_models(args, checkpoint, ckpt, adapters=()):
     with the Adapters of --lora, `adapters`) with, as sample.py, evaluate.py and the web
     page choose them: --autoencoder and --cloob-checkpoint where given; else those an
     adapter records, else those the checkpoint records (a ccld training or distillation
-    checkpoint, an export), each found as frozen_files.find finds it; else kl_f8 and
-    the LAION CLOOB. UserError naming the file when a recorded one is not to be found."""
+    checkpoint, an export), each found as frozen_files.find finds it (a hub name resolved
+    as the flag's would be: resolve_model_names); else kl_f8 and the LAION CLOOB.
+    UserError naming the file when a recorded one is not to be found."""
     files = [(adapter.record, path) for adapter, (path, _) in zip(adapters, args.lora)]
     files.append((ckpt.record, checkpoint))
     chosen = []
@@ -109,9 +138,9 @@ def frozen_models(args, checkpoint, ckpt, adapters=()):
             chosen.append(given or default)
             continue
         value, path = named[0]
-        found = frozen_files.find(kind, value, Path(path).parent)
+        what = 'autoencoder' if kind == frozen_files.AUTOENCODER else 'CLOOB'
+        found = frozen_files.find(kind, value, Path(path).parent, f'{path} records the {what}')
         if found is None:
-            what = 'autoencoder' if kind == frozen_files.AUTOENCODER else 'CLOOB'
             raise UserError(f'{path} was trained with the {what} {value}, which is not there '
                             f'(nor beside {Path(path).name}); pass {flag} to sample with it '
                             'from where it is now.')
@@ -129,22 +158,24 @@ def read_adapters(args, checkpoint, ckpt):
     return adapters
 
 
-def check_checkpoint(args, checkpoint):
-    """The Settings of `checkpoint`, checked to sample under the flags without building
-    its model (the weights are matched against one on the meta device); UserError if not."""
+def check_checkpoint(args, checkpoint, own=None):
+    """The Settings of `checkpoint` (its own sampler `own`: settings_for), checked to
+    sample under the flags without building its model (the weights are matched against
+    one on the meta device); UserError if not."""
     ckpt = read_checkpoint(checkpoint)
     check_weights(ckpt.model_ema, checkpoint, args.base_channels, args.channel_multipliers)
     adapters = read_adapters(args, checkpoint, ckpt)
-    return settings_for(args, checkpoint, ckpt, [adapter for adapter, _ in adapters])
+    return settings_for(args, checkpoint, ckpt, [adapter for adapter, _ in adapters], own)
 
 
-def load_sampler(args, checkpoint, device):
+def load_sampler(args, checkpoint, device, own=None):
     """The frozen model of `checkpoint` on `device`, with the --lora adapters on it, and
-    its Settings. Warns when it was trained with other frozen models than those chosen."""
+    its Settings (its own sampler `own`: settings_for). Warns when it was trained with
+    other frozen models than those chosen."""
     model, ckpt = generate.load_model(checkpoint, args.base_channels, args.channel_multipliers,
                                       device)
     adapters = read_adapters(args, checkpoint, ckpt)
-    settings = settings_for(args, checkpoint, ckpt, [adapter for adapter, _ in adapters])
+    settings = settings_for(args, checkpoint, ckpt, [adapter for adapter, _ in adapters], own)
     if adapters:
         from ..models import lora
         lora.apply(model, adapters).to(device)

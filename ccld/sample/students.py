@@ -18,12 +18,13 @@ DEFAULT_METHOD, DEFAULT_STEPS = 'plms', 50
 STUDENT_METHOD, STUDENT_SCHEDULE = 'ddim', 'spliced'
 
 
-def sampler_for(record, method, steps, schedule, eta, checkpoint):
+def sampler_for(record, method, steps, schedule, eta, checkpoint,
+                drop='--method, --steps, --schedule and --eta'):
     """(method, steps) to sample a checkpoint whose record is `record` with, from the
     flags (method and steps None where not given). UserError for a sampler a student was
-    not distilled for."""
+    not distilled for, which asks to drop what `drop` names."""
     distilled = record.get('student_steps')
-    if distilled is None:
+    if not is_progressive(record):
         method, steps = method or DEFAULT_METHOD, steps or DEFAULT_STEPS
         if eta and method != 'ddim':
             warnings.warn(f'--eta applies to --method ddim only; {method} ignores it.')
@@ -32,8 +33,13 @@ def sampler_for(record, method, steps, schedule, eta, checkpoint):
             schedule != STUDENT_SCHEDULE or eta:
         raise UserError(f'{checkpoint} is a student distilled for {steps_text(distilled)} of '
                         'DDIM (eta 0) on the spliced schedule and samples with nothing else; '
-                        'drop --method, --steps, --schedule and --eta.')
+                        f'drop {drop}.')
     return STUDENT_METHOD, distilled
+
+
+def is_progressive(record):
+    """Whether a checkpoint's record is a progressive student's (one sampler only)."""
+    return record.get('student_steps') is not None
 
 
 def steps_text(steps):

@@ -17,7 +17,8 @@ def add_autoencoder_flags(p):
     g = p.add_argument_group('the autoencoder')
     g.add_argument('--vqgan-model', metavar='NAME',
                    help='the autoencoder to start from: NAME.yaml + NAME.ckpt (or '
-                   'NAME.safetensors)')
+                   'NAME.safetensors); or hf://OWNER/NAME[@REVISION][/NAME], the pair in a '
+                   'Hugging Face hub repository')
     g.add_argument('--output-name', metavar='PATH/NAME',
                    help='write the finetuned autoencoder as PATH/NAME.ckpt + PATH/NAME.yaml '
                    '(at the end of the run, and when a signal stops it), for --vqgan-model and '
@@ -79,7 +80,8 @@ def parser():
     add_validation_flags(p)
     flags.add_optimizer_flags(p, lr=DEFAULT_LR)
     flags.add_run_flags(p, resume_help='a checkpoint of a train_autoencoder.py run, or "auto": '
-                        'the newest good one in --output-dir (a fresh start when there is none)',
+                        'the newest good one in --output-dir (a fresh start when there is none)'
+                        + cli.HUB_FILE_HELP,
                         output_dir='autoencoder_outputs',
                         output_help='the run\'s checkpoints (for resuming), reconstruction grids '
                         'and local logs go here')

@@ -10,6 +10,7 @@ import torch
 
 from ..cli import check_devices, count
 from ..errors import UserError
+from ..models import hub
 from ..processes import is_first_process
 from . import runner
 from .autoencoder_flags import PROG
@@ -38,6 +39,7 @@ def validate(args):
     for name in REQUIRED:
         if getattr(args, name) is None:
             raise UserError(f'--{name.replace("_", "-")} is required.')
+    args.vqgan_model = hub.resolve_autoencoder(args.vqgan_model, '--vqgan-model')
     check_autoencoder_files(args.vqgan_model)
     args.config = read_config(f'{args.vqgan_model}.yaml')
     check_image_size(args.image_size, args.config)
@@ -66,6 +68,7 @@ def validate(args):
                       file=sys.stderr)
     args.resume = None
     if args.resume_from not in (None, 'auto'):
+        args.resume_from = hub.resolve(args.resume_from, '--resume-from')
         args.resume = read_resume(args.resume_from)
     args.lock = None
     if is_first_process():

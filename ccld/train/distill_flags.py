@@ -39,7 +39,7 @@ def parser():
     d = p.add_argument_group('distillation')
     d.add_argument('--teacher', metavar='CHECKPOINT',
                    help='the model to distil: any file sample.py takes (a released state dict, '
-                   'a ccld or original training checkpoint, an export)')
+                   'a ccld or original training checkpoint, an export)' + cli.HUB_FILE_HELP)
     d.add_argument('--train-latents', metavar='DIR',
                    help='latent cache of the training images (precompute_latents.py), made with '
                    '--vqgan-model and --cloob-checkpoint')

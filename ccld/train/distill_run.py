@@ -25,6 +25,7 @@ from typing import Optional
 from ..cli import check_devices, check_frozen_model_files, check_image_size, sample_command
 from ..errors import UserError
 from ..files import atomic_write, sha256
+from ..models import hub
 from ..processes import is_first_process
 from . import runner
 from .distill_flags import PROG
@@ -136,10 +137,12 @@ def validate(args):
     args.stages = plan(args.start_steps, args.target_steps)
     args.max_steps = args.round_steps  # every stage is a run of --round-steps
     check_image_size(args.image_size)
+    hub.resolve_frozen_models(args)
     check_frozen_model_files(args.vqgan_model, args.cloob_checkpoint)
     check_lr_schedule(args)
     args.prompts = read_prompts(args.demo_prompts) if args.demo_prompts else None
     check_devices(args.accelerator, args.devices)
+    args.teacher = hub.resolve(args.teacher, '--teacher')
     args.teacher_ckpt = read_teacher(args)
     args.frozen = describe_frozen(args)
     args.teacher_sha256 = None
@@ -232,10 +235,12 @@ def record_of(args, stage, scale):
     from ..models.frozen_files import AUTOENCODER, CLOOB, recorded
     record = {'autoencoder': recorded(AUTOENCODER, args.vqgan_model),
               'cloob_checkpoint': recorded(CLOOB, args.cloob_checkpoint),
-              'image_size': args.image_size, 'teacher': os.path.abspath(args.teacher),
+              'image_size': args.image_size,
+              'teacher': hub.name_of(os.path.abspath(args.teacher)),
               'teacher_sha256': args.teacher_sha256,
               'guidance_range': list(args.guidance_range), 'distill_stage': stage.name,
-              'student_steps': stage.steps, 'loss_weighting': args.loss_weighting}
+              'student_steps': stage.steps, 'loss_weighting': args.loss_weighting,
+              'train_set': args.train_latents, 'train_images': args.cache['images']}
     if args.frozen is not None:
         record.update(autoencoder_sha256=args.frozen['autoencoder']['sha256'],
                       cloob_checkpoint_sha256=args.frozen['cloob']['sha256'])

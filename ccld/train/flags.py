@@ -17,7 +17,7 @@ LIGHTNING_PRECISIONS = {'16-mixed', 'bf16-mixed', '32-true', '64-true', '16-true
 TRAIN_SET_HELP = cli.IMAGES_HELP
 RESUME_HELP = ('a ccld checkpoint, a checkpoint of the original script, a released model state '
                'dict to finetune, or "auto": the newest good checkpoint in --output-dir (a fresh '
-               'start when there is none)')
+               'start when there is none)' + cli.HUB_FILE_HELP)
 
 
 def precision(text):
@@ -29,9 +29,9 @@ def precision(text):
 
 def add_frozen_model_flags(p):
     g = p.add_argument_group('frozen models')
-    g.add_argument('--vqgan-model', help='autoencoder NAME, for NAME.yaml + NAME.ckpt')
+    g.add_argument('--vqgan-model', help=cli.AUTOENCODER_HELP)
     g.add_argument('--cloob-checkpoint', default='cloob_laion_400m_vit_b_16_16_epochs',
-                   help='pretrained CLOOB name, or a .pkl file')
+                   help=cli.CLOOB_HELP)
     return g
 
 

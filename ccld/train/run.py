@@ -15,7 +15,7 @@ from .flags import PROG
 REQUIRED = ['vqgan_model', 'autoencoder_scale', 'demo_prompts']
 BYTES_PER_PARAMETER = 16  # a checkpoint holds the model, its EMA and two Adam moments in fp32
 # What validate() adds to the flags that is no setting, left out of the wandb config.
-UNLOGGED = ('source', 'cache', 'resume', 'prompts', 'frozen', 'base', 'lora')
+UNLOGGED = ('source', 'cache', 'resume', 'prompts', 'frozen', 'base', 'lora', 'origin')
 # A LoRA run's frozen base is kept in 16 bits under 16-bit mixed precision; the adapters
 # stay fp32. Precisions that cast every weight (16-true, ...) would make them 16-bit too.
 LORA_BASE_DTYPES = {'16-mixed': torch.float16, 'bf16-mixed': torch.bfloat16,
@@ -38,6 +38,7 @@ def validate(args):
     directory's lock.
     """
     from ..data.sources import Source
+    from ..models import hub
 
     for name in REQUIRED:
         if getattr(args, name) is None:
@@ -54,6 +55,7 @@ def validate(args):
                         f'{",".join(map(str, widths))}; each must be a multiple of 64 '
                         '(one attention head per 64 channels).')
     check_image_size(args.image_size)
+    hub.resolve_frozen_models(args)
     check_frozen_model_files(args.vqgan_model, args.cloob_checkpoint)
     check_lr_schedule(args)
     check_optimizer(args)
@@ -75,6 +77,7 @@ def validate(args):
         args.cache = read_cache(args)
     args.resume = None
     if args.resume_from not in (None, 'auto'):
+        args.resume_from = hub.resolve(args.resume_from, '--resume-from')
         args.resume = read_resume(args.resume_from)
     args.lock = None
     if is_first_process():
@@ -86,7 +89,29 @@ def validate(args):
             path, args.resume = runner.newest_checkpoint(args.output_dir, read_resume)
             args.resume_from = None if path is None else str(path)
         args.lora = lora_run(args)
+        args.origin = origin(args)
     return args
+
+
+ORIGIN = ('finetuned_from', 'finetuned_from_sha256')
+
+
+def origin(args):
+    """What a run records of the model it started from: a finetune the file it started
+    from (its hub name if it came from the hub) and the file's sha256; a continued run
+    what the checkpoint it continues recorded. (A LoRA run names its base in its 'lora'
+    record.) Hashed by the first process alone: it alone writes checkpoints."""
+    resume = args.resume
+    if resume is None or args.lora is not None:
+        return {}
+    if resume.kind != 'bare':
+        return {key: resume.record[key] for key in ORIGIN if key in resume.record}
+    if not is_first_process():
+        return {}
+    from ..files import sha256
+    from ..models.hub import name_of
+    return {'finetuned_from': name_of(args.resume_from),
+            'finetuned_from_sha256': sha256(args.resume_from)}
 
 
 CPU_EMA_OF_ADAPTERS = ('--ema-device cpu moves a full finetune\'s EMA off the GPU; a LoRA '
@@ -340,8 +365,12 @@ def run(args):
     if weights is not None:
         base, mults = infer_widths(weights, mults)
     ae_model, cloob = load_frozen_models(args)
+    data = TrainData(args, seed)
     record = {'autoencoder': recorded(AUTOENCODER, args.vqgan_model),
-              'cloob_checkpoint': recorded(CLOOB, args.cloob_checkpoint), 'image_size': args.image_size, 'random_flip': args.random_flip}
+              'cloob_checkpoint': recorded(CLOOB, args.cloob_checkpoint),
+              'image_size': args.image_size, 'random_flip': args.random_flip,
+              'train_set': args.train_set or args.train_latents, 'train_images': data.known_size(),
+              **args.origin}
     model = None
     if args.lora is not None:
         from ..models.lora import adapted_model
@@ -371,7 +400,6 @@ def run(args):
     del weights
     args.resume = args.base = None
 
-    data = TrainData(args, seed)
     logger, where = runner.make_logger(args, output_dir, UNLOGGED)
     demo = DemoCallback(args.prompts, args.demo_every, output_dir / 'demos',
                         steps=args.demo_steps, latent_size=args.image_size // 8, seed=seed,
