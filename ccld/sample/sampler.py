@@ -122,8 +122,9 @@ def settings_for(args, checkpoint, ckpt, adapters=(), own=None):
     autoencoder, cloob = frozen_models(args, checkpoint, ckpt, adapters)
     return Settings(checkpoint=str(checkpoint), description=ckpt.description,
                     autoencoder_scale=float(scale), size=cli.size_pair(size), method=method,
-                    steps=steps, schedule=schedule, eta=eta, cond_scale=args.cond_scale, seed=args.seed,
-                    n=args.n, lora=tuple(args.lora), autoencoder=autoencoder, cloob=cloob)
+                    steps=steps, schedule=schedule, eta=eta, cond_scale=args.cond_scale,
+                    seed=args.seed, n=args.n, lora=tuple(args.lora), autoencoder=autoencoder,
+                    cloob=cloob)
 
 
 def frozen_models(args, checkpoint, ckpt, adapters=()):
