@@ -268,18 +268,23 @@ def test_a_captioned_cache_trains_with_text_prob(assets, captioned, tmp_path):
     assert saved['ccld']['text_prob'] == 0.5
 
 
-def test_an_old_cache_trains_at_text_prob_0_and_is_refused_above(assets, captioned, tmp_path,
-                                                                  capsys):
-    """A cache as ccld wrote it before captions: records and manifest without them."""
-    old = tmp_path / 'old'
-    stats = latent_cache.PartStats(1, 0.0, 1.0)
+def old_cache(captioned, root):
+    """The captioned cache as ccld wrote caches before captions: records and manifest
+    without them."""
     kept = [{k: r[k] for k in ('key', 'mean', 'std', 'embed')}
             for r in records(captioned.root).values()]
-    latent_cache.write_part(old, 0, [dict(r, key=bytes(r['key'])) for r in kept], 0, stats)
+    latent_cache.write_part(root, 0, [dict(r, key=bytes(r['key'])) for r in kept], 0,
+                            latent_cache.PartStats(1, 0.0, 1.0))
     manifest = latent_cache.read_manifest(captioned.root)
-    latent_cache.finalize(old, 1, {k: v for k, v in manifest.items()
-                                   if k not in ('captions', 'caption_gap')})
-    assert 'captions' not in latent_cache.read_manifest(old)
+    latent_cache.finalize(root, 1, {k: v for k, v in manifest.items()
+                                    if k not in ('captions', 'caption_gap')})
+    assert 'captions' not in latent_cache.read_manifest(root)
+    return root
+
+
+def test_an_old_cache_trains_at_text_prob_0_and_is_refused_above(assets, captioned, tmp_path,
+                                                                  capsys):
+    old = old_cache(captioned, tmp_path / 'old')
     argv = caption_train_args(assets, old, tmp_path / 'out')
     assert tiny.exit_code(train_latent_diffusion.main, 'train', argv) == 0
     capsys.readouterr()
@@ -289,6 +294,68 @@ def test_an_old_cache_trains_at_text_prob_0_and_is_refused_above(assets, caption
     assert len(err) == 1 and f'--text-prob 0.5: the latent cache {old} holds no captions' \
         in err[0], err
     assert not (tmp_path / 'refused').exists()
+
+
+def test_training_from_images_reads_the_caption_column_it_is_given(assets, tmp_path):
+    cells = [Path(p).read_bytes() for p in assets.paths[:4]]
+    table = write_text_parquet(cells, list('abcd'), tmp_path / 'alt.parquet', 'alt')
+    argv = ['--train-set', str(table), '--caption-column', 'alt', '--text-prob', '0.25',
+            '--vqgan-model', assets.autoencoder, '--autoencoder-scale', '1.5',
+            '--cloob-checkpoint', assets.cloob, '--demo-prompts', str(assets.prompts),
+            '--output-dir', str(tmp_path / 'out'), '--accelerator', 'cpu', '--num-workers', '0',
+            '--batch-size', '4', '--image-size', str(SIZE), '--seed', '0']
+    seen = tiny.set_up_run(train_latent_diffusion.main, argv)
+    assert seen.module.text_prob == 0.25 == seen.module.record['text_prob']
+    assert sorted(next(iter(seen.loader))['captions']) == list('abcd')
+    argv[argv.index('alt')] = 'gone'
+    assert tiny.exit_code(train_latent_diffusion.main, 'train', argv) == 2
+
+
+def test_precompute_reads_the_caption_column_it_is_given(assets, tmp_path):
+    cells = [Path(p).read_bytes() for p in assets.paths[:3]]
+    table = write_text_parquet(cells, ['a', None, 'c'], tmp_path / 'alt.parquet', 'alt')
+    code, err = precompute(['--train-set', str(table), '--caption-column', 'alt', '--vqgan-model',
+                            assets.autoencoder, '--cloob-checkpoint', assets.cloob, '--output',
+                            str(tmp_path / 'latents'), '--image-size', str(SIZE),
+                            '--num-workers', '0', '--device', 'cpu'])
+    assert code == 0, err
+    manifest = latent_cache.read_manifest(tmp_path / 'latents')
+    assert (manifest['captions'], manifest['caption_column']) == (2, 'alt')
+    assert sorted(bytes(r['caption']) for r in records(tmp_path / 'latents').values()) == \
+        [b'', b'a', b'c']
+
+
+def distill_argv(assets, teacher, latents, out, *extra):
+    return ['--teacher', str(teacher), '--train-latents', str(latents), '--vqgan-model',
+            assets.autoencoder, '--cloob-checkpoint', assets.cloob, '--output-dir', str(out),
+            '--image-size', str(SIZE), '--batch-size', '3', '--num-workers', '0',
+            '--accelerator', 'cpu', '--start-steps', '2', '--target-steps', '1',
+            '--round-steps', '1', '--seed', '0', *extra]
+
+
+def test_distill_conditions_as_its_teacher_was_trained_unless_told(assets, captioned, tmp_path,
+                                                                  capsys):
+    import distill
+    from ccld.files import sha256
+    record = {'autoencoder': assets.autoencoder, 'cloob_checkpoint': assets.cloob,
+              'image_size': SIZE, 'autoencoder_sha256': sha256(f'{assets.autoencoder}.ckpt'),
+              'cloob_checkpoint_sha256': sha256(assets.cloob), 'text_prob': 0.5}
+    model = tiny.tiny_diffusion()
+    teacher = tiny.save_ccld_checkpoint(tmp_path / 'teacher.ckpt', model, model, record)
+    seen = tiny.set_up_run(distill.main, distill_argv(assets, teacher, captioned.root,
+                                                      tmp_path / 'a'))
+    assert seen.module.text_prob == 0.5 == seen.module.record['text_prob']
+    seen = tiny.set_up_run(distill.main, distill_argv(assets, teacher, captioned.root,
+                                                      tmp_path / 'b', '--text-prob', '0.2'))
+    assert seen.module.text_prob == 0.2
+    old = old_cache(captioned, tmp_path / 'old')
+    capsys.readouterr()
+    argv = distill_argv(assets, teacher, old, tmp_path / 'c')
+    assert tiny.exit_code(distill.main, distill.PROG, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and '--text-prob 0.5: the latent cache' in err[0], err
+    seen = tiny.set_up_run(distill.main, [*argv, '--text-prob', '0'])
+    assert seen.module.text_prob == 0
 
 
 # Captions of the learning test: the tiny random CLOOB's text tower pools at the start

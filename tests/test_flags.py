@@ -156,6 +156,10 @@ COVERED = {
                             'checkpoint'],
         '--image-column': [TABLE],
         '--dataset-split': [TABLE],
+        '--caption-column': ['test_training_from_images_reads_the_caption_column_it_is_given'],
+        '--text-prob': ['test_a_captioned_cache_trains_with_text_prob',
+                        'test_training_from_images_reads_the_caption_column_it_is_given',
+                        'test_an_old_cache_trains_at_text_prob_0_and_is_refused_above'],
         '--optimizer': ['test_adamw8bit_steps_with_uint8_moments_and_they_are_saved',
                         'test_adamw8bit_is_refused_in_one_line_where_it_cannot_run',
                         'test_the_cpu_ema_and_8bit_adamw_resume_as_if_never_stopped'],
@@ -214,6 +218,7 @@ COVERED = {
         '--json': [RERUN],
         '--image-column': [TABLE, 'test_a_column_that_holds_no_images_is_one_line_exit_2'],
         '--dataset-split': [TABLE],
+        '--caption-column': ['test_precompute_reads_the_caption_column_it_is_given'],
     },
     'compute_ae_scale.py': {
         'vqgan_model': [SCALE_CLI],
@@ -301,6 +306,7 @@ COVERED = {
         '--channels-last': [DISTILL],
         '--tf32': [DISTILL],
         '--gradient-checkpointing': [DISTILL],
+        '--text-prob': ['test_distill_conditions_as_its_teacher_was_trained_unless_told'],
     },
     'train_autoencoder.py': {
         **{flag: [AUTOENCODER] for flag in SHARED},
