@@ -252,6 +252,30 @@ def test_the_cache_keeps_captions_their_text_embeddings_and_the_gap_report(capti
     assert 'image and another caption (baseline)' in captioned.printed
 
 
+def test_compute_ae_scale_reports_the_gap_precompute_puts_in_the_manifest(assets, captioned,
+                                                                         tmp_path, capsys):
+    """All 5 captioned images in one batch: the pairs of the cache's one part."""
+    import compute_ae_scale
+    argv = [assets.autoencoder, str(captioned.root.parent / 'train.txt'), '--captions',
+            '--cloob-checkpoint', assets.cloob, '--batches', '1', '--batch-size', '8',
+            '--image-size', str(SIZE), '--num-workers', '0', '--device', 'cpu', '--json']
+    assert tiny.exit_code(compute_ae_scale.main, compute_ae_scale.PROG, argv) == 0
+    out, err = capsys.readouterr()
+    reported = json.loads(out)['caption_gap']
+    expected = latent_cache.read_manifest(captioned.root)['caption_gap']
+    for side in ('matched', 'mismatched'):
+        assert reported[side]['pairs'] == 5
+        for name in ('mean', 'q1', 'median', 'q3'):
+            assert reported[side][name] == pytest.approx(expected[side][name], abs=3e-3)
+    assert 'image and another caption (baseline)' in err
+    cells = [Path(p).read_bytes() for p in assets.paths[:3]]
+    table = write_text_parquet(cells, ['a', None, 'c'], tmp_path / 'alt.parquet', 'alt')
+    argv[1] = str(table)
+    assert tiny.exit_code(compute_ae_scale.main, compute_ae_scale.PROG,
+                          [*argv, '--caption-column', 'alt']) == 0
+    assert json.loads(capsys.readouterr().out)['caption_gap']['matched']['pairs'] == 2
+
+
 def caption_train_args(assets, latents, out, *extra):
     return ['--train-latents', str(latents), '--vqgan-model', assets.autoencoder,
             '--autoencoder-scale', '1.5', '--cloob-checkpoint', assets.cloob,

@@ -58,6 +58,7 @@ KILLED = 'test_killed_precompute_resumes_on_two_processes_to_the_same_cache'
 SCALE_CLI = 'test_cli_prints_the_scale_and_the_flag_from_any_directory'
 SCALE_JSON = 'test_cli_json'
 SCALE_SEED = 'test_cli_seed_workers_and_device_are_the_estimates'
+SCALE_GAP = 'test_compute_ae_scale_reports_the_gap_precompute_puts_in_the_manifest'
 
 EXPORT = 'test_the_export_holds_the_ema_weights_and_the_settings'
 PUSH = 'test_push_to_hub_uploads_the_export_its_card_and_sample_grid_and_nothing_else'
@@ -232,6 +233,9 @@ COVERED = {
         '--json': [SCALE_JSON],
         '--image-column': [TABLE],
         '--dataset-split': [TABLE],
+        '--captions': [SCALE_GAP],
+        '--cloob-checkpoint': [SCALE_GAP],
+        '--caption-column': [SCALE_GAP],
     },
     'export_model.py': {
         'checkpoint': [EXPORT],

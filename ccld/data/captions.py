@@ -86,6 +86,37 @@ def gap_report(matched, mismatched):
     return {'matched': summary(matched), 'mismatched': summary(mismatched)}
 
 
+@torch.no_grad()
+def measure_gap(source, cloob, image_size, limit=2048, batch_size=64, device='cpu'):
+    """The gap report on the first `limit` readable, captioned images of a Source, each
+    batch's mismatched pairs drawn from within it (as a cache part's are); None when none
+    of them has a caption."""
+    from .sources import transformed
+    matched, mismatched, pending = [], [], []
+
+    def embed_pending():
+        images = torch.stack([image for image, _ in pending]).to(device)
+        pairs = similarities(cloob.embed_images(images),
+                             cloob.embed_texts([text for _, text in pending]))
+        for values, found in zip((matched, mismatched), pairs):
+            values += found.tolist()
+        pending.clear()
+    for unit in range(len(source)):
+        for _, image, text in transformed(source.items(unit), image_size):
+            if image is not None and text is not None:
+                pending.append((image, text))
+                limit -= 1
+            if len(pending) == batch_size or (pending and not limit):
+                embed_pending()
+            if not limit:
+                break
+        if not limit:
+            break
+    if pending:
+        embed_pending()
+    return gap_report(matched, mismatched) if matched else None
+
+
 def describe_gap(report):
     """The report in lines a user reads."""
     def line(name, s):
