@@ -81,7 +81,7 @@ def main(argv=None):
 
 def caption_gap(args, source, device):
     """The --captions report, printed to stderr; None when no image has a caption."""
-    from ccld.data.captions import describe_gap, measure_gap
+    from ccld.data.gap import describe_gap, measure_gap
     from ccld.models.cloob import load_cloob
     gap = measure_gap(source, load_cloob(args.cloob_checkpoint, device), args.image_size,
                       args.batches * args.batch_size, args.batch_size, device)

@@ -69,7 +69,7 @@ def main(argv=None):
     manifest = precompute.run(args, source)
     if manifest is None:  # not rank zero
         return
-    from ccld.data.captions import describe_gap
+    from ccld.data.gap import describe_gap
     if manifest.get('caption_gap'):
         print(f'{manifest["captions"]} of the images have a caption. '
               f'{describe_gap(manifest["caption_gap"])}', file=sys.stderr)

@@ -18,7 +18,7 @@ import learning
 import precompute_latents
 import tiny
 import train_latent_diffusion
-from ccld.data import captions, latent_cache
+from ccld.data import latent_cache
 from ccld.data.images import image_transform, load_image, make_loader
 from ccld.data.sources import Source
 from ccld.errors import UserError

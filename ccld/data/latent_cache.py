@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from . import captions
+from . import gap
 from .. import software_version
 from ..errors import RunError, UserError
 from ..files import atomic_write, fsync_dir, temp_name
@@ -149,7 +149,7 @@ def finalize(root, units, settings):
 
 def caption_summary(parts):
     """What the manifest says of the captions: how many images had one, and the gap
-    report (captions.gap_report) on the pairs the parts kept; {} for parts made without
+    report (gap.gap_report) on the pairs the parts kept; {} for parts made without
     reading captions."""
     if not any('captions' in p for p in parts):
         return {}
@@ -157,7 +157,7 @@ def caption_summary(parts):
     pairs = {side: [v for p in parts for v in p.get('similarity', {}).get(side, [])]
              for side in ('matched', 'mismatched')}
     return {'captions': count,
-            'caption_gap': captions.gap_report(**pairs) if pairs['matched'] else None}
+            'caption_gap': gap.gap_report(**pairs) if pairs['matched'] else None}
 
 
 def has_captions(manifest):

@@ -16,7 +16,7 @@ import torch
 from torch.utils import data
 from tqdm.auto import tqdm
 
-from . import captions, latent_cache
+from . import gap, latent_cache
 from ..models import latents
 from ..errors import RunError, UserError
 from ..files import check_writable_dir, remove_stale_temps
@@ -103,9 +103,9 @@ class Part:
 
     def caption_summary(self):
         """What part.json keeps of the captions: how many records have one, and the
-        similarities of the first captions.REPORT_SAMPLE of them (the gap report's pairs)."""
-        captioned = [r for r in self.records if r['caption']][:captions.REPORT_SAMPLE]
-        matched, mismatched = captions.similarities(
+        similarities of the first gap.REPORT_SAMPLE of them (the gap report's pairs)."""
+        captioned = [r for r in self.records if r['caption']][:gap.REPORT_SAMPLE]
+        matched, mismatched = gap.similarities(
             torch.stack([r['embed'] for r in captioned]) if captioned else torch.empty(0, 1),
             torch.stack([r['text_embed'] for r in captioned]) if captioned else torch.empty(0, 1))
         return {'captions': sum(bool(r['caption']) for r in self.records),

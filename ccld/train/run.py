@@ -434,7 +434,7 @@ def run(args):
     rank_zero_info(f'Training on {data.describe()}; checkpoints in {output_dir / "checkpoints"}, '
                    f'demo grids in {output_dir / "demos"}, logs to {where}. Seed {seed}.')
     if args.cache is not None and args.cache.get('caption_gap'):
-        from ..data.captions import describe_gap
+        from ..data.gap import describe_gap
         rank_zero_info(f'{args.cache["captions"]} of the cached images have a caption; '
                        f'training with --text-prob {args.text_prob:g}. '
                        f'{describe_gap(args.cache["caption_gap"])}')
