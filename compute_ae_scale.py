@@ -5,6 +5,8 @@
     python3 compute_ae_scale.py kl_f8 train.txt
 
 Prints the scale; progress and the flag to paste go to stderr (--json for machines).
+With --captions it also reports how close CLOOB puts each captioned image to its caption
+(the gap report that precompute_latents.py prints too): whether --text-prob is worth it.
 """
 
 import json
@@ -28,7 +30,13 @@ def parser():
                    help='the size training will use')
     p.add_argument('--num-workers', type=cli.non_negative_int, default=cli.default_workers(),
                    help='image loading processes (by default one per usable CPU, at most 8)')
-    cli.add_table_flags(p)
+    cli.add_caption_flag(cli.add_table_flags(p))
+    p.add_argument('--captions', action='store_true',
+                   help='also report the CLOOB cosine similarity of the first --batches x '
+                   '--batch-size captioned images with their captions, and with others\' '
+                   'captions as the baseline')
+    p.add_argument('--cloob-checkpoint', default='cloob_laion_400m_vit_b_16_16_epochs',
+                   help=cli.CLOOB_HELP + ' (with --captions)')
     p.add_argument('--device', type=cli.device, help='default: cuda if available, else cpu')
     p.add_argument('--seed', type=cli.seed, default=0, help='picks the images (when there are more than --batches x --batch-size)')
     p.add_argument('--json', action='store_true', help='print one JSON object instead')
@@ -43,8 +51,12 @@ def main(argv=None):
     from ccld.models import hub
 
     cli.check_image_size(args.image_size)  # one training takes: the scale is for it
-    source = Source(args.train_set, image_column=args.image_column, split=args.dataset_split)
+    source = Source(args.train_set, image_column=args.image_column, split=args.dataset_split,
+                    caption_column=args.caption_column)
     args.vqgan_model = hub.resolve_autoencoder(args.vqgan_model, 'VQGAN_MODEL')
+    if args.captions:  # (checked before the long part, the scale, starts)
+        hub.resolve_cloob(args.cloob_checkpoint)
+        cli.check_frozen_model_files(args.vqgan_model, args.cloob_checkpoint)
     device = args.device or cli.default_device()
     autoencoder = load_autoencoder(args.vqgan_model, device=device)
     wanted, known = args.batches * args.batch_size, source.known_images
@@ -58,12 +70,24 @@ def main(argv=None):
         print(f'skipped {cli.count(result.skipped, "unreadable image")}.', file=sys.stderr)
     print(f'{cli.count(result.images, "image")} in {cli.count(result.batches, "batch", "batches")}'
           f'; train with:\n  {flag}', file=sys.stderr)
+    gap = caption_gap(args, source, device) if args.captions else None
     if args.json:
         print(json.dumps({'autoencoder_scale': result.scale, 'images': result.images,
                           'batches': result.batches, 'skipped': result.skipped,
-                          'argument': flag}))
+                          'argument': flag, **({'caption_gap': gap} if args.captions else {})}))
     else:
         print(f'{result.scale:.6g}')
+
+
+def caption_gap(args, source, device):
+    """The --captions report, printed to stderr; None when no image has a caption."""
+    from ccld.data.gap import describe_gap, measure_gap
+    from ccld.models.cloob import load_cloob
+    gap = measure_gap(source, load_cloob(args.cloob_checkpoint, device), args.image_size,
+                      args.batches * args.batch_size, args.batch_size, device)
+    print(describe_gap(gap) if gap else f'--captions: none of the images of {args.train_set} '
+          'has a caption.', file=sys.stderr)
+    return gap
 
 
 if __name__ == '__main__':

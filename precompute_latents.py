@@ -6,7 +6,9 @@ autoencoder and CLOOB: train with --train-latents DIR instead of --train-set.
         --cloob-checkpoint cloob_laion_400m_vit_b_16_16_epochs --output latents/
 
 Rerun the same command after an interruption: finished parts are kept. It prints the
-autoencoder scale of the whole set and the --autoencoder-scale flag to train with.
+autoencoder scale of the whole set and the --autoencoder-scale flag to train with, and,
+where the images have captions, how close CLOOB puts each image to its caption (the gap
+report, ccld/data/captions.py): what tells whether training with --text-prob is worth it.
 """
 
 import json
@@ -20,7 +22,7 @@ PROG = 'precompute_latents.py'
 def parser():
     p = cli.ArgumentParser(prog=PROG, description=__doc__.split('\n\n')[0])
     p.add_argument('--train-set', required=True, help=cli.IMAGES_HELP)
-    cli.add_table_flags(p)
+    cli.add_caption_flag(cli.add_table_flags(p))
     p.add_argument('--vqgan-model', required=True,
                    help=cli.AUTOENCODER_HELP)
     p.add_argument('--cloob-checkpoint', default='cloob_laion_400m_vit_b_16_16_epochs',
@@ -60,12 +62,17 @@ def main(argv=None):
     if args.device.type == 'cuda':
         cli.check_devices('gpu', args.num_gpus)
     try:
-        source = Source(args.train_set, args.shard_size, args.image_column, args.dataset_split)
+        source = Source(args.train_set, args.shard_size, args.image_column, args.dataset_split,
+                        args.caption_column)
     except UserError as e:
         raise UserError(f'--train-set: {e}') from None
     manifest = precompute.run(args, source)
     if manifest is None:  # not rank zero
         return
+    from ccld.data.gap import describe_gap
+    if manifest.get('caption_gap'):
+        print(f'{manifest["captions"]} of the images have a caption. '
+              f'{describe_gap(manifest["caption_gap"])}', file=sys.stderr)
     flag = f'--autoencoder-scale {manifest["autoencoder_scale"]:.6g}'
     print(f'{manifest["images"]} images cached in {Path(args.output)}, {manifest["skipped"]} '
           f'unreadable skipped. Their autoencoder scale; train with:\n  {flag} '

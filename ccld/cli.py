@@ -108,6 +108,16 @@ def add_table_flags(group):
     return group
 
 
+def add_caption_flag(group):
+    """--caption-column, for the tools that read captions (data/captions.py)."""
+    group.add_argument('--caption-column',
+                       help='the column of parquet files or datasets that holds the captions '
+                       '(default: caption, else text, found from the schema; tar shards give '
+                       'theirs in .txt or .json, path lists as PATH<TAB>CAPTION or IMAGE.txt '
+                       'beside the image)')
+    return group
+
+
 def whole_number(text, low, high=None):
     """int(text), which must lie in [low, high]."""
     try:
@@ -163,6 +173,13 @@ def non_negative_float(text):
     value = finite_float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f'must be 0 or more, got {value}')
+    return value
+
+
+def probability(text):
+    value = finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f'must be between 0 and 1, got {value}')
     return value
 
 

@@ -58,6 +58,7 @@ KILLED = 'test_killed_precompute_resumes_on_two_processes_to_the_same_cache'
 SCALE_CLI = 'test_cli_prints_the_scale_and_the_flag_from_any_directory'
 SCALE_JSON = 'test_cli_json'
 SCALE_SEED = 'test_cli_seed_workers_and_device_are_the_estimates'
+SCALE_GAP = 'test_compute_ae_scale_reports_the_gap_precompute_puts_in_the_manifest'
 
 EXPORT = 'test_the_export_holds_the_ema_weights_and_the_settings'
 PUSH = 'test_push_to_hub_uploads_the_export_its_card_and_sample_grid_and_nothing_else'
@@ -157,6 +158,10 @@ COVERED = {
                             'checkpoint'],
         '--image-column': [TABLE],
         '--dataset-split': [TABLE],
+        '--caption-column': ['test_training_from_images_reads_the_caption_column_it_is_given'],
+        '--text-prob': ['test_a_captioned_cache_trains_with_text_prob',
+                        'test_training_from_images_reads_the_caption_column_it_is_given',
+                        'test_an_old_cache_trains_at_text_prob_0_and_is_refused_above'],
         '--optimizer': ['test_adamw8bit_steps_with_uint8_moments_and_they_are_saved',
                         'test_adamw8bit_is_refused_in_one_line_where_it_cannot_run',
                         'test_the_cpu_ema_and_8bit_adamw_resume_as_if_never_stopped'],
@@ -215,6 +220,7 @@ COVERED = {
         '--json': [RERUN],
         '--image-column': [TABLE, 'test_a_column_that_holds_no_images_is_one_line_exit_2'],
         '--dataset-split': [TABLE],
+        '--caption-column': ['test_precompute_reads_the_caption_column_it_is_given'],
     },
     'compute_ae_scale.py': {
         'vqgan_model': [SCALE_CLI],
@@ -228,6 +234,9 @@ COVERED = {
         '--json': [SCALE_JSON],
         '--image-column': [TABLE],
         '--dataset-split': [TABLE],
+        '--captions': [SCALE_GAP],
+        '--cloob-checkpoint': [SCALE_GAP],
+        '--caption-column': [SCALE_GAP],
     },
     'export_model.py': {
         'checkpoint': [EXPORT],
@@ -305,6 +314,7 @@ COVERED = {
         '--channels-last': [DISTILL],
         '--tf32': [DISTILL],
         '--gradient-checkpointing': [DISTILL],
+        '--text-prob': ['test_distill_conditions_as_its_teacher_was_trained_unless_told'],
     },
     'train_autoencoder.py': {
         **{flag: [AUTOENCODER] for flag in SHARED},

@@ -132,7 +132,7 @@ def test_a_hub_dataset_is_read_once_per_epoch_over_two_ranks_of_two_workers(hub,
     keeps every 4th row. Either way every row is read once an epoch."""
     source = hub(files)
     assert (len(source), source.known_images, source.uneven_shares) == (files, None, True)
-    assert [key for key, _ in source.items(0)][:2] == \
+    assert [key for key, *_ in source.items(0)][:2] == \
         [f'hf://someone/paintings:0:{i:09}' for i in range(2)]
     seen = [rank_epochs(source, rank) for rank in (0, 1)]
     for epoch in (0, 1):

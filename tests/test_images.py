@@ -46,6 +46,6 @@ def test_training_images_from_files_are_rgb_crops(tmp_path, mode):
     path = tmp_path / f'{mode}.png'
     image.save(path)
     assert load_image(path).mode == 'RGB'
-    key, item = ImagePathDataset([path], image_size=SIZE)[0]
+    key, item, _ = ImagePathDataset([path], image_size=SIZE)[0]
     assert key == path
     torch.testing.assert_close(item, by_hand(image, SIZE), rtol=0, atol=1e-6)

@@ -361,9 +361,9 @@ def test_a_rerun_encodes_only_the_parts_an_interrupted_run_left_unfinished(
     encode, write_part = precompute.encode, latent_cache.write_part
     loader = precompute.data.DataLoader
 
-    def encode_spy(ae_model, cloob, images):
+    def encode_spy(ae_model, cloob, images, texts):
         encoded.append(len(images))
-        return encode(ae_model, cloob, images)
+        return encode(ae_model, cloob, images, texts)
 
     def write_part_spy(root, unit, *args):
         written.append(unit)

@@ -51,8 +51,8 @@ def test_img2dataset_parquet_rows_are_its_images_keyed_by_the_key_column(sets):
     assert [source.unit_size_of(u) for u in range(len(source))] == [4, 3, 3, 4]
     items = [item for unit in range(len(source)) for item in source.items(unit)]
     files = sorted(sets.img2dataset.glob('*.parquet'))
-    assert [key for key, _ in items] == [f'{files[i // 5]}:{i:09}' for i in range(14)]
-    for i, (_, image) in enumerate(items):
+    assert [key for key, *_ in items] == [f'{files[i // 5]}:{i:09}' for i in range(14)]
+    for i, (_, image, _) in enumerate(items):
         if i in (5, 11):
             assert isinstance(image, Exception)
         else:
@@ -67,7 +67,7 @@ def test_a_datasets_image_column_is_found_and_rows_are_keyed_by_position(sets, t
     source = Source(str(table))
     assert (source.image_column, source.table.columns.key) == ('image', None)
     items = [item for unit in range(len(source)) for item in source.items(unit)]
-    assert [key for key, _ in items] == [f'{table}:{i}' for i in range(4)]
+    assert [key for key, *_ in items] == [f'{table}:{i}' for i in range(4)]
     np.testing.assert_array_equal(np.asarray(items[0][1]), picture(sets.cells[0]))
 
 
@@ -79,9 +79,9 @@ def test_a_keyless_row_group_of_more_rows_than_a_read_keys_each_row_by_its_posit
                                         row_group_size=70)
     source = Source(str(table))
     assert source.table.piece_rows == [70]
-    keys = [key for unit in range(len(source)) for key, _ in source.items(unit)]
+    keys = [key for unit in range(len(source)) for key, *_ in source.items(unit)]
     assert keys == [f'{table}:{i}' for i in range(70)]
-    assert [key for key, _ in source.table.read(0, 66, 70)] == \
+    assert [key for key, *_ in source.table.read(0, 66, 70)] == \
         [f'{table}:{i}' for i in range(66, 70)]
 
 

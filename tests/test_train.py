@@ -258,7 +258,8 @@ def test_batches_of_only_unreadable_files_neither_stop_the_run_nor_step(assets, 
 
     def every_other_batch_unreadable(batch):
         calls.append(len(calls))
-        return collate([(key, None) for key, _ in batch] if len(calls) % 2 else batch)
+        return collate([(key, None, text) for key, _, text in batch] if len(calls) % 2
+                       else batch)
     monkeypatch.setattr(images, 'collate_skipping_bad', every_other_batch_unreadable)
     trainer, module = train(train_args(assets, tmp_path, '--max-steps', '2',
                                        '--demo-every', '1000'))

@@ -34,7 +34,8 @@ class SavedImages(ImageTable):
     """The images of a saved dataset (a split of it, if it holds several); keys are
     DIR:KEY (the key column) or DIR:ROW."""
 
-    def __init__(self, path, split='train', image_column=None, unit_size=10_000):
+    def __init__(self, path, split='train', image_column=None, unit_size=10_000,
+                 caption_column=None):
         import datasets
         self.path = str(path)
         try:
@@ -46,7 +47,7 @@ class SavedImages(ImageTable):
                 raise UserError(f'{path} holds the splits {", ".join(dataset)}, not {split!r}; '
                                 'pass one with --dataset-split.')
             dataset, self.split = dataset[split], split
-        columns = find_columns(dataset.features.arrow_schema, image_column, path)
+        columns = find_columns(dataset.features.arrow_schema, image_column, path, caption_column)
         self.dataset = dataset.with_format('arrow', columns=columns.names())
         self.files = sorted(f['filename'] for f in dataset.cache_files)
         rows = [min(PIECE_ROWS, len(dataset) - start)
@@ -88,7 +89,7 @@ class HubImages:
 
     rows = None  # not known before the shards are read
 
-    def __init__(self, spec, split='train', image_column=None):
+    def __init__(self, spec, split='train', image_column=None, caption_column=None):
         import pyarrow as pa
         self.spec, self.split = spec, split
         name = spec[len(HUB):].strip('/')
@@ -99,7 +100,7 @@ class HubImages:
             schema = dataset.features.arrow_schema
         else:  # (features not declared: those of the first row)
             schema = pa.Table.from_pylist(list(dataset.take(1))).schema
-        self.columns = find_columns(schema, image_column, spec)
+        self.columns = find_columns(schema, image_column, spec, caption_column)
         self.dataset = dataset.select_columns(self.columns.names()).with_format('arrow')
         self.shards = dataset.num_shards
 
@@ -107,7 +108,7 @@ class HubImages:
         return self.shards
 
     def read(self, shard):
-        """(key, image cell) of each row of a shard. (Read with .iter: iterating the
+        """(key, image cell, caption) of each row of a shard. (Read with .iter: iterating the
         dataset itself in a loader worker would split the shard among the workers again.)"""
         first = 0
         for table in self.dataset.shard(num_shards=self.shards, index=shard).iter(READ_ROWS):
@@ -118,8 +119,8 @@ class HubImages:
         return None
 
     def items(self, unit):
-        for key, cell in self.read(unit):
-            yield key, decoded(cell)
+        for key, cell, text in self.read(unit):
+            yield key, decoded(cell), text
 
     def loader(self, image_size, batch_size, num_workers, seed, rank, world_size,
                worker_init_fn=None, prefetch_factor=2, random_flip=False, epoch=0):

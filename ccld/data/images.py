@@ -12,6 +12,7 @@ from torch.utils import data
 from torchvision import transforms
 from torchvision.transforms import functional as F
 
+from . import captions
 from ..cli import size_pair
 from ..errors import UserError
 from ..files import read_text_lines
@@ -41,11 +42,14 @@ def warn_skipped(key, error):
 
 
 def read_path_list(path):
-    """One image path per line; blank lines skipped. Raises UserError if none."""
-    paths = read_text_lines(path, 'path list')
-    if not paths:
+    """One image path per line, optionally followed by a TAB and its caption; blank lines
+    skipped. Returns the paths and their captions (None where a line has none). Raises
+    UserError if there are no paths."""
+    lines = read_text_lines(path, 'path list')
+    if not lines:
         raise UserError(f'path list {path} has no image paths in it.')
-    return paths
+    paths, texts = zip(*map(captions.split_line, lines))
+    return list(paths), list(texts)
 
 
 def check_some_exist(paths, source):
@@ -107,11 +111,18 @@ def load_image(path):
         return to_rgb(ImageOps.exif_transpose(image))
 
 
-class ImagePathDataset(data.Dataset):
-    """(path, image) from a list of paths; an unreadable one gives UNREADABLE and a warning."""
+def caption_of(path, listed=None):
+    """An image's caption: the one its path list gave, else its IMAGE.txt, else None."""
+    return listed if listed is not None else captions.beside(path)
 
-    def __init__(self, paths, image_size=256, random_flip=False):
+
+class ImagePathDataset(data.Dataset):
+    """(path, image, caption) from a list of paths and the captions the list gave (None:
+    none); an unreadable image gives UNREADABLE and a warning."""
+
+    def __init__(self, paths, image_size=256, random_flip=False, texts=None):
         self.paths = list(paths)
+        self.texts = list(texts) if texts is not None else [None] * len(self.paths)
         self.transform = image_transform(image_size, random_flip)
 
     def __len__(self):
@@ -119,29 +130,33 @@ class ImagePathDataset(data.Dataset):
 
     def __getitem__(self, index):
         path = self.paths[index]
+        text = caption_of(path, self.texts[index])
         try:
-            return path, self.transform(load_image(path))
+            return path, self.transform(load_image(path)), text
         except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
             warn_skipped(path, e)
-            return path, UNREADABLE
+            return path, UNREADABLE, text
 
 
 def collate_skipping_bad(batch):
-    """(key, image) pairs -> the good images stacked, their keys, and how many were skipped.
+    """(key, image, caption) triples -> the good images stacked, their keys and captions
+    (None for none), and how many were skipped.
 
-    Returns {'images': [n, 3, H, W], 'keys': n keys, 'skipped': int}; n may be 0.
+    Returns {'images': [n, 3, H, W], 'keys': n keys, 'captions': n captions,
+    'skipped': int}; n may be 0.
     """
-    good = [(key, image) for key, image in batch if isinstance(image, torch.Tensor)]
-    images = torch.stack([image for _, image in good]) if good else torch.empty(0)
-    return {'images': images, 'keys': [key for key, _ in good],
-            'skipped': len(batch) - len(good)}
+    good = [item for item in batch if isinstance(item[1], torch.Tensor)]
+    images = torch.stack([image for _, image, _ in good]) if good else torch.empty(0)
+    return {'images': images, 'keys': [key for key, _, _ in good],
+            'captions': [text for _, _, text in good], 'skipped': len(batch) - len(good)}
 
 
 def make_loader(paths, image_size, batch_size, num_workers, shuffle=True, seed=None,
-                drop_last=True, worker_init_fn=None, prefetch_factor=2, random_flip=False):
+                drop_last=True, worker_init_fn=None, prefetch_factor=2, random_flip=False,
+                texts=None):
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return data.DataLoader(
-        ImagePathDataset(paths, image_size, random_flip),
+        ImagePathDataset(paths, image_size, random_flip, texts),
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,

@@ -1,5 +1,7 @@
 """The latent cache: every training image's KL posterior (mean and std, fp16) and CLOOB
-image embedding, computed once by precompute_latents.py instead of every epoch.
+image embedding, computed once by precompute_latents.py instead of every epoch; and its
+caption (UTF-8, empty for none) and the caption's CLOOB text embedding (zeros for none).
+Caches made before captions were read hold neither, and train as they did.
 
 Layout of a cache directory:
     ccld_cache.json         the manifest: what made the cache, counts, the scale. Written
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from . import gap
 from .. import software_version
 from ..errors import RunError, UserError
 from ..files import atomic_write, fsync_dir, temp_name
@@ -81,9 +84,10 @@ def latent_sums(mean, std):
     return mean.sum(1), (mean.square() + std.square()).sum(1)
 
 
-def write_part(root, unit, records, skipped, stats):
-    """Writes one part whole: litdata chunks of `records` (dicts of key, mean, std, embed)
-    and part.json, in a temp directory that is renamed into place when complete."""
+def write_part(root, unit, records, skipped, stats, extra=None):
+    """Writes one part whole: litdata chunks of `records` (dicts of key, mean, std, embed,
+    and caption and text_embed in caches that read captions) and part.json (with `extra`
+    in it), in a temp directory that is renamed into place when complete."""
     from litdata import complete_dataset
     from litdata.streaming.writer import BinaryWriter
     final = part_dir(root, unit)
@@ -101,7 +105,7 @@ def write_part(root, unit, records, skipped, stats):
         chunks, config = index['chunks'], index['config']
     summary = {'unit': unit, 'images': len(records), 'skipped': skipped,
                'elements': stats.elements, 'sum': stats.total, 'sum_sq': stats.total_sq,
-               'chunks': chunks, 'config': config}
+               'chunks': chunks, 'config': config, **(extra or {})}
     write_json(tmp / 'part.json', summary)
     for path in tmp.iterdir():
         with open(path, 'rb') as f:
@@ -138,9 +142,27 @@ def finalize(root, units, settings):
     write_json(root / 'index.json', {'chunks': chunks, 'config': config})
     manifest = dict(settings, format=FORMAT, format_version=FORMAT_VERSION,
                     software=f'ccld {software_version()}', images=images, skipped=skipped,
-                    parts=units, autoencoder_scale=stats.scale())
+                    parts=units, autoencoder_scale=stats.scale(), **caption_summary(parts))
     write_json(root / MANIFEST, manifest)
     return manifest
+
+
+def caption_summary(parts):
+    """What the manifest says of the captions: how many images had one, and the gap
+    report (gap.gap_report) on the pairs the parts kept; {} for parts made without
+    reading captions."""
+    if not any('captions' in p for p in parts):
+        return {}
+    count = sum(p.get('captions', 0) for p in parts)
+    pairs = {side: [v for p in parts for v in p.get('similarity', {}).get(side, [])]
+             for side in ('matched', 'mismatched')}
+    return {'captions': count,
+            'caption_gap': gap.gap_report(**pairs) if pairs['matched'] else None}
+
+
+def has_captions(manifest):
+    """Whether a cache holds captions' text embeddings to train with --text-prob."""
+    return bool(manifest.get('captions'))
 
 
 def read_manifest(root):
@@ -199,8 +221,13 @@ def decode_key(key):
 
 
 def collate_records(records):
-    """Cache records -> a batch {'mean', 'std', 'embed', 'keys', 'skipped'}."""
+    """Cache records -> a batch {'mean', 'std', 'embed', 'keys', 'skipped'}, and
+    'text_embed' and 'has_text' (whether each record has a caption) where the cache holds
+    them."""
     batch = {name: torch.stack([r[name] for r in records]) for name in ('mean', 'std', 'embed')}
+    if 'text_embed' in records[0]:
+        batch['text_embed'] = torch.stack([r['text_embed'] for r in records])
+        batch['has_text'] = torch.tensor([len(r['caption']) > 0 for r in records])
     return dict(batch, keys=[decode_key(r['key']) for r in records], skipped=0)
 
 

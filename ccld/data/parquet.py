@@ -48,7 +48,7 @@ def open_file(path):
 class ParquetImages(ImageTable):
     """The images of parquet files; keys are FILE:KEY (the key column) or FILE:ROW."""
 
-    def __init__(self, spec, image_column=None, unit_size=10_000):
+    def __init__(self, spec, image_column=None, unit_size=10_000, caption_column=None):
         import pyarrow as pa
         self.spec, self.files = spec, parquet_files(spec)
         self.pieces, rows = [], []  # (file, row group, its first row in the file), its rows
@@ -59,7 +59,7 @@ class ParquetImages(ImageTable):
             except (OSError, pa.ArrowException) as e:
                 raise UserError(f'{path} is not a readable parquet file ({e}).') from None
             found = find_columns(reader.schema_arrow, columns.image if columns else image_column,
-                                 path)
+                                 path, columns.caption if columns else caption_column)
             if columns is not None and found != columns:
                 raise UserError(f'{path} keys its rows by {found.key or "position"}, '
                                 f'{self.files[0]} by {columns.key or "position"}; pass files '

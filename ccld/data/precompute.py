@@ -16,7 +16,7 @@ import torch
 from torch.utils import data
 from tqdm.auto import tqdm
 
-from . import latent_cache
+from . import gap, latent_cache
 from ..models import latents
 from ..errors import RunError, UserError
 from ..files import check_writable_dir, remove_stale_temps
@@ -25,7 +25,8 @@ from .sources import transformed
 END = None  # the key that marks the end of a unit in the stream of images
 # The settings a rerun must share with the parts made before (the models are compared by
 # their digests).
-PLANNED = ('image_size', 'source', 'image_column', 'split', 'units', 'unit_size')
+PLANNED = ('image_size', 'source', 'image_column', 'caption_column', 'split', 'units',
+           'unit_size')
 NO_DATA_BATCHES = 20
 
 
@@ -36,6 +37,7 @@ def settings_for(args, source):
     return {'autoencoder': describe_autoencoder(args.vqgan_model),
             'cloob': describe_cloob(args.cloob_checkpoint), 'image_size': args.image_size,
             'source': source.location, 'image_column': source.image_column,
+            'caption_column': source.caption_column,
             'split': source.split, 'units': len(source), 'unit_size': source.unit_size}
 
 
@@ -62,9 +64,10 @@ def prepare(root, settings):
 
 
 class UnitImages(data.IterableDataset):
-    """(unit, key, image tensor or None) for every image of the given units, each unit
-    followed by (unit, END, None); each loader worker takes its own units. (END is None,
-    not a sentinel object: items are pickled on their way from the workers.)"""
+    """(unit, key, image tensor or None, caption or None) for every image of the given
+    units, each unit followed by (unit, END, None, None); each loader worker takes its own
+    units. (END is None, not a sentinel object: items are pickled on their way from the
+    workers.)"""
 
     def __init__(self, source, units, image_size):
         super().__init__()
@@ -74,16 +77,22 @@ class UnitImages(data.IterableDataset):
         info = data.get_worker_info()
         units = self.units if info is None else self.units[info.id::info.num_workers]
         for unit in units:
-            for key, image in transformed(self.source.items(unit), self.image_size):
-                yield unit, key, image
-            yield unit, END, None
+            for key, image, text in transformed(self.source.items(unit), self.image_size):
+                yield unit, key, image, text
+            yield unit, END, None, None
 
 
 @torch.inference_mode()
-def encode(ae_model, cloob, images):
-    """Images in [0, 1] -> posterior means and stds (fp32) and CLOOB embeddings, as
-    training computes them."""
-    return (*latents.posterior(ae_model, images), cloob.embed_images(images))
+def encode(ae_model, cloob, images, texts):
+    """Images in [0, 1] and their captions -> posterior means and stds (fp32), CLOOB image
+    embeddings, as training computes them, and the captions' CLOOB text embeddings (zeros
+    where there is no caption: one text forward per caption, the cost of --text-prob)."""
+    embeds = cloob.embed_images(images)
+    text_embeds = torch.zeros_like(embeds)
+    captioned = [i for i, text in enumerate(texts) if text is not None]
+    if captioned:
+        text_embeds[captioned] = cloob.embed_texts([texts[i] for i in captioned]).to(embeds)
+    return (*latents.posterior(ae_model, images), embeds, text_embeds)
 
 
 class Part:
@@ -91,6 +100,17 @@ class Part:
 
     def __init__(self):
         self.records, self.skipped, self.stats = [], 0, latent_cache.PartStats()
+
+    def caption_summary(self):
+        """What part.json keeps of the captions: how many records have one, and the
+        similarities of the first gap.REPORT_SAMPLE of them (the gap report's pairs)."""
+        captioned = [r for r in self.records if r['caption']][:gap.REPORT_SAMPLE]
+        matched, mismatched = gap.similarities(
+            torch.stack([r['embed'] for r in captioned]) if captioned else torch.empty(0, 1),
+            torch.stack([r['text_embed'] for r in captioned]) if captioned else torch.empty(0, 1))
+        return {'captions': sum(bool(r['caption']) for r in self.records),
+                'similarity': {'matched': [round(v, 5) for v in matched.tolist()],
+                               'mismatched': [round(v, 5) for v in mismatched.tolist()]}}
 
 
 def encode_units(source, units, root, ae_model, cloob, image_size, batch_size, num_workers,
@@ -106,26 +126,30 @@ def encode_units(source, units, root, ae_model, cloob, image_size, batch_size, n
                disable=not progress, desc='encoding')
     parts, encoded, tried, batches = defaultdict(Part), 0, 0, 0
     for batch in loader:
-        good = [(unit, key, image) for unit, key, image in batch if image is not None]
+        good = [item for item in batch if item[2] is not None]
         if good:
-            images = torch.stack([image for _, _, image in good]).to(device)
-            means, stds, embeds = encode(ae_model, cloob, images)
+            images = torch.stack([image for _, _, image, _ in good]).to(device)
+            encoded_batch = encode(ae_model, cloob, images, [text for *_, text in good])
+            means, stds = encoded_batch[:2]
             # One copy to the CPU per batch: per-image copies would sync the GPU each time.
             totals, totals_sq = (t.cpu() for t in latent_cache.latent_sums(means, stds))
-            means, stds, embeds = (t.half().cpu() for t in (means, stds, embeds))
-            for i, (unit, key, _) in enumerate(good):
+            means, stds, embeds, text_embeds = (t.half().cpu() for t in encoded_batch)
+            for i, (unit, key, _, text) in enumerate(good):
                 part = parts[unit]
                 part.stats.add(means[i].numel(), totals[i].item(), totals_sq[i].item())
                 part.records.append({'key': latent_cache.encode_key(key), 'mean': means[i],
-                                     'std': stds[i], 'embed': embeds[i]})
-        for unit, key, image in batch:
+                                     'std': stds[i], 'embed': embeds[i],
+                                     'caption': (text or '').encode('utf-8'),
+                                     'text_embed': text_embeds[i]})
+        for unit, key, image, _ in batch:
             if key is END:
                 part = parts.pop(unit)
-                latent_cache.write_part(root, unit, part.records, part.skipped, part.stats)
+                latent_cache.write_part(root, unit, part.records, part.skipped, part.stats,
+                                        part.caption_summary())
                 bar.update(0 if known else 1)
             elif image is None:
                 parts[unit].skipped += 1
-        images_in_batch = sum(key is not END for _, key, _ in batch)
+        images_in_batch = sum(key is not END for _, key, _, _ in batch)
         encoded, tried, batches = encoded + len(good), tried + images_in_batch, batches + 1
         if known:
             bar.update(images_in_batch)

@@ -16,9 +16,11 @@ from pathlib import Path
 
 from torch.utils import data
 
+from . import captions
 from .hf_datasets import HUB, HubImages, SavedImages, is_saved_dataset
-from .images import (IMAGE_EXTENSIONS, UNREADABLE, batched_loader, check_some_exist,
-                     image_transform, load_image, read_path_list, warn_skipped)
+from .images import (IMAGE_EXTENSIONS, UNREADABLE, batched_loader, caption_of,
+                     check_some_exist, image_transform, load_image, read_path_list,
+                     warn_skipped)
 from .parquet import ParquetImages, has_parquet_files
 from ..errors import UserError
 
@@ -65,31 +67,36 @@ def tar_urls(spec):
 
 
 class Source:
-    """A training set cut into units. `spec` is what the user passed; `image_column` (None:
-    found from the schema) and `split` apply to parquet files and datasets, `unit_size` to
-    path lists, parquet files and saved datasets. Exactly one of `paths` (a path list),
-    `urls` (tar shards) and `table` (the rest) is set."""
+    """A training set cut into units. `spec` is what the user passed; `image_column` and
+    `caption_column` (None: found from the schema) and `split` apply to parquet files and
+    datasets, `unit_size` to path lists, parquet files and saved datasets. Exactly one of
+    `paths` (a path list, with `texts`: the captions its lines give), `urls` (tar shards)
+    and `table` (the rest) is set."""
 
-    def __init__(self, spec, unit_size=10_000, image_column=None, split='train'):
+    def __init__(self, spec, unit_size=10_000, image_column=None, split='train',
+                 caption_column=None):
         self.spec = str(spec)
-        self.paths = self.urls = self.table = None
+        self.paths = self.texts = self.urls = self.table = None
         self.unit_size = unit_size
         kind = kind_of(self.spec)
-        if image_column is not None and kind in ('list', 'tar'):
-            raise UserError(f'--image-column {image_column} names a column of parquet files or '
-                            f'datasets; {self.spec} is '
-                            f'{"a path list" if kind == "list" else "a set of tar shards"}.')
+        for flag, column in (('--image-column', image_column),
+                             ('--caption-column', caption_column)):
+            if column is not None and kind in ('list', 'tar'):
+                raise UserError(f'{flag} {column} names a column of parquet files or '
+                                f'datasets; {self.spec} is '
+                                f'{"a path list" if kind == "list" else "a set of tar shards"}.')
         if kind == 'list':
-            self.paths = read_path_list(spec)
+            self.paths, self.texts = read_path_list(spec)
             check_some_exist(self.paths, spec)
         elif kind == 'tar':
             self.urls, self.unit_size = tar_urls(spec), None
         elif kind == 'parquet':
-            self.table = ParquetImages(self.spec, image_column, unit_size)
+            self.table = ParquetImages(self.spec, image_column, unit_size, caption_column)
         elif kind == 'saved':
-            self.table = SavedImages(self.spec, split, image_column, unit_size)
+            self.table = SavedImages(self.spec, split, image_column, unit_size, caption_column)
         else:
-            self.table, self.unit_size = HubImages(self.spec, split, image_column), None
+            self.table, self.unit_size = HubImages(self.spec, split, image_column,
+                                                   caption_column), None
 
     @property
     def is_tar(self):
@@ -98,6 +105,16 @@ class Source:
     @property
     def image_column(self):
         return self.table.columns.image if self.table is not None else None
+
+    @property
+    def caption_column(self):
+        return self.table.columns.caption if self.table is not None else None
+
+    @property
+    def may_have_captions(self):
+        """False for a table without a caption column; path lists and tar shards show
+        whether they have captions only as they are read."""
+        return self.table is None or self.caption_column is not None
 
     @property
     def split(self):
@@ -148,18 +165,21 @@ class Source:
         return len(self.paths[unit * self.unit_size:(unit + 1) * self.unit_size])
 
     def items(self, unit):
-        """(key, PIL image or the exception that made it unreadable) of one unit, in order."""
+        """(key, PIL image or the exception that made it unreadable, caption or None) of
+        one unit, in order."""
         if self.is_tar:
             yield from tar_images(self.urls[unit])
             return
         if self.table is not None:
             yield from self.table.items(unit)
             return
-        for path in self.paths[unit * self.unit_size:(unit + 1) * self.unit_size]:
+        span = slice(unit * self.unit_size, (unit + 1) * self.unit_size)
+        for path, listed in zip(self.paths[span], self.texts[span]):
+            text = caption_of(path, listed)
             try:
-                yield path, load_image(path)
+                yield path, load_image(path), text
             except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
-                yield path, e
+                yield path, e, text
 
     def describe(self):
         if self.is_tar:
@@ -184,29 +204,32 @@ class Source:
 
 
 def tar_images(url):
-    """(key, PIL image or exception) for each sample of one tar shard."""
+    """(key, PIL image or exception, caption) for each sample of one tar shard."""
     import webdataset as wds
     for sample in wds.tarfile_samples([{'url': url}], handler=wds.warn_and_continue):
         key = f'{url}:{sample["__key__"]}'
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        text = captions.of_sample(sample)
         if ext is None:
-            yield key, ValueError(f'no image among {sorted(k for k in sample if k[0] != "_")}')
+            yield key, ValueError(f'no image among {sorted(k for k in sample if k[0] != "_")}'), \
+                text
             continue
         try:
-            yield key, load_image(io.BytesIO(sample[ext]))
+            yield key, load_image(io.BytesIO(sample[ext])), text
         except Exception as e:  # noqa: BLE001
-            yield key, e
+            yield key, e, text
 
 
 def transformed(items, image_size):
-    """(key, [3, S, S] tensor or None) from (key, image or exception), warning for bad ones."""
+    """(key, [3, S, S] tensor or None, caption) from (key, image or exception, caption),
+    warning for bad ones."""
     transform = image_transform(image_size)
-    for key, image in items:
+    for key, image, text in items:
         if isinstance(image, Exception):
             warn_skipped(key, image)
-            yield key, None
+            yield key, None, text
         else:
-            yield key, transform(image)
+            yield key, transform(image), text
 
 
 def split(items, index, count):
@@ -245,16 +268,18 @@ class TarImages(data.IterableDataset):
 
 
 def decode_sample(sample, transform):
-    """A tar sample -> (key, its image as a [3, S, S] tensor, or UNREADABLE with a warning)."""
+    """A tar sample -> (key, its image as a [3, S, S] tensor, or UNREADABLE with a warning,
+    its caption or None)."""
     key = f'{sample.get("__url__")}:{sample.get("__key__")}'
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    text = captions.of_sample(sample)
     try:
         if ext is None:
             raise ValueError('no image file in the sample')
-        return key, transform(load_image(io.BytesIO(sample[ext])))
+        return key, transform(load_image(io.BytesIO(sample[ext]))), text
     except Exception as e:  # noqa: BLE001
         warn_skipped(key, e)
-        return key, UNREADABLE
+        return key, UNREADABLE, text
 
 
 def make_tar_loader(urls, image_size, batch_size, num_workers, seed, rank, world_size,

@@ -19,6 +19,7 @@ import numpy as np
 from torch.utils import data
 
 from ..errors import UserError
+from .captions import CAPTION_COLUMNS, clean
 from .images import (IMAGE_EXTENSIONS, UNREADABLE, MissingImage, batched_loader,
                      collate_skipping_bad, image_transform, load_image, warn_skipped)
 
@@ -34,9 +35,10 @@ SHUFFLE_BYTES = 128 << 20
 class Columns(NamedTuple):
     image: str
     key: str | None  # None: rows are keyed by their position
+    caption: str | None = None  # None: the rows have no captions
 
     def names(self):
-        return [self.image] + ([self.key] if self.key else [])
+        return [self.image] + [c for c in (self.key, self.caption) if c]
 
 
 def holds_images(kind):
@@ -57,8 +59,31 @@ def declared_images(schema):
         return []
 
 
-def find_columns(schema, image_column, where):
-    """The image column (`image_column`, or the one the schema shows) and the key column.
+def holds_text(kind):
+    import pyarrow as pa
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def find_caption_column(schema, caption_column, where):
+    """`caption_column`, checked to hold text, or (None given) the first text column named
+    in captions.CAPTION_COLUMNS; None when there is none."""
+    names = schema.names
+    if caption_column is None:
+        return next((n for n in CAPTION_COLUMNS
+                     if n in names and holds_text(schema.field(n).type)), None)
+    if caption_column not in names:
+        raise UserError(f'{where} has no column {caption_column!r} (its columns: '
+                        f'{", ".join(names)}); pass one of them to --caption-column.')
+    if not holds_text(schema.field(caption_column).type):
+        raise UserError(f'column {caption_column!r} of {where} holds '
+                        f'{schema.field(caption_column).type}, not text; pass the column of '
+                        'captions to --caption-column.')
+    return caption_column
+
+
+def find_columns(schema, image_column, where, caption_column=None):
+    """The image column (`image_column`, or the one the schema shows), the key column and
+    the caption column (`caption_column`, or found by find_caption_column).
 
     Without `image_column`: a binary column named after an image format (img2dataset's
     `jpg`), else a datasets Image column, else any struct of image bytes. UserError, naming
@@ -84,7 +109,7 @@ def find_columns(schema, image_column, where):
                         f'{schema.field(image_column).type}, not image bytes; pass the column '
                         'of images to --image-column.')
     key = next((k for k in KEY_COLUMNS if k in names and k != image_column), None)
-    return Columns(image_column, key)
+    return Columns(image_column, key, find_caption_column(schema, caption_column, where))
 
 
 def image_of(cell):
@@ -120,13 +145,15 @@ def cell_bytes(cell):
 
 
 def rows_of(table, columns, first, prefix):
-    """(key, image cell) of each row of an arrow table or batch whose first row is the
-    `first`-th of its file or dataset; keys are `prefix:KEY`, KEY the key column's value or
-    the row's position."""
+    """(key, image cell, caption or None) of each row of an arrow table or batch whose
+    first row is the `first`-th of its file or dataset; keys are `prefix:KEY`, KEY the key
+    column's value or the row's position."""
     cells = table.column(columns.image).to_pylist()
     keys = (table.column(columns.key).to_pylist() if columns.key
             else range(first, first + len(cells)))
-    return [(f'{prefix}:{key}', cell) for key, cell in zip(keys, cells)]
+    texts = (map(clean, table.column(columns.caption).to_pylist()) if columns.caption
+             else [None] * len(cells))
+    return [(f'{prefix}:{key}', cell, text) for key, cell, text in zip(keys, cells, texts)]
 
 
 def shuffled(rows, rng, max_rows=SHUFFLE_ROWS, max_bytes=SHUFFLE_BYTES):
@@ -147,17 +174,17 @@ def shuffled(rows, rng, max_rows=SHUFFLE_ROWS, max_bytes=SHUFFLE_BYTES):
 
 
 def batches_of(rows, batch_size, transform):
-    """Collated batches of (key, image cell) rows; an unreadable image is counted in the
-    batch's 'skipped', with a warning."""
+    """Collated batches of (key, image cell, caption) rows; an unreadable image is counted
+    in the batch's 'skipped', with a warning."""
     rows = iter(rows)
     while chunk := list(itertools.islice(rows, batch_size)):
         batch = []
-        for key, cell in chunk:
+        for key, cell, text in chunk:
             try:
-                batch.append((key, transform(image_of(cell))))
+                batch.append((key, transform(image_of(cell)), text))
             except Exception as e:  # noqa: BLE001
                 warn_skipped(key, e)
-                batch.append((key, UNREADABLE))
+                batch.append((key, UNREADABLE, text))
         yield collate_skipping_bad(batch)
 
 
@@ -195,7 +222,7 @@ class ImageTable:
         self.units = pack(self.piece_rows, unit_size)
 
     def read(self, piece, start, stop):
-        """(key, image cell) of rows start to stop of a piece."""
+        """(key, image cell, caption) of rows start to stop of a piece."""
         raise NotImplementedError
 
     def __len__(self):
@@ -205,10 +232,11 @@ class ImageTable:
         return sum(self.piece_rows[p] for p in self.units[unit])
 
     def items(self, unit):
-        """(key, PIL image or the exception that made it unreadable) of a unit, in order."""
+        """(key, PIL image or the exception that made it unreadable, caption) of a unit, in
+        order."""
         for piece in self.units[unit]:
-            for key, cell in self.read(piece, 0, self.piece_rows[piece]):
-                yield key, decoded(cell)
+            for key, cell, text in self.read(piece, 0, self.piece_rows[piece]):
+                yield key, decoded(cell), text
 
     def rows_between(self, order, start, stop):
         """The rows at positions start to stop of the pieces laid end to end in `order`."""

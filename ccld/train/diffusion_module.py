@@ -15,6 +15,7 @@ import torch
 from pytorch_lightning.strategies import ParallelStrategy
 from pytorch_lightning.utilities import rank_zero_warn
 
+from ..data.captions import choose_text
 from ..diffusion.objective import v_objective
 from ..errors import RunError
 from ..models.latents import posterior_sample
@@ -28,9 +29,10 @@ NO_DATA_BATCHES = 20  # stop a run whose first batches hold no readable image
 
 
 @torch.no_grad()
-def latents_and_conditions(batch, ae_model, cloob, scale):
+def latents_and_conditions(batch, ae_model, cloob, scale, text_prob=0.0):
     """Scaled posterior samples and CLOOB image embeddings of a batch of images (encoded
-    here, as the original did every step) or of cached means, stds and embeddings."""
+    here, as the original did every step) or of cached means, stds and embeddings; with
+    `text_prob`, some conditions are their captions' text embeddings (with_captions)."""
     if 'images' in batch:
         images = batch['images']
         posterior = ae_model.encode(images * 2 - 1)
@@ -38,7 +40,26 @@ def latents_and_conditions(batch, ae_model, cloob, scale):
         cond = cloob.embed_images(images)
     else:
         mean, std, cond = batch['mean'].float(), batch['std'].float(), batch['embed'].float()
+    if text_prob:  # (nothing drawn at 0: the run is the captionless one, bit for bit)
+        cond = with_captions(cond, batch, cloob, text_prob)
     return posterior_sample(mean, std, scale), cond
+
+
+def with_captions(cond, batch, cloob, p):
+    """The image embeddings `cond` with each example that has a caption switched to its
+    caption's CLOOB text embedding with probability p: the cached one, or (a batch of
+    images) one embedded here, for the chosen captions alone. Condition dropout comes
+    after this, as without captions."""
+    if 'text_embed' in batch:
+        chosen = choose_text(batch['has_text'].to(cond.device), p)
+        return torch.where(chosen[:, None], batch['text_embed'].to(cond), cond)
+    texts = batch.get('captions') or [None] * len(cond)
+    chosen = choose_text(torch.tensor([t is not None for t in texts], device=cond.device), p)
+    if not chosen.any():
+        return cond
+    cond = cond.clone()
+    cond[chosen] = cloob.embed_texts([t for t, c in zip(texts, chosen.tolist()) if c]).to(cond)
+    return cond
 
 
 def learning_rate(step, base, warmup=0, schedule='constant', minimum=0.0, total=None):
@@ -76,6 +97,8 @@ class LightningDiffusion(pl.LightningModule):
     while the others went on would leave them waiting in a gradient all-reduce forever.
     `model` trains a given DiffusionModel (a distillation's student) instead of a fresh
     one of the given widths; `frozen` names the submodules left out of checkpoints.
+    `text_prob` is how often an example with a caption is conditioned on its text
+    embedding instead (data/captions.py).
     `optimizer` is one of optimizers.OPTIMIZERS; with `ema_device` 'cpu' the EMA stays in
     CPU memory (ema.OffloadedEma) wherever the model trains, still saved as model_ema.
     Parameters of `model` that do not train (a LoRA run's base, see models/lora.py) are
@@ -90,7 +113,7 @@ class LightningDiffusion(pl.LightningModule):
                  seed=0, grad_clip=None, accumulate_grad_batches=1, max_bad_steps=50,
                  from_cache=False, even_epochs=False, compile=False, channels_last=False,
                  gradient_checkpointing=False, lr_schedule=None, model=None,
-                 optimizer='adamw', ema_device=None):
+                 optimizer='adamw', ema_device=None, text_prob=0.0):
         super().__init__()
         self.automatic_optimization = False
         self.spare_image_tower = None
@@ -121,6 +144,7 @@ class LightningDiffusion(pl.LightningModule):
         self.model.set_gradient_checkpointing(gradient_checkpointing)
         if compile:
             self.model.compile(backend=COMPILE_BACKEND)
+        self.text_prob = text_prob
         self.lr = lr
         self.lr_schedule = lr_schedule or {}
         self.ema_decay_at = ema_decay_at
@@ -262,7 +286,7 @@ class LightningDiffusion(pl.LightningModule):
     def v_loss(self, batch):
         """The v-objective on a batch of images or of cached latents."""
         x0, cond = latents_and_conditions(batch, self.ae_model, self.cloob,
-                                          self.model.autoencoder_scale)
+                                          self.model.autoencoder_scale, self.text_prob)
         x0 = x0.contiguous(memory_format=self.memory_format)
         t = self.rng.draw(x0.shape[0])[:, 0].to(self.device)
         return v_objective(self.model, x0, cond, t)

@@ -61,6 +61,8 @@ def parser():
                    help='override the latent scale the teacher records')
     flags.add_frozen_model_flags(p)
     flags.add_image_flags(p, train_set_help=None)
+    flags.add_caption_flags(p, train_set=False, default=None,
+                            default_help='default: the --text-prob the teacher was trained with')
     flags.add_optimizer_flags(p)
     flags.add_run_flags(p, resume_help=RESUME_HELP, output_dir='distilled',
                         output_help='the students, and each stage\'s checkpoints, demo grids '

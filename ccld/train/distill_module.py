@@ -40,7 +40,7 @@ class LightningDistillation(LightningDiffusion):
 
     def v_loss(self, batch):
         x0, cond = latents_and_conditions(batch, self.ae_model, self.cloob,
-                                          self.model.autoencoder_scale)
+                                          self.model.autoencoder_scale, self.text_prob)
         x0 = x0.contiguous(memory_format=self.memory_format)
         n = x0.shape[0]
         cond = drop_conditions(cond)

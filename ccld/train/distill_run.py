@@ -29,8 +29,8 @@ from ..models import hub
 from ..processes import is_first_process
 from . import runner
 from .distill_flags import PROG
-from .run import (TrainData, check_lr_schedule, checkpoint_bytes, describe_frozen,
-                  load_frozen_models, read_cache, read_prompts)
+from .run import (TrainData, check_lr_schedule, check_text_prob, checkpoint_bytes,
+                  describe_frozen, load_frozen_models, read_cache, read_prompts)
 
 REQUIRED = ['teacher', 'train_latents', 'vqgan_model']
 FINAL = 'student.ckpt'
@@ -149,6 +149,9 @@ def validate(args):
     if args.frozen is not None:
         check_teacher_frozen_models(args.teacher_ckpt.record, args.frozen, args.teacher)
     args.source, args.cache = None, read_cache(args)
+    if args.text_prob is None:  # the student learns on the conditions its teacher learnt on
+        args.text_prob = args.teacher_ckpt.record.get('text_prob', 0.0)
+    check_text_prob(args)
     if args.frozen is not None:  # (hashing the teacher: the first process alone records it)
         args.teacher_sha256 = sha256(args.teacher)
     out = Path(args.output_dir)
@@ -241,6 +244,8 @@ def record_of(args, stage, scale):
               'guidance_range': list(args.guidance_range), 'distill_stage': stage.name,
               'student_steps': stage.steps, 'loss_weighting': args.loss_weighting,
               'train_set': args.train_latents, 'train_images': args.cache['images']}
+    if args.text_prob:
+        record['text_prob'] = args.text_prob
     if args.frozen is not None:
         record.update(autoencoder_sha256=args.frozen['autoencoder']['sha256'],
                       cloob_checkpoint_sha256=args.frozen['cloob']['sha256'])
@@ -267,7 +272,7 @@ def run_stage(args, stage, ae_model, cloob, teacher, scale, data, seed):
         record=record_of(args, stage, scale), seed=seed, grad_clip=args.grad_clip,
         accumulate_grad_batches=args.accumulate_grad_batches, max_bad_steps=args.max_bad_steps,
         compile=args.compile, channels_last=args.channels_last,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, text_prob=args.text_prob,
         lr_schedule=dict(warmup=args.lr_warmup_steps, schedule=args.lr_schedule,
                          minimum=args.lr_min, total=args.round_steps))
     latent_size = args.image_size // 8

@@ -53,6 +53,21 @@ def add_image_flags(p, train_set_help=TRAIN_SET_HELP):
     return g
 
 
+TEXT_PROB_DEFAULT = 'default 0: image embeddings only, as the original'
+
+
+def add_caption_flags(p, train_set=True, default=0.0, default_help=TEXT_PROB_DEFAULT):
+    """Captions, where the data has them: which column holds them (with --train-set), and
+    how often training conditions on their CLOOB text embedding (data/captions.py)."""
+    g = p.add_argument_group('captions')
+    if train_set:
+        cli.add_caption_flag(g)
+    g.add_argument('--text-prob', type=cli.probability, default=default, metavar='P',
+                   help='condition each example that has a caption on its caption\'s CLOOB text '
+                   f'embedding with probability P, on its image embedding otherwise ({default_help})')
+    return g
+
+
 def add_optimizer_flags(p, lr=3e-5):
     g = p.add_argument_group('optimisation')
     g.add_argument('--lr', type=cli.positive_float, default=lr,
@@ -196,6 +211,7 @@ def parser():
     images.add_argument('--random-flip', action='store_true',
                         help='mirror each training image left to right half of the time (for '
                         'small finetunes; off, as in the original)')
+    add_caption_flags(p)
     model = p.add_argument_group('the diffusion model')
     model.add_argument('--autoencoder-scale', type=cli.positive_float,
                        help='latent scale of the autoencoder (see compute_ae_scale.py)')

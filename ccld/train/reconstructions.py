@@ -27,7 +27,7 @@ def read_images(source, count, image_size):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # counted instead, one line for all of them
         for unit in range(len(source)):
-            for _, image in transformed(source.items(unit), image_size):
+            for _, image, _ in transformed(source.items(unit), image_size):
                 if image is None:
                     skipped += 1
                     continue

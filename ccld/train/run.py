@@ -67,7 +67,7 @@ def validate(args):
     if args.train_set is not None:
         try:
             args.source = Source(args.train_set, image_column=args.image_column,
-                                 split=args.dataset_split)
+                                 split=args.dataset_split, caption_column=args.caption_column)
         except UserError as e:
             raise UserError(f'--train-set: {e}') from None
     args.prompts = read_prompts(args.demo_prompts)
@@ -75,6 +75,7 @@ def validate(args):
     args.frozen = describe_frozen(args)
     if args.train_latents is not None:
         args.cache = read_cache(args)
+    check_text_prob(args)
     args.resume = None
     if args.resume_from not in (None, 'auto'):
         args.resume_from = hub.resolve(args.resume_from, '--resume-from')
@@ -219,6 +220,23 @@ def read_cache(args):
     return manifest
 
 
+def check_text_prob(args):
+    """Refuses --text-prob on data known to have no captions: a latent cache made without
+    them (or before ccld read them), a table without a caption column. (Path lists and
+    tar shards show their captions only as they are read.)"""
+    from ..data.latent_cache import has_captions
+    if not args.text_prob:
+        return
+    if args.cache is not None and not has_captions(args.cache):
+        raise UserError(f'--text-prob {args.text_prob:g}: the latent cache {args.train_latents} '
+                        'holds no captions; make it with this precompute_latents.py from '
+                        'captioned images, or train with --text-prob 0.')
+    if args.source is not None and not args.source.may_have_captions:
+        raise UserError(f'--text-prob {args.text_prob:g}: {args.train_set} has no caption '
+                        'column (caption or text); name it with --caption-column, or train '
+                        'with --text-prob 0.')
+
+
 def describe_frozen(args):
     """The autoencoder and CLOOB with the sha256 of their files, to check a cache against
     and to record in checkpoints (an export carries them; sample.py compares them). Read
@@ -273,7 +291,8 @@ class TrainData:
                 args.prefetch_factor, args.random_flip, epoch=trainer.current_epoch)
         return make_loader(args.source.paths, args.image_size, args.batch_size,
                            args.num_workers, worker_init_fn=init_loader_worker,
-                           prefetch_factor=args.prefetch_factor, random_flip=args.random_flip)
+                           prefetch_factor=args.prefetch_factor, random_flip=args.random_flip,
+                           texts=args.source.texts)
 
     def describe(self):
         args = self.args
@@ -371,6 +390,8 @@ def run(args):
               'image_size': args.image_size, 'random_flip': args.random_flip,
               'train_set': args.train_set or args.train_latents, 'train_images': data.known_size(),
               **args.origin}
+    if args.text_prob:  # (a captionless run's record stays as it was)
+        record['text_prob'] = args.text_prob
     model = None
     if args.lora is not None:
         from ..models.lora import adapted_model
@@ -389,7 +410,7 @@ def run(args):
                                 compile=args.compile, channels_last=args.channels_last,
                                 gradient_checkpointing=args.gradient_checkpointing,
                                 optimizer=args.optimizer, ema_device=args.ema_device,
-                                model=model,
+                                model=model, text_prob=args.text_prob,
                                 lr_schedule=dict(warmup=args.lr_warmup_steps,
                                                  schedule=args.lr_schedule,
                                                  minimum=args.lr_min, total=args.max_steps))
@@ -412,5 +433,10 @@ def run(args):
         log_every_n_steps=max(1, min(50, args.demo_every, steps_per_epoch)))
     rank_zero_info(f'Training on {data.describe()}; checkpoints in {output_dir / "checkpoints"}, '
                    f'demo grids in {output_dir / "demos"}, logs to {where}. Seed {seed}.')
+    if args.cache is not None and args.cache.get('caption_gap'):
+        from ..data.gap import describe_gap
+        rank_zero_info(f'{args.cache["captions"]} of the cached images have a caption; '
+                       f'training with --text-prob {args.text_prob:g}. '
+                       f'{describe_gap(args.cache["caption_gap"])}')
     runner.fit(trainer, module, data, ckpt_path, PROG)
     return trainer, module
