@@ -1,6 +1,6 @@
 """Peak host memory of loading a model, as a new user meets it: each tool run as a fresh
-process under /usr/bin/time -v, its peak RSS against that of importing torch, Lightning and
-ccld alone, and against the size of the fp32 model.
+process, its peak RSS (ru_maxrss, which /usr/bin/time -v reports) against that of importing
+torch, Lightning and ccld alone, and against the size of the fp32 model.
 
 Why: sample.py, export_model.py and a LoRA start each held two or three copies of the
 weights while loading them (issue 25). Rows: sample.py on the fp32 state dict and on its
@@ -76,18 +76,22 @@ def make_files(spec):
 
 
 def measure(repo, argv, cwd):
-    """(peak RSS bytes, GPU peak bytes or None, error line or None) of one fresh process."""
+    """(peak RSS bytes, GPU peak bytes or None, error line or None) of one fresh process:
+    its own high-water mark (ru_maxrss), as wait4 reports it for that child alone."""
     env = dict(os.environ, PYTHONPATH=f'{repo}:{repo}/latent-diffusion', PYTHONUNBUFFERED='1')
-    done = subprocess.run(['/usr/bin/time', '-v', sys.executable, '-c', WRAPPER, *argv],
-                          cwd=cwd, env=env, capture_output=True, text=True)
-    peak = int(re.search(r'Maximum resident set size \(kbytes\): (\d+)', done.stderr)[1]) * 1024
-    cuda = re.search(r'CUDA_PEAK (\d+)', done.stderr)
+    with tempfile.TemporaryFile('w+') as out:
+        process = subprocess.Popen([sys.executable, '-c', WRAPPER, *argv], cwd=cwd, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read()
+    cuda = re.search(r'CUDA_PEAK (\d+)', text)
     error = None
-    if done.returncode:
-        lines = [line for line in done.stderr.splitlines() if line.strip() and
-                 not line.startswith(('\t', 'Command exited'))]
-        error = lines[-1][:160] if lines else f'exit {done.returncode}'
-    return peak, int(cuda[1]) if cuda else None, error
+    if process.returncode:
+        lines = [line for line in text.splitlines() if line.strip()]
+        error = lines[-1][:160] if lines else f'exit {process.returncode}'
+    return usage.ru_maxrss * 1024, int(cuda[1]) if cuda else None, error
 
 
 def rows(args, d):
@@ -151,7 +155,7 @@ def main(argv=None):
         print(f'U-Net base {args.base_channels} x {args.channel_multipliers}: fp32 state dict '
               f'{gb(model_bytes)} GB (~{parameters / 1e6:.0f}M); importing torch, Lightning and '
               f'ccld peaks at {gb(imports)} GB{f" ({error})" if error else ""}. Peak RSS of '
-              f'each tool as a fresh process (/usr/bin/time -v), GB (10^9 bytes); 1.17B: the '
+              f'each tool as a fresh process (ru_maxrss), GB (10^9 bytes); 1.17B: the '
               f'part above the imports x {RELEASED / parameters:.2f}, plus the imports.\n')
         cuda = args.device == 'cuda'
         print(f'| what | peak RSS | above the imports | x the fp32 model | 1.17B |'
