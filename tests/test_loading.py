@@ -83,6 +83,16 @@ def test_an_fp16_export_loads_into_fp32_once(files, tmp_path):
     assert torch.equal(outputs(model), outputs(the_old_way(load_file(path))))
 
 
+def test_16_bit_weights_load_into_the_fp32_model(files, tmp_path):
+    """A state dict saved in fp16 (not an export) loads as load_state_dict loaded it: into
+    the fp32 model, converted tensor by tensor."""
+    path = tmp_path / 'half.pth'
+    torch.save({k: v.half() for k, v in files.model.state_dict().items()}, path)
+    model, _ = load_model(path)
+    assert {t.dtype for t in model.state_dict().values()} == {torch.float32}
+    assert torch.equal(outputs(model), outputs(the_old_way(torch.load(path))))
+
+
 def test_an_export_is_written_as_safetensors_writes_it(files, tmp_path):
     path = tmp_path / 'export.safetensors'
     record = exports.export(read_checkpoint(files.bare), path, 'fp16')

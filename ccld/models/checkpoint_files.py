@@ -262,13 +262,13 @@ def build_model(state_dict, base_channels=None, channel_multipliers=None, path='
     return model
 
 
-def assign_weights(model, state_dict, device='cpu', dtype=None):
+def assign_weights(model, state_dict, device='cpu'):
     """Makes the tensors of `state_dict` the model's own, as load_state_dict(strict=False,
-    assign=True) would, one at a time, each first put on `device` (floating-point ones in
-    `dtype`, where given): where a tensor is on the device in the dtype already it is not
-    copied, and a model built on the meta device never holds weights of its own. Nothing
-    is loaded when keys are missing or unexpected; returns (missing, unexpected) keys, and
-    RuntimeError for a wrong shape, as load_state_dict does."""
+    assign=True) would, one at a time, each first put on `device` in the model's dtype (as
+    load_state_dict's copy would convert it): a tensor that is there in that dtype already
+    is not copied, and a model built on the meta device never holds weights of its own.
+    Nothing is loaded when keys are missing or unexpected; returns (missing, unexpected)
+    keys, and RuntimeError for a wrong shape, as load_state_dict does."""
     expected = model.state_dict(keep_vars=True)
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
@@ -279,8 +279,7 @@ def assign_weights(model, state_dict, device='cpu', dtype=None):
         if tensor.shape != current.shape:
             raise RuntimeError(f'{key} is {list(tensor.shape)}, the model has '
                                f'{list(current.shape)}')
-        wanted = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        tensor = tensor.to(device, wanted)
+        tensor = tensor.to(device, current.dtype)
         owner, _, name = key.rpartition('.')
         if isinstance(current, nn.Parameter):
             tensor = nn.Parameter(tensor, requires_grad=current.requires_grad)
