@@ -37,7 +37,7 @@ bench() {  # bench SECONDS NAME COMMAND...: runs one measurement, its output to 
 # options one by one, sampling speed, and the demo score's cost.
 bench 80 train_throughput python3 bench/train_throughput.py --device cuda --batch-size 32 \
   --base-channels 128 --channel-multipliers 4,4,8,8 --precision bf16 --num-workers 8 --steps 10
-bench 100 train_fast_paths python3 bench/train_fast_paths.py --device cuda --batch-size 32 \
+bench 80 train_fast_paths python3 bench/train_fast_paths.py --device cuda --batch-size 32 \
   --base-channels 128 --channel-multipliers 4,4,8,8 --precision bf16 --compile
 bench 45 sample_speed python3 bench/sample_speed.py
 bench 35 demo_score python3 bench/demo_score.py --device cuda --base-channels 128 \
@@ -47,6 +47,10 @@ bench 60 student_speed python3 bench/student_speed.py
 # Issue 17: model states, peak and s/step of a 1.17B finetune on a 24 GB card (fp32 AdamW +
 # EMA, + adamw8bit, + the EMA on the CPU, LoRA r=16 and r=64), bf16, gradient checkpointing.
 # Each row prints as it ends, so a row cut off by the time slot leaves the others.
-bench 140 train_memory python3 bench/train_memory.py --device cuda --base-channels 192 \
+bench 120 train_memory python3 bench/train_memory.py --device cuda --base-channels 192 \
   --batch-size 8 --memory-gb 24 --common='--fprecision bf16 --gradient-checkpointing'
+# Issue 25: host peak RSS and torch.cuda.max_memory_allocated of loading the 557M U-Net:
+# sample.py on its fp16 export (the host should hold about one tensor above the imports)
+# and a LoRA start on the fp32 state dict (export_model.py makes the export, on the CPU).
+bench 60 load_memory python3 bench/load_memory.py --device cuda --rows export,sample16,lora
 echo "done in $SECONDS s" | tee -a "$results"

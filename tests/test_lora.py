@@ -60,7 +60,11 @@ def lora_checkpoint(path, base, base_path, record=None, rank=4, alpha=8.0):
     """A checkpoint as a --lora-rank run writes it: the adapters (perturbed) and their EMA,
     the base named by path and digest; returns (path, the adapted model)."""
     adapter = lora.spec_of(rank, alpha, None, base_path, base.state_dict())
-    model = perturbed(lora.adapted_model(base.state_dict(), adapter))
+    # The A weights peft draws from the global generator: seeded, so that they are the same
+    # whatever ran before (and however loading the base draws, which it no longer does).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = perturbed(lora.adapted_model(base.state_dict(), adapter))
     kept = {k: v for k, v in model.state_dict().items()
             if lora.is_adapter_key(k) or k == 'autoencoder_scale'}
     ccld = {'lora': adapter.spec(), 'base_channels': adapter.widths[0],

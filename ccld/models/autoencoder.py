@@ -149,11 +149,14 @@ def same_encoder(recorded: dict, given: dict) -> bool:
 
 
 def load_autoencoder(name=None, *, config=None, checkpoint=None,
-                     device="cpu") -> AutoencoderKL:
+                     device="cpu", init_weights=False) -> AutoencoderKL:
     """A frozen autoencoder in eval mode from NAME (NAME.yaml + NAME.ckpt) or explicit paths.
 
     NAME.safetensors is used when NAME.ckpt does not exist. Explicit `config` or
     `checkpoint` paths take precedence over those derived from `name`.
+    The model is built on the meta device and takes the file's tensors as its own;
+    `init_weights` initialises it first all the same, for a seeded training run, whose
+    later random draws (its U-Net's init) must stay those it has always made.
     """
     if name is not None:
         config = config if config is not None else f"{name}.yaml"
@@ -166,7 +169,8 @@ def load_autoencoder(name=None, *, config=None, checkpoint=None,
         raise UserError(f"autoencoder checkpoint {checkpoint} not found; pass the weights "
                         f"that belong to {config} (for kl-f8: {KL_F8_WEIGHTS}; with NAME, "
                         "NAME.safetensors is also accepted)")
-    model = build_autoencoder(cfg)
+    with contextlib.nullcontext() if init_weights else torch.device("meta"):
+        model = build_autoencoder(cfg)
     with reading_weights(checkpoint):
         model.init_from_ckpt(checkpoint)
     return model.eval().requires_grad_(False).to(device)

@@ -20,6 +20,7 @@ from typing import Optional
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from . import exports
 from ..errors import UserError, reason as error_reason
@@ -110,12 +111,19 @@ def safe_load(path, mmap=True):
                         'truncated or not a checkpoint.') from None
 
 
-def read_safetensors(path):
-    """The tensors and the metadata of a .safetensors file; UserError if it is not one."""
+def read_safetensors(path, device='cpu', convert=None):
+    """The tensors and the metadata of a .safetensors file; UserError if it is not one.
+
+    Each tensor is read into its own memory on `device` (pread, not a mapping whose pages
+    would count twice once converted), then passed through `convert(key, tensor)` if
+    given, before the next is read: an fp16 file read as fp32 never holds both copies.
+    """
     from safetensors import safe_open
+    convert = convert or (lambda key, tensor: tensor)
     try:
-        with safe_open(str(path), 'pt') as f:
-            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+        with safe_open(str(path), 'pt', device=str(device), backend='pread') as f:
+            return {key: convert(key, f.get_tensor(key)) for key in f.keys()}, \
+                f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - truncated, not safetensors, bad header...
         reason = error_reason(e)
         raise UserError(f'{path}: cannot read it as safetensors ({reason}); it may be '
@@ -126,27 +134,26 @@ def check_weights(state_dict, path, base_channels=None, channel_multipliers=None
     """UserError unless `state_dict` loads into a DiffusionModel (of the given widths, where
     given): keys and shapes are checked against one built on the meta device, which takes
     no memory."""
-    with torch.device('meta'), warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # loading into meta tensors is a no-op, as meant
-        build_model(state_dict, base_channels, channel_multipliers, path)
+    build_model(state_dict, base_channels, channel_multipliers, path, device='meta')
 
 
 def _sub_state(state_dict, prefix):
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def read_checkpoint(path, lora=False):
-    """Loads a diffusion checkpoint of any kind to the CPU; a LoRA checkpoint (adapters
-    only) only with `lora`, else UserError saying what to do with it."""
+def read_checkpoint(path, lora=False, device='cpu'):
+    """Reads a diffusion checkpoint of any kind without copying it: a torch file is mapped
+    (its tensors read from the file when used), a .safetensors file read tensor by tensor
+    onto `device`, an export's fp16 tensors turned into the fp32 the model computes in as
+    they come. A LoRA checkpoint (adapters only) only with `lora`, else UserError saying
+    what to do with it."""
     path = Path(path)
     if not_a_file(path):
         raise UserError(f'checkpoint {path} {not_a_file(path)}{checkpoint_in(path)}.')
     record = {}
     if path.suffix == '.safetensors':
-        obj, metadata = read_safetensors(path)
-        record = exports.read_record(metadata, path)
-        if record:  # fp16 exports load into the fp32 model
-            obj = {k: v.float() if v.is_floating_point() else v for k, v in obj.items()}
+        record = read_record(path)
+        obj, _ = read_safetensors(path, device, _to_fp32 if record else None)
     else:
         obj = safe_load(path)
     if not isinstance(obj, dict):
@@ -208,11 +215,20 @@ def read_record(path):
     return obj.get('ccld', {}) if isinstance(obj, dict) else {}
 
 
-def build_model(state_dict, base_channels=None, channel_multipliers=None, path='checkpoint'):
-    """A DiffusionModel with the widths the weights have, loaded strictly (a StudentModel
-    when the weights have a guidance embedding).
+def _to_fp32(key, tensor):
+    """fp16 exports load into the fp32 model."""
+    return tensor.float() if tensor.is_floating_point() else tensor
 
-    Explicit widths override the inferred ones (and must fit the weights).
+
+def build_model(state_dict, base_channels=None, channel_multipliers=None, path='checkpoint',
+                device='cpu'):
+    """A DiffusionModel with the widths the weights have, loaded strictly (a StudentModel
+    when the weights have a guidance embedding), on `device`.
+
+    The model is built on the meta device and takes the tensors of `state_dict` as its
+    own (assign_weights): no initialised copy is made, and a mapped file's tensors stay
+    in the file until used. Explicit widths override the inferred ones (and must fit the
+    weights).
     """
     try:
         inferred = infer_widths(state_dict, channel_multipliers or (4, 4, 8, 8))
@@ -230,9 +246,10 @@ def build_model(state_dict, base_channels=None, channel_multipliers=None, path='
     if any(base * m % 64 for m in mults):
         raise UserError(f'{path}: level widths {",".join(str(base * m) for m in mults)} are not '
                         'multiples of 64, so it is not a DiffusionModel checkpoint.')
-    model = (StudentModel if is_student(state_dict) else DiffusionModel)(base, mults)
+    with torch.device('meta'):
+        model = (StudentModel if is_student(state_dict) else DiffusionModel)(base, mults)
     try:
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        missing, unexpected = assign_weights(model, state_dict, device)
     except RuntimeError:
         raise UserError(f'{path}: the weights\' shapes match no DiffusionModel width '
                         f'(tried base channels {base}, multipliers '
@@ -243,3 +260,28 @@ def build_model(state_dict, base_channels=None, channel_multipliers=None, path='
         raise UserError(f'{path} {what} {len(missing or unexpected)} weights (e.g. '
                         f'{", ".join(names)}); it is not a complete DiffusionModel.')
     return model
+
+
+def assign_weights(model, state_dict, device='cpu'):
+    """Makes the tensors of `state_dict` the model's own, as load_state_dict(strict=False,
+    assign=True) would, one at a time, each first put on `device` in the model's dtype (as
+    load_state_dict's copy would convert it): a tensor that is there in that dtype already
+    is not copied, and a model built on the meta device never holds weights of its own.
+    Nothing is loaded when keys are missing or unexpected; returns (missing, unexpected)
+    keys, and RuntimeError for a wrong shape, as load_state_dict does."""
+    expected = model.state_dict(keep_vars=True)
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    if missing or unexpected:
+        return missing, unexpected
+    for key, current in expected.items():
+        tensor = state_dict[key]
+        if tensor.shape != current.shape:
+            raise RuntimeError(f'{key} is {list(tensor.shape)}, the model has '
+                               f'{list(current.shape)}')
+        tensor = tensor.to(device, current.dtype)
+        owner, _, name = key.rpartition('.')
+        if isinstance(current, nn.Parameter):
+            tensor = nn.Parameter(tensor, requires_grad=current.requires_grad)
+        setattr(model.get_submodule(owner), name, tensor)
+    return missing, unexpected

@@ -1,7 +1,9 @@
 """Loading a frozen CLOOB and embedding images and prompts into its shared space."""
 
+from contextlib import nullcontext
 from pathlib import Path
 
+import torch
 from torch import nn
 from torch.nn import functional as F
 
@@ -44,12 +46,15 @@ def describe(checkpoint):
     return {'name': str(checkpoint), 'sha256': digest}
 
 
-def load_cloob(checkpoint, device='cpu'):
+def load_cloob(checkpoint, device='cpu', init_weights=False):
     """A pretrained name or a .pkl path -> frozen CLOOBEmbedder on `device`.
 
-    Raises UserError for unknown names, missing files and incomplete checkpoints.
+    The model is built on the meta device and takes the tensors read from the file as its
+    own; `init_weights` initialises it first all the same (see load_autoencoder). Raises
+    UserError for unknown names, missing files and incomplete checkpoints.
     """
     config, path = pretrained.resolve_checkpoint(checkpoint)
-    model = model_pt.get_pt_model(config)
-    model.load_state_dict(model_pt.get_pt_params(config, path), strict=True)
+    with nullcontext() if init_weights else torch.device('meta'):
+        model = model_pt.get_pt_model(config)
+    model.load_state_dict(model_pt.get_pt_params(config, path), strict=True, assign=True)
     return CLOOBEmbedder(model).to(device)

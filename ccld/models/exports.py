@@ -4,6 +4,9 @@ which autoencoder and CLOOB). It holds no optimizer state and no second copy of 
 weights, so a 557M model is ~1.1 GB in fp16 against ~9 GB for its training checkpoint.
 """
 
+import json
+import struct
+
 import torch
 
 from .. import software_version
@@ -55,9 +58,11 @@ def export(ckpt, path, dtype='fp16'):
         raise UserError(f'{path}: the checkpoint records no autoencoder scale, which sampling '
                         'needs; export one that was trained with --autoencoder-scale.')
     state = dict(ckpt.model_ema, autoencoder_scale=torch.tensor(ckpt.autoencoder_scale))
-    tensors = {key: (value.to(DTYPES[dtype]) if value.is_floating_point() and
-                     key != 'autoencoder_scale' else value).contiguous()
-               for key, value in state.items()}
+
+    def dtype_of(key, value):
+        return DTYPES[dtype] if value.is_floating_point() and key != 'autoencoder_scale' \
+            else value.dtype
+
     base, mults = infer_widths(state, ckpt.record.get('channel_multipliers', (4, 4, 8, 8)))
     record = {key: ckpt.record.get(key) for key in CARRIED}
     lora = ckpt.record.get('lora')
@@ -69,7 +74,39 @@ def export(ckpt, path, dtype='fp16'):
                   autoencoder_scale=ckpt.autoencoder_scale,
                   step=ckpt.raw.get('global_step', record['step']),
                   software=f'ccld {software_version()}')
-    from safetensors.torch import save
     with atomic_write(path) as f:
-        f.write(save(tensors, to_metadata(record)))
+        write_safetensors(f, state, to_metadata(record), dtype_of)
     return record
+
+
+# safetensors' names of the dtypes, in the order of its Dtype enum (which orders the data).
+SAFETENSORS_DTYPES = {torch.bool: 'BOOL', torch.uint8: 'U8', torch.int8: 'I8',
+                      torch.int16: 'I16', torch.float16: 'F16', torch.bfloat16: 'BF16',
+                      torch.int32: 'I32', torch.float32: 'F32', torch.float64: 'F64',
+                      torch.int64: 'I64'}
+_DTYPE_ORDER = list(SAFETENSORS_DTYPES)
+
+
+def write_safetensors(f, tensors, metadata, dtype_of):
+    """Writes `tensors` to the file object `f` as safetensors.torch.save would (the same
+    bytes but for the order of the metadata, which safetensors takes from a hash map),
+    each tensor turned into dtype_of(key, tensor) as it is written.
+
+    safetensors' own writers need every tensor, converted, in memory at once (and save()
+    a second copy as bytes); this holds one converted tensor at a time, so an export of a
+    mapped checkpoint takes little memory beyond the checkpoint's pages.
+    """
+    dtypes = {key: dtype_of(key, value) for key, value in tensors.items()}
+    order = sorted(tensors, key=lambda key: (-_DTYPE_ORDER.index(dtypes[key]), key))
+    header, offset = {'__metadata__': metadata} if metadata else {}, 0
+    for key in order:
+        size = tensors[key].numel() * dtypes[key].itemsize
+        header[key] = {'dtype': SAFETENSORS_DTYPES[dtypes[key]],
+                       'shape': list(tensors[key].shape), 'data_offsets': [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(',', ':'), ensure_ascii=False).encode()
+    encoded += b' ' * (-len(encoded) % 8)
+    f.write(struct.pack('<Q', len(encoded)) + encoded)
+    for key in order:
+        value = tensors[key].detach().to('cpu', dtypes[key]).contiguous()
+        f.write(value.reshape(-1).view(torch.uint8).numpy().data if value.numel() else b'')

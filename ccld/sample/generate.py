@@ -44,13 +44,14 @@ def load_model(checkpoint, base_channels=None, channel_multipliers=None, device=
     """A frozen DiffusionModel with a checkpoint's EMA weights, and the checkpoint.
 
     Widths come from the weights unless given (then they must fit). A distilled student
-    knows the guidance range its record names.
+    knows the guidance range its record names. The weights go from the file to `device`
+    tensor by tensor (checkpoint_files.build_model): no whole copy is made on the way.
     """
-    ckpt = read_checkpoint(checkpoint)
-    model = build_model(ckpt.model_ema, base_channels, channel_multipliers, checkpoint)
+    ckpt = read_checkpoint(checkpoint, device=device)
+    model = build_model(ckpt.model_ema, base_channels, channel_multipliers, checkpoint, device)
     if isinstance(model, StudentModel) and ckpt.record.get('guidance_range'):
         model.guidance_range = tuple(ckpt.record['guidance_range'])
-    return model.eval().requires_grad_(False).to(device), ckpt
+    return model.eval().requires_grad_(False), ckpt
 
 
 def latent_shape(autoencoder, image_size):

@@ -235,7 +235,7 @@ def run(args):
     runner.quiet_lightning()
     output_dir = Path(args.output_dir)
     seed = runner.seed_run(args.seed)
-    autoencoder = load_autoencoder(args.vqgan_model)
+    autoencoder = load_autoencoder(args.vqgan_model, init_weights=True)  # (see its doc)
     loss = build_loss(args)
     disc_source = 'the discriminator of the checkpoint resumed' if args.resume_from else \
         start_loss_from(loss, weights_path(args.vqgan_model))

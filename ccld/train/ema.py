@@ -40,13 +40,10 @@ def ema_update(model, averaged_model, decay):
 def averaged_copy(model):
     """The frozen copy of `model` that ema_update averages into. Parameters that do not
     train in `model` (a LoRA run's base) are shared with it, not copied: the average of a
-    constant is the constant, and a base held twice would double its memory."""
-    averaged = copy.deepcopy(model).requires_grad_(False).eval()
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            owner, _, attr = name.rpartition('.')
-            setattr(averaged.get_submodule(owner), attr, p)
-    return averaged
+    constant is the constant, and a base held twice would double its memory (deepcopy is
+    told they are copied already, so they are never copied, not even for a moment)."""
+    frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
+    return copy.deepcopy(model, memo=frozen).requires_grad_(False).eval()
 
 
 class OffloadedEma:

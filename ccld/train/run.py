@@ -310,11 +310,13 @@ class TrainData:
 def load_frozen_models(args):
     from ..models.autoencoder import load_autoencoder
     from ..models.cloob import load_cloob
-    ae_model = load_autoencoder(args.vqgan_model)
+    # Initialised before their weights load, as ever: the U-Net of a seeded fresh run is
+    # drawn after them.
+    ae_model = load_autoencoder(args.vqgan_model, init_weights=True)
     if ae_model.embed_dim != 4:
         raise UserError(f'--vqgan-model: {args.vqgan_model} has {ae_model.embed_dim} latent '
                         'channels; the diffusion model needs a KL f=8 autoencoder with 4.')
-    cloob = load_cloob(args.cloob_checkpoint)
+    cloob = load_cloob(args.cloob_checkpoint, init_weights=True)
     if cloob.embed_dim != 512:
         raise UserError(f'--cloob-checkpoint: embeddings are {cloob.embed_dim}-d; the diffusion '
                         'model needs 512.')
@@ -322,8 +324,9 @@ def load_frozen_models(args):
 
 
 def start_from(module, args, base, mults):
-    """Loads a finetune's weights into `module`; returns the checkpoint Lightning resumes
-    from (None for a fresh run or a finetune)."""
+    """Says how `module` starts (a finetune's weights are its model's already: `run` built
+    it from them); returns the checkpoint Lightning resumes from (None for a fresh run or
+    a finetune)."""
     from pytorch_lightning.utilities import rank_zero_info
     resume = args.resume
     if resume is None:
@@ -340,11 +343,7 @@ def start_from(module, args, base, mults):
                        f'adapters (rank {args.lora.rank}, alpha {args.lora.alpha:g}, '
                        f'{",".join(args.lora.targets)}: {trained:,} weights) on its EMA weights, '
                        'frozen, from step 0.')
-    elif resume.kind == 'bare':
-        module.model.load_state_dict(resume.model, strict=True)
-        module.model_ema.load_state_dict(resume.model, strict=True)
-        for m in (module.model, module.model_ema):
-            m.autoencoder_scale.fill_(args.autoencoder_scale)
+    elif resume.kind == 'bare':  # (its weights are the module's model and its EMA already)
         rank_zero_info(f'--resume-from {args.resume_from}: {resume.description}; '
                        'finetuning from its weights at step 0 with a fresh optimizer.')
     else:
@@ -397,6 +396,9 @@ def run(args):
         from ..models.lora import adapted_model
         record['lora'] = args.lora.spec()
         model = adapted_model(weights, args.lora, LORA_BASE_DTYPES[args.fprecision])
+    elif args.resume is not None and args.resume.kind == 'bare':
+        from ..models.checkpoint_files import build_model
+        model = build_model(weights, path=args.resume_from)  # the file's tensors, no init
     if args.frozen is not None:
         record.update(autoencoder_sha256=args.frozen['autoencoder']['sha256'],
                       autoencoder_encoder_sha256=args.frozen['autoencoder']['encoder_sha256'],

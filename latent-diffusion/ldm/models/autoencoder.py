@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -90,8 +91,11 @@ class AutoencoderKL(nn.Module):
             raise UserError(f"checkpoint {path} does not fit this autoencoder config: "
                             f"{'; '.join(problems)}; use the .yaml that came with "
                             "this checkpoint")
-        # Everything was checked above; only ignored keys are left unloaded.
-        self.load_state_dict(state, strict=False)
+        # Everything was checked above; only ignored keys are left unloaded. The file's
+        # tensors become the model's own (no copy; a model built on the meta device is
+        # never initialised), in the model's dtype.
+        self.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()},
+                             strict=False, assign=True)
 
 
 def read_state_dict(path) -> dict[str, torch.Tensor]:
@@ -102,7 +106,7 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
-            obj = load_file(path)
+            obj = load_file(path, backend="pread")
         else:
             obj = _torch_load(path)
     except Exception as e:  # unreadable for any reason: tell the user which file
@@ -117,13 +121,16 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
 
 
 def _torch_load(path: Path):
+    # Mapped, not read: the tensors are read from the file when used, and the loss's
+    # weights (discriminator, LPIPS) that CompVis checkpoints carry are never read.
+    mmap = zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         # Lightning 1.x checkpoints (as some CompVis releases are) pickle callback
         # objects next to the weights, which the safe loader refuses. The user chose
         # this file, so fall back to full unpickling for it.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
 
 
 def _describe(names: list[str], what: str, shown: int = 3) -> str:

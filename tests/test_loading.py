@@ -1,0 +1,192 @@
+"""Loading builds no initialised copy of a model: the file's tensors become the model's own
+(shared storage, no random draw for weights about to be overwritten), and what comes out
+is what the old way (an initialised model, load_state_dict) gave, bit for bit."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save
+
+import tiny
+import train_latent_diffusion
+from ccld.models import exports, lora
+from ccld.models.autoencoder import build_autoencoder, load_autoencoder, read_config
+from ccld.models.checkpoint_files import read_checkpoint
+from ccld.models.cloob import load_cloob
+from ccld.models.unet import DiffusionModel
+from ccld.sample.generate import load_model
+from ccld.train.ema import averaged_copy
+from cloob_training import model_pt, pretrained
+from ldm.models.autoencoder import read_state_dict
+
+SCALE = 1.5
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp('loading')
+    model = tiny.tiny_diffusion(seed=0, autoencoder_scale=SCALE)
+    paths = tiny.make_images(d / 'images', n=2, size=64)
+    (d / 'prompts.txt').write_text('a red circle\n')
+    return SimpleNamespace(dir=d, model=model, bare=tiny.save_bare(model, d / 'bare.pth'),
+                           autoencoder=tiny.tiny_autoencoder(d), cloob=str(tiny.tiny_cloob(d)),
+                           train=tiny.write_path_list(paths, d / 'train.txt'),
+                           prompts=d / 'prompts.txt')
+
+
+def the_old_way(state_dict):
+    """A model as loading made it before: initialised, then the weights copied in."""
+    model = DiffusionModel(tiny.BASE_CHANNELS, tiny.CHANNEL_MULTIPLIERS)
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()})
+    return model.eval()
+
+
+def outputs(model):
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn([2, 4, 8, 8], generator=g), torch.rand([2], generator=g)
+    cond = torch.randn([2, 512], generator=g)
+    with torch.no_grad():
+        return model(x, t, cond)
+
+
+def assert_draws_nothing(load):
+    """load()'s value, checked to leave the global random state as it was: nothing was
+    initialised (a model initialised on the CPU draws its weights from it)."""
+    before = torch.get_rng_state()
+    loaded = load()
+    assert torch.equal(torch.get_rng_state(), before), 'loading drew random numbers: an init'
+    return loaded
+
+
+def shares_storage(model, state_dict):
+    """Whether every tensor of `model` is the state dict's own (no copy was made)."""
+    ours = model.state_dict()
+    return all(ours[k].data_ptr() == v.data_ptr() for k, v in state_dict.items())
+
+
+def test_a_state_dict_becomes_the_model_in_place(files):
+    model, ckpt = assert_draws_nothing(lambda: load_model(files.bare))
+    assert shares_storage(model, ckpt.model_ema)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    assert torch.equal(outputs(model), outputs(the_old_way(files.model.state_dict())))
+
+
+def test_an_fp16_export_loads_into_fp32_once(files, tmp_path):
+    path = tmp_path / 'export.safetensors'
+    exports.export(read_checkpoint(files.bare), path, 'fp16')
+    model, ckpt = assert_draws_nothing(lambda: load_model(path))
+    assert {t.dtype for t in model.state_dict().values()} == {torch.float32}
+    assert shares_storage(model, ckpt.model_ema)  # converted as read, not copied again
+    from safetensors.torch import load_file
+    assert torch.equal(outputs(model), outputs(the_old_way(load_file(path))))
+
+
+def test_16_bit_weights_load_into_the_fp32_model(files, tmp_path):
+    """A state dict saved in fp16 (not an export) loads as load_state_dict loaded it: into
+    the fp32 model, converted tensor by tensor."""
+    path = tmp_path / 'half.pth'
+    torch.save({k: v.half() for k, v in files.model.state_dict().items()}, path)
+    model, _ = load_model(path)
+    assert {t.dtype for t in model.state_dict().values()} == {torch.float32}
+    assert torch.equal(outputs(model), outputs(the_old_way(torch.load(path))))
+
+
+def test_an_export_is_written_as_safetensors_writes_it(files, tmp_path):
+    path = tmp_path / 'export.safetensors'
+    record = exports.export(read_checkpoint(files.bare), path, 'fp16')
+    state = dict(files.model.state_dict(), autoencoder_scale=torch.tensor(SCALE))
+    expected = {k: v if k == 'autoencoder_scale' else v.half() for k, v in state.items()}
+    ours, theirs = path.read_bytes(), save(expected, exports.to_metadata(record))
+    # The same bytes but for the order of the metadata, which safetensors takes from a
+    # hash map whose order changes from one process to the next.
+    assert len(ours) == len(theirs)
+    assert split(ours) == split(theirs)
+
+
+def split(data):
+    """(header without the metadata, as ordered pairs; the metadata; the tensors' bytes)."""
+    size = int.from_bytes(data[:8], 'little')
+    header = json.loads(data[8:8 + size], object_pairs_hook=list)
+    metadata = dict(next(value for key, value in header if key == '__metadata__'))
+    return [(k, v) for k, v in header if k != '__metadata__'], metadata, data[8 + size:]
+
+
+def test_a_lora_base_is_the_files_and_its_ema_shares_it(files):
+    ckpt = read_checkpoint(files.bare)
+    spec = lora.spec_of(4, 8, None, files.bare, ckpt.model_ema)
+    model = lora.adapted_model(ckpt.model_ema, spec)
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all('lora_' not in n for n in frozen)
+    file_ptrs = {v.data_ptr() for v in ckpt.model_ema.values()}
+    assert all(p.data_ptr() in file_ptrs for p in frozen.values())
+    averaged = dict(averaged_copy(model).named_parameters())
+    assert all(averaged[n] is p for n, p in frozen.items())
+    adapters = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert adapters and all(averaged[n] is not dict(model.named_parameters())[n]
+                            for n in adapters)
+
+
+def train_argv(files, out, *extra):
+    return ['--train-set', str(files.train), '--vqgan-model', files.autoencoder,
+            '--autoencoder-scale', str(SCALE), '--cloob-checkpoint', files.cloob,
+            '--demo-prompts', str(files.prompts), '--output-dir', str(out),
+            '--accelerator', 'cpu', '--num-workers', '0', '--batch-size', '1',
+            '--image-size', '64', '--max-steps', '10', '--seed', '0',
+            '--resume-from', str(files.bare), *extra]
+
+
+def test_a_finetune_trains_the_files_weights_and_averages_a_copy(files, tmp_path):
+    seen = tiny.set_up_run(train_latent_diffusion.main, train_argv(files, tmp_path))
+    model, ema = seen.module.model, seen.module.model_ema
+    for name, tensor in files.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor)
+        assert torch.equal(ema.state_dict()[name], tensor)
+    assert all(p.requires_grad for p in model.parameters())
+    ours = {p.data_ptr() for p in model.parameters()}
+    assert not any(p.data_ptr() in ours for p in ema.parameters())  # the one copy
+
+
+def test_a_lora_start_holds_its_base_once(files, tmp_path):
+    seen = tiny.set_up_run(train_latent_diffusion.main,
+                           train_argv(files, tmp_path, '--lora-rank', '4'))
+    model, ema = seen.module.model, seen.module.model_ema
+    averaged = dict(ema.named_parameters())
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(averaged[n] is p for n, p in frozen)
+
+
+def test_the_autoencoder_loads_in_place_and_as_before(files):
+    model = assert_draws_nothing(lambda: load_autoencoder(files.autoencoder))
+    config = read_config(f'{files.autoencoder}.yaml')
+    torch.manual_seed(1)
+    old = build_autoencoder(config)
+    after_init = torch.get_rng_state()
+    old.init_from_ckpt(f'{files.autoencoder}.ckpt')
+    images = torch.rand([1, 3, 64, 64], generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(model.decode(model.encode(images).mean),
+                           old.decode(old.encode(images).mean))
+    assert all(p.is_contiguous() for p in model.parameters())
+    # A training run initialises it first all the same: its later draws stay as they were.
+    torch.manual_seed(1)
+    load_autoencoder(files.autoencoder, init_weights=True)
+    assert torch.equal(torch.get_rng_state(), after_init)
+    state = read_state_dict(f'{files.autoencoder}.ckpt')
+    assert all(torch.equal(model.state_dict()[k], state[k]) for k in model.state_dict())
+
+
+def test_cloob_loads_in_place_and_as_before(files):
+    model = assert_draws_nothing(lambda: load_cloob(files.cloob))
+    config, path = pretrained.resolve_checkpoint(files.cloob)
+    torch.manual_seed(1)
+    old = model_pt.get_pt_model(config)
+    after_init = torch.get_rng_state()
+    old.load_state_dict(model_pt.get_pt_params(config, path))
+    with torch.no_grad():
+        assert torch.equal(model.embed_texts(['a red fox']),
+                           old.text_encoder(old.tokenize(['a red fox'])).float())
+    torch.manual_seed(1)
+    load_cloob(files.cloob, init_weights=True)
+    assert torch.equal(torch.get_rng_state(), after_init)
