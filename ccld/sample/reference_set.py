@@ -84,7 +84,7 @@ def compute(source, network, size, batch_size, num_workers):
     features, skipped = [], 0
     with tqdm(total=source.known_images, unit='img', desc='reference features') as bar:
         for batch in loader:
-            items = [(key, image) for _, key, image in batch if key is not None]  # not END
+            items = [(key, image) for _, key, image, _ in batch if key is not None]  # not END
             good = [image for _, image in items if image is not None]
             skipped += len(items) - len(good)
             if good:
