@@ -23,6 +23,10 @@ from PIL import Image
 import app
 import sample
 import tiny
+from ccld import cli
+from ccld.app import serve
+from ccld.app.engine import Engine
+from ccld.errors import UserError
 from ccld.models import lora
 from ccld.models.student import student_of
 from ccld.sample.png_files import read_text
@@ -80,7 +84,8 @@ def assets(tmp_path_factory):
                   {'student_steps': 1, 'guidance_range': [1.0, 8.0], **record}, 0)
     (d / 'broken.png').write_bytes(b'not an image at all')
     (d / 'big.png').write_bytes(b'\x89PNG' + bytes(1_500_000))
-    return SimpleNamespace(dir=d, ckpt=ckpt, student=student,
+    return SimpleNamespace(dir=d, ckpt=ckpt, student=student, autoencoder=autoencoder,
+                           cloob=cloob, bare=tiny.save_bare(ema, d / 'bare.pth'),
                            adapter=adapter_file(d / 'adapter.safetensors', ema, ckpt),
                            images=tiny.make_images(d / 'images', n=2, size=80),
                            broken=d / 'broken.png', big=d / 'big.png',
@@ -101,7 +106,8 @@ def server(assets):
     command = [sys.executable, str(ROOT / 'app.py'), '--checkpoint', str(assets.ckpt),
                '--checkpoint', str(assets.student), '--lora', str(assets.adapter),
                '--device', 'cpu', '--port', str(port), '--max-upload-mb', '1',
-               '--max-size', '128', '--max-steps', '300', '--share-dir', str(assets.share),
+               '--max-size', '128', '--max-steps', '300', '--max-images', '3',
+               '--share-dir', str(assets.share),
                '-n', '1', '--seed', '7', '--steps', '2', '--method', 'ddim']
     assets.share.mkdir()
     log = open(assets.dir / 'server.log', 'w+')
@@ -220,7 +226,7 @@ def test_stop_ends_a_200_step_job_within_a_step_and_the_next_job_runs(server):
     ({'size': 256}, r'256 pixels of size is outside what this server allows \(1 to 128, its '
                     r'--max-size\)'),
     # (the sliders' own bounds: Gradio refuses these before the engine sees them)
-    ({'n': 50}, r'Value 50 is greater than maximum value 16'),
+    ({'n': 4}, r'Value 4 is greater than maximum value 3'),
     ({'steps': 1000}, r'Value 1000 is greater than maximum value 300'),
     ({'size': 72}, r'image size 72 is not a multiple of 64'),
     ({'prompt': 'a cat:1,5'}, r"the weight '1,5' is not a number"),
@@ -279,6 +285,56 @@ def test_the_page_needs_no_frozen_model_flags_for_a_training_checkpoint(server):
     assert generate(server, prompt='a red fox')[1] == 'seed 7'
 
 
+def test_the_sampling_flags_are_the_forms_defaults_and_a_job_samples_as_sample_py_with_them(
+        assets, tmp_path, monkeypatch):
+    """In this process: a released state dict (it records nothing), every sampling flag
+    given; ddim with eta > 0 draws noise each step, so even --batch-size shows."""
+    monkeypatch.setattr(cli, 'default_device', lambda: pytest.fail('--device was ignored'))
+    flags = ['--autoencoder', str(assets.autoencoder), '--cloob-checkpoint', str(assets.cloob),
+             '--autoencoder-scale', '2.5', '--eta', '0.5', '--method', 'ddim', '--steps', '3',
+             '--schedule', 'karras', '--size', '64', '--cond-scale', '5', '-n', '2',
+             '--seed', '9', '--batch-size', '1', '--device', 'cpu']
+    engine = Engine(app.parser().parse_args(['--checkpoint', str(assets.bare), *flags,
+                                             '--base-channels', '16',
+                                             '--channel-multipliers', '4,4,4,4']))
+    s = engine.defaults('bare.pth')
+    assert (s.autoencoder, s.cloob, s.autoencoder_scale, s.eta, s.method, s.steps, s.schedule,
+            s.size, s.cond_scale, s.n, s.seed) == (assets.autoencoder, str(assets.cloob), 2.5,
+                                                   0.5, 'ddim', 3, 'karras', 64, 5.0, 2, 9)
+    result = engine.run(dict(prompt='a red fox', model='bare.pth', n=2, seed=9, steps=3,
+                             method='ddim', schedule='karras', size=64, cond_scale=5))
+    cli_images = sample_py(assets, tmp_path, 'a red fox', '--checkpoint', assets.bare, *flags)
+    assert_same_pixels(result.paths, cli_images)
+    wrong = ['--base-channels', '32', '--channel-multipliers', '4,4,8,8']  # (not the weights')
+    with pytest.raises(UserError, match='do not give'):
+        Engine(app.parser().parse_args(['--checkpoint', str(assets.bare), *flags, *wrong]))
+
+
+@pytest.mark.parametrize('flags, host, auth', [
+    ([], '127.0.0.1', None),
+    (['--auth', 'ann:secret'], '127.0.0.1', [('ann', 'secret')]),
+    (['--listen', '--auth', 'ann:secret'], '0.0.0.0', [('ann', 'secret')]),
+    (['--listen', '--auth-file', 'AUTH'], '0.0.0.0', [('ann', 'secret'), ('bob', 'pw:2')]),
+    (['--listen', '--insecure-no-auth'], '0.0.0.0', None),
+])
+def test_the_page_binds_127_0_0_1_and_all_interfaces_only_with_a_password_or_when_told(
+        flags, host, auth, tmp_path):
+    (tmp_path / 'auth.txt').write_text('ann:secret\n\nbob:pw:2\n')
+    flags = [str(tmp_path / 'auth.txt') if f == 'AUTH' else f for f in flags]
+    args = app.parser().parse_args(['--checkpoint', 'x.ckpt', *flags])
+    assert serve.check_access(args) == (host, auth)
+
+
+def test_port_is_the_one_given_or_the_first_free_one_from_7860():
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f'port {port} is taken'):
+            serve.free_port('127.0.0.1', port)
+    assert serve.free_port('127.0.0.1', port) == port
+    assert 7860 <= serve.free_port('127.0.0.1', None) < 7960
+
+
 @pytest.mark.parametrize('flags', [['--listen'], ['--listen', '--auth-file', 'missing.txt']])
 def test_listen_without_a_password_exits_2_in_one_line(flags, capsys):
     assert tiny.exit_code(app.main, 'app.py', ['--checkpoint', 'x.ckpt', *flags]) == 2
@@ -302,12 +358,16 @@ def chromium(tmp_path):
 
 @pytest.mark.skipif(not CHROMEDRIVER.exists(), reason='needs chromium and chromium-driver '
                     '(apt-get install chromium chromium-driver; .ci/run installs them)')
-def test_in_a_real_browser_a_prompt_and_generate_give_sample_pys_image(
+def test_in_a_real_browser_generate_gives_sample_pys_image_and_png_info_fills_the_form(
         server, assets, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import WebDriverWait
+    # A PNG of sample.py's, for the PNG info tab to read back into the form.
+    written = sample_py(assets, tmp_path / 'other', 'a hen:2', '--checkpoint', assets.ckpt,
+                        '--lora', f'{assets.adapter}:0.5', *form_flags(seed=11, steps=3))[0]
     browser = chromium(tmp_path)
+    field = lambda css: browser.find_element(By.CSS_SELECTOR, css).get_attribute('value')
     try:
         browser.get(server.url)
         wait = WebDriverWait(browser, 120)
@@ -324,6 +384,11 @@ def test_in_a_real_browser_a_prompt_and_generate_give_sample_pys_image(
             shown.write_bytes(response.read())
         screenshot = tmp_path / 'screenshot.png'
         browser.save_screenshot(str(screenshot))
+        browser.find_element(By.XPATH, "//button[contains(., 'PNG info')]").click()
+        browser.find_element(By.CSS_SELECTOR, '#png input[type=file]').send_keys(str(written))
+        wait.until(lambda _: field('#prompt textarea') == 'a hen:2')
+        assert (field('#seed input'), field('#steps input[type=number]'),
+                field('#lora_strength input[type=number]')) == ('11', '3', '0.5')
         requests = [json.loads(entry['message'])['message'] for entry in
                     browser.get_log('performance')]
     finally:

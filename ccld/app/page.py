@@ -60,7 +60,7 @@ def build(engine):
                         with gr.Row():
                             init_image = ImageUpload(label='Init image', type='filepath',
                                                      image_mode=None, height=160,
-                                                   sources=['upload', 'clipboard'])
+                                                     sources=['upload', 'clipboard'])
                             strength = gr.Slider(0.01, 1.0, value=0.9, step=0.01,
                                                  label='Strength (1 keeps nothing of it)')
                 with gr.Column(scale=2):
@@ -71,14 +71,15 @@ def build(engine):
                         lora = gr.Dropdown(lora_choices(engine, names[0]), value=NO_LORA,
                                            label='LoRA', allow_custom_value=True)
                         lora_strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05,
-                                                  label='LoRA strength')
+                                                  label='LoRA strength', elem_id='lora_strength')
                     with gr.Row():
                         n = gr.Slider(1, args.max_images, value=min(args.n, args.max_images),
                                       step=1, label='Images')
-                        seed = gr.Number(label='Seed (-1: random)', value=args.seed, precision=0)
+                        seed = gr.Number(label='Seed (-1: random)', value=args.seed, precision=0,
+                                         elem_id='seed')
                     with gr.Row():
                         steps = gr.Slider(1, args.max_steps, value=first.steps, step=1,
-                                          label='Steps')
+                                          label='Steps', elem_id='steps')
                         method = gr.Dropdown(list(cli.SAMPLING_METHODS), value=first.method,
                                              label='Sampler')
                         schedule = gr.Dropdown(list(cli.SCHEDULES), value=first.schedule,
@@ -96,7 +97,7 @@ def build(engine):
             chosen = gr.State()
         with gr.Tab('PNG info'):
             png = gr.File(label='A PNG written by sample.py, evaluate.py or this page',
-                          file_types=['.png'], type='filepath')
+                          file_types=['.png'], type='filepath', elem_id='png')
             info = gr.JSON(label='Its metadata')
 
         form = [prompt, n, seed, steps, method, schedule, cond_scale, size, model, lora,
