@@ -47,6 +47,13 @@ bench 60 student_speed python3 bench/student_speed.py
 # Issue 17: model states, peak and s/step of a 1.17B finetune on a 24 GB card (fp32 AdamW +
 # EMA, + adamw8bit, + the EMA on the CPU, LoRA r=16 and r=64), bf16, gradient checkpointing.
 # Each row prints as it ends, so a row cut off by the time slot leaves the others.
-bench 140 train_memory python3 bench/train_memory.py --device cuda --base-channels 192 \
+bench 120 train_memory python3 bench/train_memory.py --device cuda --base-channels 192 \
   --batch-size 8 --memory-gb 24 --common='--fprecision bf16 --gradient-checkpointing'
+# Issue 26: seconds per image through app.py's API against sample.py's library call, PLMS
+# 50 steps, 557M; and from starting app.py to its first image (Gradio: gpu_wheels.sh --gradio).
+if python3 -c 'import gradio' 2>/dev/null; then
+  bench 30 app_latency python3 bench/app_latency.py --repeats 2
+else
+  echo '== app_latency: skipped, no gradio here (bench/gpu_wheels.sh --gradio)' | tee -a "$results"
+fi
 echo "done in $SECONDS s" | tee -a "$results"

@@ -384,7 +384,8 @@ def test_in_a_real_browser_generate_gives_sample_pys_image_and_png_info_fills_th
             shown.write_bytes(response.read())
         screenshot = tmp_path / 'screenshot.png'
         browser.save_screenshot(str(screenshot))
-        browser.find_element(By.XPATH, "//button[contains(., 'PNG info')]").click()
+        next(tab for tab in browser.find_elements(By.XPATH, "//button[contains(., 'PNG info')]")
+             if tab.is_displayed()).click()
         browser.find_element(By.CSS_SELECTOR, '#png input[type=file]').send_keys(str(written))
         wait.until(lambda _: field('#prompt textarea') == 'a hen:2')
         assert (field('#seed input'), field('#steps input[type=number]'),

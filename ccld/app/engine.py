@@ -30,8 +30,9 @@ from ..sample.prompts import parse_prompt, slug
 from ..sample.run import image_metadata
 
 NO_LORA = 'none'
-# Uploads larger than this many pixels are refused before they are decoded (Pillow's own
-# limit, raised from a warning to an error): a small PNG can unpack to gigabytes.
+# Uploads of more pixels are refused before they are decoded: a small PNG can unpack to
+# gigabytes. (Gradio opens an upload before the engine sees it; Pillow's own limit, about
+# 179 megapixels, refuses the largest there.)
 MAX_UPLOAD_PIXELS = 50_000_000
 
 
@@ -73,14 +74,12 @@ def read_upload(path, what):
     """An uploaded image as an RGB PIL image (decoded as sample.py decodes a file), after
     its size in pixels is checked; UserError in one line if it is not a readable image."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('error', Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
+        with Image.open(path) as image:
+            width, height = image.size
         if width * height > MAX_UPLOAD_PIXELS:
             raise Image.DecompressionBombError(f'{width}x{height} pixels')
         return load_image(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise UserError(f'the {what} is too large ({reason(e)}); this server takes images of '
                         f'up to {MAX_UPLOAD_PIXELS // 1_000_000} megapixels.') from None
     except Exception as e:  # noqa: BLE001 - whatever fails to decode is "unreadable"
@@ -124,7 +123,6 @@ class Engine:
     def __init__(self, args):
         self.args = args
         self.device, self.batch_size = sampler.check_sampling_flags(args)
-        Image.MAX_IMAGE_PIXELS = MAX_UPLOAD_PIXELS
         if args.share_dir:
             check_writable_dir(args.share_dir, '--share-dir')
         args.checkpoint = [hub.resolve(path, '--checkpoint') for path in args.checkpoint]
@@ -202,7 +200,7 @@ class Engine:
         if lora is not None and lora not in entry.adapters:
             raise UserError(f'LoRA {lora!r} is not made for {entry.name}; choose one of '
                             f'{", ".join([NO_LORA, *entry.adapters])}.')
-        n = int(request.get('n') or 1)
+        n = int(request['n']) if request.get('n') is not None else args.n
         steps = request.get('steps')
         steps = int(steps) if steps else None
         size = parse_size(request['size']) if request.get('size') else None
@@ -213,8 +211,13 @@ class Engine:
                 raise UserError(f'{value} {what} is outside what this server allows (1 to '
                                 f'{bound}, its {flag}); ask for fewer.')
         seed = request.get('seed')
-        seed = random.randrange(2 ** 32) if seed is None or int(seed) == -1 else int(seed)
-        cond_scale = float(request.get('cond_scale') or args.cond_scale)
+        try:
+            seed = random.randrange(2 ** 32) if seed is None or int(seed) == -1 else \
+                cli.seed(str(int(seed)))
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f'seed {seed}: {e}; -1 draws a random one.') from None
+        cond_scale = request.get('cond_scale')
+        cond_scale = args.cond_scale if cond_scale is None else float(cond_scale)
         texts = [parse_prompt(line, cond_scale)
                  for line in (request.get('prompt') or '').splitlines() if line.strip()]
         image_prompts, images = [], []
@@ -225,7 +228,8 @@ class Engine:
             images = [(read_upload(request['image_prompt'], 'image prompt'), weight)]
         init = read_upload(request['init_image'], 'init image') \
             if request.get('init_image') else None
-        strength = float(request.get('strength') or DEFAULT_STRENGTH) if init else 1.0
+        strength = request.get('strength')
+        strength = (DEFAULT_STRENGTH if strength is None else float(strength)) if init else 1.0
         method = request.get('method') or None
         generate.check_settings(method, args.eta, strength, request.get('schedule') or
                                 args.schedule)
