@@ -384,6 +384,11 @@ def test_in_a_real_browser_generate_gives_sample_pys_image_and_png_info_fills_th
             shown.write_bytes(response.read())
         screenshot = tmp_path / 'screenshot.png'
         browser.save_screenshot(str(screenshot))
+        image.click()  # chooses it for "Use as init"
+        browser.find_element(By.CSS_SELECTOR, '#use-as-init').click()
+        WebDriverWait(browser, 20).until(
+            lambda _: browser.find_elements(By.CSS_SELECTOR, '#init img'))
+        assert browser.find_element(By.CSS_SELECTOR, '#init img').get_attribute('src')
         next(tab for tab in browser.find_elements(By.XPATH, "//button[contains(., 'PNG info')]")
              if tab.is_displayed()).click()
         browser.find_element(By.CSS_SELECTOR, '#png input[type=file]').send_keys(str(written))

@@ -59,7 +59,7 @@ def build(engine):
                     with gr.Accordion('Image to image', open=False):
                         with gr.Row():
                             init_image = ImageUpload(label='Init image', type='filepath',
-                                                     image_mode=None, height=160,
+                                                     elem_id='init', image_mode=None, height=160,
                                                      sources=['upload', 'clipboard'])
                             strength = gr.Slider(0.01, 1.0, value=0.9, step=0.01,
                                                  label='Strength (1 keeps nothing of it)')
@@ -93,7 +93,7 @@ def build(engine):
             gallery = gr.Gallery(label='Images', columns=4, elem_id='gallery', format='png')
             with gr.Row():
                 status = gr.Textbox(label='Status', interactive=False, elem_id='status')
-                use_as_init = gr.Button('Use as init')
+                use_as_init = gr.Button('Use as init', elem_id='use-as-init')
             chosen = gr.State()
         with gr.Tab('PNG info'):
             png = gr.File(label='A PNG written by sample.py, evaluate.py or this page',
