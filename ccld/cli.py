@@ -264,6 +264,61 @@ def default_device():
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
+# Image sides the autoencoder (kl-f8) and the U-Net can both take: the latents are 1/8 of
+# the image and the U-Net halves them three times.
+SIZE_MULTIPLE = 64
+
+
+def image_size(text):
+    """--size: 'WxH' (384x256) or one number N (an N x N square) -> (width, height), each
+    side a multiple of SIZE_MULTIPLE; else the error names the nearest sizes that are."""
+    try:
+        sides = [int(part) for part in text.lower().split('x')]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides) < 1:
+        raise argparse.ArgumentTypeError(f'expected WIDTHxHEIGHT like 384x256, or one number '
+                                         f'for a square, got {text!r}')
+    width, height = size_pair(sides[0] if len(sides) == 1 else sides)
+    if width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
+        raise argparse.ArgumentTypeError(
+            f'{text}: each side must be a multiple of {SIZE_MULTIPLE} for the autoencoder and '
+            f'the U-Net; nearest valid sizes: '
+            f'{", ".join(nearest_sizes((width, height), SIZE_MULTIPLE, len(sides) == 1))}')
+    return width, height
+
+
+def size_pair(size):
+    """(width, height) of a size given as one number (a square, as checkpoint records
+    store image_size) or as a (width, height) pair: where every size is normalised."""
+    if isinstance(size, (tuple, list)):
+        width, height = size
+        return int(width), int(height)
+    return int(size), int(size)
+
+
+def size_text(size):
+    """'256' for a square, '384x256' otherwise: how --size writes it."""
+    width, height = size_pair(size)
+    return str(width) if width == height else f'{width}x{height}'
+
+
+def nearest_sizes(size, multiple, square=False):
+    """The sizes nearest to `size` whose sides are multiples of `multiple` (each side
+    rounded down and up), nearest first, as --size would be written; only squares where
+    `square`."""
+    def around(side):
+        low = side // multiple * multiple
+        return sorted({max(low, multiple), max(low + multiple * (side % multiple > 0), multiple)},
+                      key=lambda s: abs(s - side))
+    width, height = size_pair(size)
+    if square:
+        return [size_text(side) for side in around(width)]
+    pairs = [(w, h) for w in around(width) for h in around(height)]
+    pairs.sort(key=lambda pair: abs(pair[0] - width) + abs(pair[1] - height))
+    return [f'{w}x{h}' for w, h in pairs]
+
+
 def check_image_size(image_size):
     """Image sizes the autoencoder and the U-Net can both take."""
     if image_size % 64:

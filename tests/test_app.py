@@ -36,7 +36,7 @@ gradio_client = pytest.importorskip('gradio_client')
 ROOT = Path(__file__).resolve().parent.parent
 CHROMEDRIVER, CHROMIUM = Path('/usr/bin/chromedriver'), Path('/usr/bin/chromium')
 # What the form starts with (the server's sampling flags), and what sample.py is given.
-FORM = {'n': 1, 'seed': 7, 'steps': 2, 'method': 'ddim', 'size': 64}
+FORM = {'n': 1, 'seed': 7, 'steps': 2, 'method': 'ddim', 'size': '64'}
 FIELDS = dict(prompt='', schedule='spliced', cond_scale=3.0, model='run.ckpt', lora='none',
               lora_strength=1.0, image_prompt=None, image_weight=3.0, init_image=None,
               strength=0.9, **FORM)
@@ -177,7 +177,7 @@ def test_a_text_prompt_gives_sample_pys_images_and_metadata_plus_a1111_parameter
 
 
 @pytest.mark.parametrize('case', ['image prompt', 'init and strength', 'lora at 0.5',
-                                  'student'])
+                                  'student', 'size WxH'])
 def test_the_page_gives_sample_pys_images(server, assets, tmp_path, case):
     image = assets.images[0]
     fields, flags = {
@@ -189,6 +189,7 @@ def test_the_page_gives_sample_pys_images(server, assets, tmp_path, case):
         'lora at 0.5': ({'prompt': 'a red fox', 'lora': 'adapter.safetensors',
                          'lora_strength': 0.5}, ['a red fox', '--lora', f'{assets.adapter}:0.5']),
         'student': ({'prompt': 'a red fox', 'model': 'student.ckpt', 'steps': 1}, ['a red fox']),
+        'size WxH': ({'prompt': 'a red fox', 'size': '128x64'}, ['a red fox']),
     }[case]
     page, _ = generate(server, **fields)
     checkpoint = assets.student if case == 'student' else assets.ckpt
@@ -223,12 +224,13 @@ def test_stop_ends_a_200_step_job_within_a_step_and_the_next_job_runs(server):
 
 
 @pytest.mark.parametrize('fields, error', [
-    ({'size': 256}, r'256 pixels of size is outside what this server allows \(1 to 128, its '
-                    r'--max-size\)'),
+    ({'size': '256x64'}, r'256 pixels a side \(size 256x64\) is outside what this server '
+                         r'allows \(1 to 128, its --max-size\)'),
     # (the sliders' own bounds: Gradio refuses these before the engine sees them)
     ({'n': 4}, r'Value 4 is greater than maximum value 3'),
     ({'steps': 1000}, r'Value 1000 is greater than maximum value 300'),
-    ({'size': 72}, r'image size 72 is not a multiple of 64'),
+    ({'size': '72'}, r'size 72: each side must be a multiple of 64 .*nearest valid sizes: 64, '
+                     r'128'),
     ({'prompt': 'a cat:1,5'}, r"the weight '1,5' is not a number"),
     ({'model': 'student.ckpt', 'method': 'plms'}, r'a student distilled for 1 step'),
     ({'lora': 'other.safetensors'}, r"LoRA 'other.safetensors' is not made for run.ckpt"),
@@ -300,9 +302,10 @@ def test_the_sampling_flags_are_the_forms_defaults_and_a_job_samples_as_sample_p
     s = engine.defaults('bare.pth')
     assert (s.autoencoder, s.cloob, s.autoencoder_scale, s.eta, s.method, s.steps, s.schedule,
             s.size, s.cond_scale, s.n, s.seed) == (assets.autoencoder, str(assets.cloob), 2.5,
-                                                   0.5, 'ddim', 3, 'karras', 64, 5.0, 2, 9)
+                                                   0.5, 'ddim', 3, 'karras', (64, 64), 5.0,
+                                                   2, 9)
     result = engine.run(dict(prompt='a red fox', model='bare.pth', n=2, seed=9, steps=3,
-                             method='ddim', schedule='karras', size=64, cond_scale=5))
+                             method='ddim', schedule='karras', size='64', cond_scale=5))
     cli_images = sample_py(assets, tmp_path, 'a red fox', '--checkpoint', assets.bare, *flags)
     assert_same_pixels(result.paths, cli_images)
     wrong = ['--base-channels', '32', '--channel-multipliers', '4,4,8,8']  # (not the weights')

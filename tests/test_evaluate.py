@@ -290,6 +290,57 @@ def test_one_grid_per_prompt_a_column_per_checkpoint_and_a_row_per_seed(evaluate
         assert canvas[:top].min() < 128  # the labels are drawn
 
 
+def test_a_size_that_is_not_square_reaches_the_images_grids_report_and_reference_set(
+        assets, tmp_path):
+    """--size 128x64: every image is 128 x 64 and says so, the grids tile them so, the
+    report and page state it, and the reference images are brought to it as --init
+    images are (resized to cover, centre-cropped: here with Pillow alone)."""
+    width, height = 128, 64
+    out = tmp_path / 'eval'
+    argv = base_args(assets, out, '--checkpoint', str(assets.bare), '--checkpoint',
+                     str(assets.other), '--reference-set', str(assets.reference_list),
+                     '--features', 'cloob', '--size', f'{width}x{height}')
+    assert run_evaluate(argv) == 0
+    report = json.loads((out / 'report.json').read_text())
+    for column, entry in enumerate(report['checkpoints']):
+        assert {k: entry['settings'][k] for k in ('size', 'width', 'height')} == \
+            {'size': '128x64', 'width': width, 'height': height}
+        for path in images_of(report, out, column):
+            with Image.open(path) as image:
+                assert image.size == (width, height)
+                assert (image.text['width'], image.text['height']) == ('128', '64')
+    for row_of_prompts, prompt in enumerate(report['prompts']):
+        with Image.open(out / prompt['grid']) as grid:
+            meta, canvas = grid.text, np.asarray(grid.convert('RGB'))
+        left, top = int(meta['left']), int(meta['top'])
+        assert (meta['tile_width'], meta['tile_height']) == ('128', '64')
+        assert 'tile_size' not in meta
+        assert canvas.shape == (top + N * height, left + 2 * width, 3)
+        for c in range(2):
+            for i in range(N):
+                tile = canvas[top + i * height:top + (i + 1) * height,
+                              left + c * width:left + (c + 1) * width]
+                path = images_of(report, out, c)[row_of_prompts * N + i]
+                assert np.array_equal(tile, pixels(path))
+    assert '128x64 px' in (out / 'report.md').read_text()
+    factor = -(-256 // height)  # the page shows tiles at least 256 px on their shorter side
+    page = (out / 'index.html').read_text()
+    assert f'width="{(left + 2 * width) * factor}" height="{(top + N * height) * factor}"' in page
+    # The 80 x 80 references: scaled to 128 x 128, the middle 64 rows.
+    cloob = load_cloob(str(assets.cloob))
+    covered = [np.asarray(Image.open(path).convert('RGB').resize((128, 128), Image.LANCZOS)
+                          .crop((0, 32, 128, 96))) for path in assets.references]
+    references = torch.from_numpy(np.stack(covered)).permute(0, 3, 1, 2)
+
+    def embed(images):
+        with torch.no_grad():
+            return cloob.embed_images(images.float() / 255).double().numpy()
+    for column, entry in enumerate(report['checkpoints']):
+        generated = embed(as_bytes(images_of(report, out, column)))
+        assert entry['frechet_distance'] == pytest.approx(
+            frechet_by_hand(generated, embed(references)), rel=1e-6)
+
+
 class Links(HTMLParser):
     def __init__(self):
         super().__init__()
@@ -578,7 +629,8 @@ def test_offline_inception_without_weights_is_one_line(assets, tmp_path, monkeyp
       '{dir}/prompts.txt'], '--reference-cache: {dir}/prompts.txt is a file'),
     (['--autoencoder', 'missing_ae'], 'autoencoder config missing_ae.yaml not found'),
     (['--cloob-checkpoint', 'missing.pkl'], 'CLOOB checkpoint missing.pkl not found'),
-    (['--size', '100'], 'image size 100 is not a multiple of 64'),
+    (['--size', '100'], 'argument --size: 100: each side must be a multiple of 64'),
+    (['--size', '384x100'], 'nearest valid sizes: 384x128, 384x64'),
     (['--method', 'ddim', '--eta', '2'], 'eta 2.0 is outside [0, 1]'),
     (['--features', 'vgg'], "argument --features: invalid choice: 'vgg'"),
     (['--checkpoint', '{dir}/other.pth:step=3'],

@@ -40,7 +40,7 @@ RECORD = 'test_checkpoints_leave_out_the_frozen_models_and_say_how_to_rebuild'
 RESUME = 'test_resume_continues_at_the_exact_step_with_optimizer_ema_and_new_lr'
 SEED = 'test_demo_grids_do_not_change_the_training_random_stream'
 SPEED = 'test_each_speed_flag_takes_effect_and_saves_a_checkpoint_a_plain_model_loads'
-DEMO = 'test_the_demo_flags_choose_the_demo_sampler_schedule_and_steps'
+DEMO = 'test_the_demo_flags_choose_the_demo_sampler_schedule_steps_and_size'
 LR = 'test_the_lr_schedule_flags_set_the_lr_of_each_step'
 
 SAMPLE_CLI = 'test_cli_writes_images_grid_and_metadata_and_reads_the_scale'
@@ -144,6 +144,7 @@ COVERED = {
         '--demo-steps': [DEMO],
         '--demo-method': [DEMO],
         '--demo-schedule': [DEMO],
+        '--demo-size': [DEMO],
         '--checkpoint-minutes': ['test_checkpoint_minutes_writes_last_between_step_checkpoints'],
         '--keep-last': ['test_keep_last_prunes_old_step_checkpoints'],
         '--signal': ['test_the_signal_flag_chooses_the_warning_signal'],
@@ -188,7 +189,7 @@ COVERED = {
         '--prompts-file': [PROMPTS_FILE],
         '--schedule': [SAMPLER],
         '--autoencoder-scale': [SAMPLE_CLI],
-        '--size': [SAMPLE_CLI],
+        '--size': [SAMPLE_CLI, 'test_cli_samples_at_any_size_and_the_pngs_say_which'],
         '--batch-size': ['test_batches_of_16_unless_told_with_the_same_noise'],
         '--output-dir': [SAMPLE_CLI],
         '--prefix': [SAMPLE_CLI],
@@ -272,7 +273,9 @@ COVERED = {
         '--steps': [SAME_AS_SAMPLE, OWN_SAMPLERS],
         '--schedule': [EVALUATE_FLAGS],
         '--autoencoder-scale': [EVALUATE_FLAGS],
-        '--size': [SAME_AS_SAMPLE, 'test_checkpoints_that_sample_at_other_sizes_need_size'],
+        '--size': [SAME_AS_SAMPLE, 'test_checkpoints_that_sample_at_other_sizes_need_size',
+                   'test_a_size_that_is_not_square_reaches_the_images_grids_report_and_'
+                   'reference_set'],
         '--batch-size': [EVALUATE_FLAGS],
         '--lora': ['test_evaluate_py_lora_gives_the_images_of_sample_py_lora'],
     },
@@ -298,6 +301,7 @@ COVERED = {
                          'steps'],
         '--demo-method': [DISTILL],
         '--demo-schedule': [DISTILL],
+        '--demo-size': [DISTILL],
         '--compile': [DISTILL],
         '--channels-last': [DISTILL],
         '--tf32': [DISTILL],

@@ -274,8 +274,11 @@ def test_the_schedule_sets_the_timesteps(models):
 
 def test_latent_shape_needs_a_multiple_of_64(models):
     assert generate.latent_shape(models.autoencoder, 128) == (4, 16, 16)
+    assert generate.latent_shape(models.autoencoder, (384, 256)) == (4, 32, 48)  # [C, H, W]
     with pytest.raises(UserError, match='not a multiple of 64.*use e.g. 128'):
         generate.latent_shape(models.autoencoder, 120)
+    with pytest.raises(UserError, match='size 380x256 is not a multiple of 64.*use e.g. 384x256'):
+        generate.latent_shape(models.autoencoder, (380, 256))
 
 
 @pytest.mark.parametrize('kind, scale', [('bare', SCALE), ('ccld', SCALE), ('original', 2.5)])
@@ -397,6 +400,75 @@ def test_cli_init_image(assets, tmp_path):
     assert (text['init'], text['strength']) == (str(assets.images[1]), '0.6')
 
 
+# Sizes that are not square.
+
+@pytest.mark.parametrize('width, height', [(384, 256), (256, 384)])
+def test_cli_samples_at_any_size_and_the_pngs_say_which(assets, models, tmp_path, monkeypatch,
+                                                       width, height):
+    """--size WxH: the noise is the seed's one draw of [n, 4, H/8, W/8] latents, the PNGs
+    are those latents decoded, W x H, and record width, height and the size as given."""
+    spy = SampleSpy(monkeypatch)
+    out = tmp_path / 'out'
+    argv = base_args(assets, 'a fox', '--size', f'{width}x{height}', '-n', '2', '--steps', '1',
+                     '--method', 'ddim', '--seed', '3', '--output-dir', str(out))
+    assert run_sample(argv) == 0
+    noise, ends = spy.take()
+    torch.manual_seed(3)
+    torch.testing.assert_close(noise, torch.randn([2, 4, height // 8, width // 8]), rtol=0,
+                               atol=0)
+    expected = decode_by_hand(models.autoencoder, ends, SCALE)
+    for i in range(2):
+        with Image.open(out / f'out_{i:05}.png') as image:
+            assert image.size == (width, height)
+            assert (image.text['width'], image.text['height'], image.text['size']) == \
+                (str(width), str(height), f'{width}x{height}')
+        assert_pixels_close(pixels(out / f'out_{i:05}.png'), expected[i])
+    with Image.open(out / 'out_grid.png') as grid:  # two side by side
+        assert grid.size == (2 * width, height) and grid.text['width'] == str(width)
+
+
+def test_a_square_wxh_is_the_one_number_to_the_pixel(assets, tmp_path):
+    """--size 64x64 and --size 64 (the tiny models' size; the square images themselves are
+    pinned by test_cli_writes_images_grid_and_metadata_and_reads_the_scale): the same
+    images, and the same record, the size still one number for the readers of old PNGs."""
+    for size in ('64', '64x64'):
+        argv = base_args(assets, 'a fox', '--size', size, '-n', '2', '--method', 'ddim',
+                         '--output-dir', str(tmp_path / size))
+        assert run_sample(argv) == 0
+    for name in ('out_00000.png', 'out_00001.png', 'out_grid.png'):
+        assert np.array_equal(pixels(tmp_path / '64' / name), pixels(tmp_path / '64x64' / name))
+        with Image.open(tmp_path / '64' / name) as a, Image.open(tmp_path / '64x64' / name) as b:
+            assert a.text == b.text
+            assert (a.text['size'], a.text['width'], a.text['height']) == ('64', '64', '64')
+
+
+def test_an_init_image_of_another_aspect_is_resized_to_cover_and_centre_cropped(
+        assets, tmp_path, monkeypatch):
+    """A 64 x 128 portrait for a 128 x 64 landscape: scaled by 2 to 128 x 256 (Lanczos),
+    the middle 64 rows kept; computed here with Pillow alone."""
+    from ccld.models import latents
+    rng = np.random.default_rng(0)
+    portrait = Image.fromarray(rng.integers(0, 256, (128, 64, 3), dtype=np.uint8))
+    portrait.paste((255, 0, 0), (0, 0, 64, 40))  # red top, lost to the crop
+    portrait.save(tmp_path / 'portrait.png')
+    encoded, encode = [], latents.encode
+
+    def spy(autoencoder, images, scale):
+        encoded.append(images.clone())
+        return encode(autoencoder, images, scale)
+    monkeypatch.setattr(latents, 'encode', spy)
+    argv = base_args(assets, 'a fox', '--init', str(tmp_path / 'portrait.png'), '--size',
+                     '128x64', '--strength', '0.6', '--steps', '5', '--output-dir',
+                     str(tmp_path / 'out'))
+    assert run_sample(argv) == 0
+    expected = portrait.resize((128, 256), Image.LANCZOS).crop((0, 96, 128, 160))
+    [init] = encoded
+    assert init.shape == (1, 3, 64, 128)
+    got = init[0].mul(255).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(got, np.asarray(expected))
+    assert Image.open(tmp_path / 'out' / 'out_00000.png').size == (128, 64)
+
+
 @pytest.mark.parametrize('extra, message', [
     (['--checkpoint', 'missing.pth'], 'checkpoint missing.pth does not exist'),
     (['--checkpoint', '{dir}/wrong_shape.pth'], "shapes match no DiffusionModel width"),
@@ -408,7 +480,15 @@ def test_cli_init_image(assets, tmp_path):
     (['--strength', '0.5'], '--strength needs --init'),
     (['--init', '{image}', '--strength', '2'], 'strength 2.0 is outside'),
     (['--method', 'ddim', '--eta', '1.5'], 'eta 1.5 is outside'),
-    (['--size', '100'], 'image size 100 is not a multiple of 64'),
+    (['--size', '100'], 'argument --size: 100: each side must be a multiple of 64 for the '
+     'autoencoder and the U-Net; nearest valid sizes: 128, 64'),
+    (['--size', '300x200'], 'argument --size: 300x200: each side must be a multiple of 64 '
+     'for the autoencoder and the U-Net; nearest valid sizes: 320x192, 256x192, 320x256, '
+     '256x256'),
+    (['--size', '384x40'], 'nearest valid sizes: 384x64'),
+    (['--size', '384x'], "argument --size: expected WIDTHxHEIGHT like 384x256, or one number "
+     "for a square, got '384x'"),
+    (['--size', '0'], "expected WIDTHxHEIGHT like 384x256"),
     (['--autoencoder', 'missing_ae'], 'missing_ae.yaml not found'),
     (['--cloob-checkpoint', 'missing.pkl'], 'CLOOB checkpoint missing.pkl not found'),
     (['-n', '0'], 'argument -n: must be at least 1, got 0'),

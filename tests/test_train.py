@@ -662,19 +662,25 @@ def test_accumulate_grad_batches_makes_one_step_of_that_many_batches(assets, tmp
     assert trainer.global_step == 2 and spy.batches == [0, 0, 0, 1, 1, 1]
 
 
-def test_the_demo_flags_choose_the_demo_sampler_schedule_and_steps(assets, tmp_path,
-                                                                   monkeypatch):
+def test_the_demo_flags_choose_the_demo_sampler_schedule_steps_and_size(assets, tmp_path,
+                                                                        monkeypatch):
+    """--demo-size 128x64 of a 64 px run: latents [4, 8, 16], a grid of 128 x 64 images."""
     from ccld.diffusion.schedule import sampling_timesteps
     from ccld.train import demo_grids
     runs, sample_latents = [], demo_grids.sample_latents
 
     def spy(model_fn, x, ts, method, *args, **kwargs):
-        runs.append((method, ts.tolist()))
+        runs.append((method, ts.tolist(), tuple(x.shape)))
         return sample_latents(model_fn, x, ts, method, *args, **kwargs)
     monkeypatch.setattr(demo_grids, 'sample_latents', spy)
     train(train_args(assets, tmp_path, '--max-steps', '1', '--demo-steps', '3',
-                     '--demo-method', 'plms2', '--demo-schedule', 'karras'))
-    assert runs == [('plms2', sampling_timesteps(3, schedule='karras').tolist())]
+                     '--demo-method', 'plms2', '--demo-schedule', 'karras', '--demo-size',
+                     '128x64'))
+    assert runs == [('plms2', sampling_timesteps(3, schedule='karras').tolist(),
+                     (len(PROMPTS), 4, 8, 16))]
+    [path] = (tmp_path / 'demos').glob('demo_*.png')
+    with Image.open(path) as grid:  # the prompts in one row
+        assert grid.size == (len(PROMPTS) * 128, 64)
 
 
 def test_the_run_asks_lightning_for_the_nodes_strategy_accelerator_and_precision(

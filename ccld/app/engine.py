@@ -62,12 +62,12 @@ class Result:
 
 
 def parse_size(value):
-    """The size field of a request (a number, or its text) -> the size in pixels."""
+    """The size field of a request, as --size takes it (WxH, or one number for a square)
+    -> (width, height)."""
     try:
-        return cli.positive_int(str(value).strip())
+        return cli.image_size(str(value).strip())
     except argparse.ArgumentTypeError as e:
-        raise UserError(f'size {value!r}: {e}; give the image size in pixels, like 256.') \
-            from None
+        raise UserError(f'size {e}.') from None
 
 
 def read_upload(path, what):
@@ -204,9 +204,11 @@ class Engine:
         steps = request.get('steps')
         steps = int(steps) if steps else None
         size = parse_size(request['size']) if request.get('size') else None
-        for what, value, bound, flag in (('images', n, args.max_images, '--max-images'),
-                                         ('steps', steps, args.max_steps, '--max-steps'),
-                                         ('pixels of size', size, args.max_size, '--max-size')):
+        for what, value, bound, flag in (
+                ('images', n, args.max_images, '--max-images'),
+                ('steps', steps, args.max_steps, '--max-steps'),
+                (f'pixels a side (size {cli.size_text(size)})' if size else '',
+                 max(size) if size else None, args.max_size, '--max-size')):
             if value is not None and not 1 <= value <= bound:
                 raise UserError(f'{value} {what} is outside what this server allows (1 to '
                                 f'{bound}, its {flag}); ask for fewer.')

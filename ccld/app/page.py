@@ -86,7 +86,8 @@ def build(engine):
                                                label='Schedule')
                     with gr.Row():
                         cond_scale = gr.Number(label='Guidance scale', value=args.cond_scale)
-                        size = gr.Number(label='Size', value=first.size, precision=0)
+                        size = gr.Textbox(label='Size (WxH, or one number for a square)',
+                                          value=cli.size_text(first.size))
             with gr.Row():
                 run = gr.Button('Generate', variant='primary', elem_id='generate')
                 stop = gr.Button('Stop', variant='stop', elem_id='stop')
@@ -141,7 +142,7 @@ def describe(engine, name):
     """A line about a model of the menu: what it is and how it samples by default."""
     settings = engine.defaults(name)
     return (f'{settings.description}; by default {settings.steps} steps of '
-            f'{settings.method}, size {settings.size}')
+            f'{settings.method}, size {cli.size_text(settings.size)}')
 
 
 def lora_choices(engine, name):
@@ -153,7 +154,8 @@ def on_model(engine, name):
     own), its size."""
     settings = engine.defaults(name)
     return (gr.update(choices=lora_choices(engine, name), value=NO_LORA), settings.steps,
-            settings.method, settings.schedule, settings.size, describe(engine, name))
+            settings.method, settings.schedule, cli.size_text(settings.size),
+            describe(engine, name))
 
 
 def selected(event: gr.SelectData):
@@ -200,6 +202,6 @@ def read_png(engine, path):
         lora = NO_LORA
     values = [prompts, number('n', int), number('seed', int), number('steps', int),
               text.get('method', keep), text.get('schedule', keep), number('cond_scale'),
-              number('size', int), model, lora, lora_strength, keep, keep, keep,
+              text.get('size', keep), model, lora, lora_strength, keep, keep, keep,
               number('strength')]
     return [text, *values]

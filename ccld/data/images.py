@@ -1,6 +1,7 @@
 """The training images: path lists and image files, loaded so that bad files never stop a
 run, and so that odd files (16-bit, rotated by EXIF) come out as the picture they show."""
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils import data
 from torchvision import transforms
+from torchvision.transforms import functional as F
 
+from ..cli import size_pair
 from ..errors import UserError
 from ..files import read_text_lines
 
@@ -56,14 +59,28 @@ def check_some_exist(paths, source):
 
 
 def image_transform(image_size, random_flip=False):
-    """Shorter side to image_size (Lanczos), center crop, to a [0, 1] tensor; with
-    `random_flip`, mirrored left to right half of the time."""
+    """Resized to cover image_size (an int for a square, or (width, height)) and centre
+    cropped to it (`cover`), to a [0, 1] tensor; with `random_flip`, mirrored left to right
+    half of the time."""
     return transforms.Compose([
-        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.LANCZOS),
-        transforms.CenterCrop(image_size),
+        functools.partial(cover, size=size_pair(image_size)),
         *([transforms.RandomHorizontalFlip()] if random_flip else []),
         transforms.ToTensor(),
     ])
+
+
+def cover(image, size):
+    """A PIL image resized (Lanczos) to the least that covers `size` (width, height), then
+    centre-cropped to it: an image of another aspect ratio loses a band at two opposite
+    edges, never a squash. For a square, torchvision's Resize(side) then CenterCrop(side)
+    (the shorter side to it), to the pixel."""
+    width, height = size
+    w, h = image.size
+    # As torchvision computes the longer side from the shorter (truncated, not rounded).
+    new_w, new_h = (width, int(width * h / w)) if width * h >= height * w else \
+        (int(height * w / h), height)
+    image = F.resize(image, [new_h, new_w], interpolation=transforms.InterpolationMode.LANCZOS)
+    return F.center_crop(image, [height, width])
 
 
 def to_rgb(image):

@@ -132,7 +132,8 @@ def image_directory(out, settings, digest, frozen, batch_size):
     never takes earlier images for finished ones. A stochastic sampler's images also
     depend on how they are batched."""
     recipe = {'sha256': digest, 'frozen': frozen, **settings.metadata()}
-    del recipe['checkpoint']
+    for key in ('checkpoint', 'width', 'height'):  # (size says them: earlier keys still hold)
+        del recipe[key]
     if settings.stochastic:
         recipe['batch_size'] = batch_size
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
@@ -199,8 +200,9 @@ def make_plan(args):
     warn_own_samplers(args, specs, settings)
     sizes = sorted({s.size for s in settings})
     if len(sizes) > 1:
-        raise UserError(f'the checkpoints sample at different sizes ({", ".join(map(str, sizes))} '
-                        'px, from what they record); pass --size to compare them at one.')
+        raise UserError(f'the checkpoints sample at different sizes '
+                        f'({", ".join(map(cli.size_text, sizes))} px, from what they record); '
+                        'pass --size to compare them at one.')
     # Every checkpoint is sampled with one autoencoder and CLOOB: from here on, the flags
     # name those the checkpoints chose (sampler.frozen_models).
     args.autoencoder, args.cloob_checkpoint = one_pair_of_frozen_models(settings)
@@ -325,7 +327,7 @@ def sample_share(plan, models, rank, world, device):
 
 
 def read_images(paths):
-    """8-bit [n, 3, S, S] of PNG files."""
+    """8-bit [n, 3, H, W] of PNG files."""
     arrays = []
     for path in paths:
         with Image.open(path) as image:

@@ -50,9 +50,12 @@ def add_sampling_flags(p):
     p.add_argument('--autoencoder-scale', type=cli.positive_float,
                    help='override the latent scale stored in the checkpoint (or the --lora '
                    "adapter: its run's)")
-    p.add_argument('--size', type=cli.positive_int,
-                   help=f'output image size (default: the training size a ccld checkpoint, '
-                   f'export or --lora adapter records, else {DEFAULT_SIZE})')
+    p.add_argument('--size', type=cli.image_size, metavar='WxH',
+                   help=f'output image size, WIDTHxHEIGHT (384x256) or one number for a square, '
+                   f'each side a multiple of {cli.SIZE_MULTIPLE}; far from the training size '
+                   f'objects repeat (larger) or are cut off (smaller) (default: the training '
+                   f'size a ccld checkpoint, export or --lora adapter records, else '
+                   f'{DEFAULT_SIZE})')
     p.add_argument('--batch-size', type=cli.positive_int,
                    help=f'images per batch (default {DEFAULT_BATCH_SIZE}); the images do not '
                    'depend on it')
@@ -93,7 +96,9 @@ def parser():
     p.add_argument('--score', action='store_true',
                    help="print each image's CLOOB score (cosine similarity to its text "
                    'prompts) and record it in its PNG as cloob_score')
-    p.add_argument('--init', metavar='IMAGE', help='start from this image (path or URL)')
+    p.add_argument('--init', metavar='IMAGE',
+                   help='start from this image (path or URL); one of another aspect ratio than '
+                   '--size is resized to cover it and centre-cropped')
     p.add_argument('--strength', type=cli.positive_float,
                    help=f'how far --init is noised, in (0, 1]: 1 keeps nothing of it '
                    f'(default {DEFAULT_STRENGTH})')

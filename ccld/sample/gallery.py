@@ -57,12 +57,13 @@ def wrap(text, width, face, max_lines):
 
 def comparison_grid(tiles, columns, rows, title, notes=None):
     """One PIL image: `title` above, a label per column (and under it the column's note,
-    such as its sampler) and per row, and tiles[row][col] (PIL images of one size) without
-    gaps. Returns the image and where the tiles start ({'left', 'top', 'tile_size'}: tile
-    (r, c) is at left + c * size, top + r * size)."""
-    size = tiles[0][0].width
-    pad = max(4, size // 32)
-    face = font(max(11, min(20, size // 12)))
+    such as its sampler) and per row, and tiles[row][col] (PIL images of one size, square
+    or not) without gaps. Returns the image and where the tiles start ({'left', 'top',
+    'tile_width', 'tile_height'}, and 'tile_size' where they are square: tile (r, c) is at
+    left + c * tile_width, top + r * tile_height)."""
+    size, tile_height = tiles[0][0].size  # (size: the tile width, which the labels share)
+    pad = max(4, min(size, tile_height) // 32)
+    face = font(max(11, min(20, min(size, tile_height) // 12)))
     line_height = int(face.size * 1.3) if hasattr(face, 'size') else 14
     draw = ImageDraw.Draw(Image.new('RGB', (1, 1)))
     left = int(max(draw.textlength(row, font=face) for row in rows)) + 2 * pad
@@ -74,7 +75,7 @@ def comparison_grid(tiles, columns, rows, title, notes=None):
                         for lines, note in zip(column_lines, notes)]
     header = max(len(lines) for lines in column_lines)
     top = pad + len(title_lines) * line_height + pad + header * line_height + pad
-    canvas = Image.new('RGB', (width, top + len(rows) * size), PAPER)
+    canvas = Image.new('RGB', (width, top + len(rows) * tile_height), PAPER)
     draw = ImageDraw.Draw(canvas)
     for i, line in enumerate(title_lines):
         draw.text((pad, pad + i * line_height), line, fill=INK, font=face)
@@ -84,17 +85,21 @@ def comparison_grid(tiles, columns, rows, title, notes=None):
             draw.text((left + c * size + pad // 2, y + i * line_height), line, fill=INK,
                       font=face)
     for r, row in enumerate(rows):
-        draw.text((pad, top + r * size + pad), row, fill=INK, font=face)
+        draw.text((pad, top + r * tile_height + pad), row, fill=INK, font=face)
         for c, tile in enumerate(tiles[r]):
-            canvas.paste(tile.convert('RGB'), (left + c * size, top + r * size))
-    return canvas, {'left': left, 'top': top, 'tile_size': size}
+            canvas.paste(tile.convert('RGB'), (left + c * size, top + r * tile_height))
+    square = {'tile_size': size} if size == tile_height else {}
+    return canvas, {'left': left, 'top': top, 'tile_width': size, 'tile_height': tile_height,
+                    **square}
 
 
 def shown_size(grid):
     """(width, height) a grid is shown at: its tiles scaled by a whole factor to at least
-    SHOWN_TILE pixels (the page narrows it further to fit the window)."""
+    SHOWN_TILE pixels on their shorter side (the page narrows it further to fit the
+    window)."""
     with Image.open(grid) as image:
-        factor = max(1, math.ceil(SHOWN_TILE / int(image.text['tile_size'])))
+        tile = min(int(image.text['tile_width']), int(image.text['tile_height']))
+        factor = max(1, math.ceil(SHOWN_TILE / tile))
         return image.width * factor, image.height * factor
 
 

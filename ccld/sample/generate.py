@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .. import cli
 from ..models import latents
 from ..models.checkpoint_files import build_model, read_checkpoint
 from ..data.images import image_transform, load_image
@@ -53,7 +54,8 @@ def load_model(checkpoint, base_channels=None, channel_multipliers=None, device=
 
 
 def latent_shape(autoencoder, image_size):
-    """The latent [C, h, w] of a square image, checked against what the U-Net accepts."""
+    """The latent [C, h, w] of an image of `image_size` (an int for a square, or (width,
+    height)), checked against what the U-Net accepts."""
     return check_latent_shape(autoencoder.embed_dim, 2 ** (autoencoder.encoder.num_resolutions - 1),
                               image_size)
 
@@ -65,13 +67,13 @@ def check_latent_shape(channels, factor, image_size):
         raise UserError(f'the autoencoder has {channels} latent channels; the '
                         f'diffusion model needs one with {LATENT_CHANNELS}, such as kl-f8.')
     multiple = factor * UNET_DOWNSAMPLING
-    if image_size % multiple:
-        nearest = max(1, round(image_size / multiple)) * multiple
-        raise UserError(f'image size {image_size} is not a multiple of {multiple} (the '
-                        f'autoencoder downsamples by {factor} and the U-Net by '
+    width, height = cli.size_pair(image_size)
+    if width % multiple or height % multiple:
+        nearest = cli.nearest_sizes(image_size, multiple, width == height)[0]
+        raise UserError(f'image size {cli.size_text(image_size)} is not a multiple of {multiple} '
+                        f'(the autoencoder downsamples by {factor} and the U-Net by '
                         f'{UNET_DOWNSAMPLING}); use e.g. {nearest}.')
-    side = image_size // factor
-    return LATENT_CHANNELS, side, side
+    return LATENT_CHANNELS, height // factor, width // factor
 
 
 @torch.no_grad()
@@ -119,7 +121,8 @@ def check_settings(method, eta, strength, schedule='spliced'):
 def generate(model_fn, autoencoder, autoencoder_scale, n, image_size, *, method='plms',
              steps=50, schedule='spliced', eta=0.0, seed=0, batch_size=None, init=None,
              strength=1.0, device='cpu', progress=True, callback=None):
-    """Yields n images [b, 3, image_size, image_size] in [0, 1], batch_size at a time.
+    """Yields n images [b, 3, H, W] in [0, 1], batch_size at a time; `image_size` is an
+    int for a square or (W, H), the latents [4, H/8, W/8] through kl-f8.
 
     The noise of all n is drawn at once, right after torch.manual_seed(seed), as the
     original cfg_sample.py did; so a seed gives the original's images with the same

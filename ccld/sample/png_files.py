@@ -45,8 +45,7 @@ def parameters_text(metadata):
     import json
     prompts = '\n'.join(f'{text}:{weight:g}' for text, weight in
                         json.loads(metadata.get('prompts', '[]')))
-    size = metadata['size']
-    width, height = (size, size) if isinstance(size, int) else size
+    width, height = metadata['width'], metadata['height']
     checkpoint = str(metadata['checkpoint'])
     settings = {'Steps': metadata['steps'], 'Sampler': metadata['method'],
                 'Schedule type': metadata['schedule'], 'CFG scale': f'{metadata["cond_scale"]:g}',

@@ -2,7 +2,7 @@
 their cache.
 
 Reference images are brought to the generated images' form: the training transform
-(shorter side to the size, Lanczos, centre crop) then 8 bits, as a PNG holds them; the
+(resized to cover the size, Lanczos, centre crop) then 8 bits, as a PNG holds them; the
 feature network does the rest (InceptionV3 its own resize to 299). Every model compared
 on one set thus sees the same reference features.
 
@@ -25,6 +25,7 @@ import torch
 from torch.utils import data
 from tqdm.auto import tqdm
 
+from ..cli import size_pair
 from ..errors import RunError
 from ..files import atomic_write
 
@@ -56,8 +57,15 @@ def listing(source):
 
 def cache_key(source, network, size):
     recipe = {'version': CACHE_VERSION, 'set': listing(source), 'network': network.identity,
-              'size': size, 'resize': RESIZE}
+              'size': recorded_size(size), 'resize': RESIZE}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def recorded_size(size):
+    """A square's size as the one number earlier caches were keyed by, else [width,
+    height]."""
+    width, height = size_pair(size)
+    return width if width == height else [width, height]
 
 
 def to_bytes(images):
@@ -106,5 +114,6 @@ def reference_features(source, network, size, cache_dir, batch_size=32, num_work
         np.savez(f, features=features, skipped=skipped)
     with atomic_write(path.with_suffix('.json'), 'w') as f:  # what the cache file holds
         json.dump({'set': source.spec, 'images': len(features), 'skipped': skipped,
-                   'network': network.identity, 'size': size, 'resize': RESIZE}, f, indent=1)
+                   'network': network.identity, 'size': recorded_size(size), 'resize': RESIZE},
+                  f, indent=1)
     return ReferenceFeatures(features, skipped, key, False)

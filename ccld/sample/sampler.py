@@ -28,7 +28,7 @@ class Settings:
     checkpoint: str         # the path as given
     description: str        # what kind of file it is
     autoencoder_scale: float
-    size: int
+    size: tuple             # (width, height)
     method: str
     steps: int
     schedule: str
@@ -52,8 +52,16 @@ class Settings:
                                      for path, strength in self.lora)} if self.lora else {}
         return {'seed': self.seed, 'n': self.n, 'method': self.method, 'steps': self.steps,
                 'schedule': self.schedule, 'eta': self.eta, 'cond_scale': self.cond_scale,
-                'autoencoder_scale': self.autoencoder_scale, 'size': self.size,
+                'autoencoder_scale': self.autoencoder_scale, **size_metadata(self.size),
                 'checkpoint': short_name(self.checkpoint), **adapters}
+
+
+def size_metadata(size):
+    """What images record of their size: width and height, and 'size' as --size writes it
+    (a square's as the one number it always was, for the readers of earlier images)."""
+    width, height = cli.size_pair(size)
+    return {'size': width if width == height else cli.size_text(size), 'width': width,
+            'height': height}
 
 
 def short_name(path):
@@ -113,9 +121,10 @@ def settings_for(args, checkpoint, ckpt, adapters=(), own=None):
                                          drop)
     autoencoder, cloob = frozen_models(args, checkpoint, ckpt, adapters)
     return Settings(checkpoint=str(checkpoint), description=ckpt.description,
-                    autoencoder_scale=float(scale), size=int(size), method=method, steps=steps,
-                    schedule=schedule, eta=eta, cond_scale=args.cond_scale, seed=args.seed,
-                    n=args.n, lora=tuple(args.lora), autoencoder=autoencoder, cloob=cloob)
+                    autoencoder_scale=float(scale), size=cli.size_pair(size), method=method,
+                    steps=steps, schedule=schedule, eta=eta, cond_scale=args.cond_scale,
+                    seed=args.seed, n=args.n, lora=tuple(args.lora), autoencoder=autoencoder,
+                    cloob=cloob)
 
 
 def frozen_models(args, checkpoint, ckpt, adapters=()):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from ..cli import size_pair
 from ..models import latents
 from ..sample import png_files
 from ..diffusion.sampling import sample_latents
@@ -35,6 +36,13 @@ def render(model, ae_model, text_embeds, latent_shape, steps=50, cond_scale=3.0,
     return latents.decode(ae_model, out, model.autoencoder_scale)
 
 
+def demo_latent_size(args):
+    """The demo latents' (width, height) under the flags: --demo-size, else the square
+    --image-size, through kl-f8."""
+    width, height = size_pair(args.demo_size or args.image_size)
+    return width // 8, height // 8
+
+
 def prompts_html(prompts, cols=GRID_COLS):
     rows = [f'({i // cols}, {i % cols}) {html.escape(p)}' for i, p in enumerate(prompts)]
     return '<pre>' + '\n'.join(rows) + '</pre>'
@@ -50,13 +58,14 @@ class DemoCallback(pl.Callback):
 
     def __init__(self, prompts, every, out_dir, steps=50, latent_size=32, seed=0,
                  method='plms', schedule='spliced'):
+        """`latent_size`: the latents' sides, one number (square) or (width, height)."""
         self.prompts = list(prompts)
         self.every = every
         self.out_dir = Path(out_dir)
         self.steps = steps
         self.method = method
         self.schedule = schedule
-        self.latent_size = latent_size
+        self.latent_size = size_pair(latent_size)
         self.seed = seed
         self.last_step = None
         self.text_embeds = None
@@ -74,7 +83,7 @@ class DemoCallback(pl.Callback):
         with torch.random.fork_rng(devices=devices):
             if self.text_embeds is None:
                 self.text_embeds = module.cloob.embed_texts(self.prompts)
-            shape = [LATENT_CHANNELS, self.latent_size, self.latent_size]
+            shape = [LATENT_CHANNELS, self.latent_size[1], self.latent_size[0]]
             with ema_model(module) as ema, sampling_context(trainer, ema):
                 samples = render(ema, module.ae_model, self.text_embeds, shape, self.steps,
                                  seed=self.seed, method=self.method,

@@ -252,7 +252,7 @@ def run_stage(args, stage, ae_model, cloob, teacher, scale, data, seed):
     from pytorch_lightning.utilities import rank_zero_info
 
     from ..models.student import student_of
-    from .demo_grids import DemoCallback
+    from .demo_grids import DemoCallback, demo_latent_size
     from .distill_module import LightningDistillation
     from .throughput import Throughput
 
@@ -277,7 +277,8 @@ def run_stage(args, stage, ae_model, cloob, teacher, scale, data, seed):
         sampler = dict(method='ddim', steps=stage.steps, schedule='spliced') if stage.steps \
             else dict(method=args.demo_method, steps=args.demo_steps, schedule=args.demo_schedule)
         callbacks.insert(0, DemoCallback(args.prompts, args.demo_every, stage_dir / 'demos',
-                                         latent_size=latent_size, seed=seed, **sampler))
+                                         latent_size=demo_latent_size(args), seed=seed,
+                                         **sampler))
     logger, where = runner.make_logger(stage_args, stage_dir, UNLOGGED)
     steps_per_epoch = args.cache['images'] // (args.batch_size * args.devices * args.num_nodes)
     trainer = runner.make_trainer(stage_args, PROG, callbacks, logger,

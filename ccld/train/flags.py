@@ -132,6 +132,9 @@ def add_demo_flags(p):
                    'karras: half the model calls, see BENCHMARKS.md)')
     g.add_argument('--demo-schedule', default='spliced', choices=cli.SCHEDULES,
                    help='timesteps of the demo grids')
+    g.add_argument('--demo-size', type=cli.image_size, metavar='WxH',
+                   help='size of the demo images, WIDTHxHEIGHT (384x256) or one number for a '
+                   f'square, each side a multiple of {cli.SIZE_MULTIPLE} (default: --image-size)')
     return g
 
 

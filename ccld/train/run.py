@@ -350,7 +350,7 @@ def run(args):
 
     from ..models.frozen_files import AUTOENCODER, CLOOB, recorded
     from ..models.unet import infer_widths
-    from .demo_grids import DemoCallback
+    from .demo_grids import DemoCallback, demo_latent_size
     from .diffusion_module import LightningDiffusion
     from .memory import MemoryReport
     from .throughput import Throughput
@@ -402,7 +402,7 @@ def run(args):
 
     logger, where = runner.make_logger(args, output_dir, UNLOGGED)
     demo = DemoCallback(args.prompts, args.demo_every, output_dir / 'demos',
-                        steps=args.demo_steps, latent_size=args.image_size // 8, seed=seed,
+                        steps=args.demo_steps, latent_size=demo_latent_size(args), seed=seed,
                         method=args.demo_method, schedule=args.demo_schedule)
     known = data.known_size()
     steps_per_epoch = known // (args.batch_size * args.devices * args.num_nodes) if known else 50
