@@ -98,7 +98,7 @@ def main():
         from gradio_client import Client
         client = Client(f'http://127.0.0.1:{a.port}', verbose=False)
         request = dict(prompt=PROMPT, n=n, seed=0, steps=a.steps, method='plms',
-                       size=setup['size'], api_name='/generate')
+                       size=str(setup['size']), api_name='/generate')
         client.predict(**request)
         first_image = time.perf_counter() - started
         run = library(checkpoint, device, n, a.steps, folder / 'library')

@@ -191,7 +191,7 @@ class Engine:
         init image, strength); UserError for anything out of the server's bounds or
         unreadable, before the device is touched."""
         args = self.args
-        entry = self.models.get(request['model'])
+        entry = self.models.get(request.get('model') or next(iter(self.models)))
         if entry is None:
             raise UserError(f'unknown model {request["model"]!r}; choose one of '
                             f'{", ".join(self.models)}.')
@@ -235,7 +235,9 @@ class Engine:
         method = request.get('method') or None
         generate.check_settings(method, args.eta, strength, request.get('schedule') or
                                 args.schedule)
-        settings = self.settings_of(entry, lora, float(request.get('lora_strength', 1.0)),
+        lora_strength = request.get('lora_strength')
+        lora_strength = 1.0 if lora_strength is None else float(lora_strength)
+        settings = self.settings_of(entry, lora, lora_strength,
                                     n=n, seed=seed, steps=steps, method=method, size=size,
                                     schedule=request.get('schedule') or args.schedule,
                                     cond_scale=cond_scale)

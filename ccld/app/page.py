@@ -104,11 +104,14 @@ def build(engine):
         form = [prompt, n, seed, steps, method, schedule, cond_scale, size, model, lora,
                 lora_strength, image_prompt, image_weight, init_image, strength]
 
-        def generate(prompt, n, seed, steps, method, schedule, cond_scale, size, model, lora,
-                     lora_strength, image_prompt, image_weight, init_image, strength,
+        def generate(prompt=None, n=None, seed=None, steps=None, method=None, schedule=None,
+                     cond_scale=None, size=None, model=None, lora=None, lora_strength=None,
+                     image_prompt=None, image_weight=None, init_image=None, strength=None,
                      progress=gr.Progress()):
             """Samples images as sample.py does with the same settings; returns the PNGs
-            (with their settings as metadata) and a line with the seed used."""
+            (with their settings as metadata) and a line with the seed used. (The defaults
+            make every parameter optional in gradio_client: a field left out there takes
+            the form's starting value, or none for the prompt and the images.)"""
             request = dict(prompt=prompt, n=n, seed=seed, steps=steps, method=method,
                            schedule=schedule, cond_scale=cond_scale, size=size, model=model,
                            lora=lora, lora_strength=lora_strength, image_prompt=image_prompt,
