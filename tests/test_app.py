@@ -389,8 +389,9 @@ def test_in_a_real_browser_generate_gives_sample_pys_image_and_png_info_fills_th
             shown.write_bytes(response.read())
         screenshot = tmp_path / 'screenshot.png'
         browser.save_screenshot(str(screenshot))
-        image.click()  # chooses it for "Use as init"
-        browser.find_element(By.CSS_SELECTOR, '#use-as-init').click()
+        browser.find_element(By.CSS_SELECTOR, '#use-as-init').click()  # (the only image)
+        next(label for label in browser.find_elements(
+            By.XPATH, "//*[contains(text(), 'Image to image')]") if label.is_displayed()).click()
         WebDriverWait(browser, 20).until(
             lambda _: browser.find_elements(By.CSS_SELECTOR, '#init img'))
         assert browser.find_element(By.CSS_SELECTOR, '#init img').get_attribute('src')

@@ -135,7 +135,8 @@ def build(engine):
         model.input(lambda name: on_model(engine, name), model,
                      [lora, steps, method, schedule, size, about], api_visibility='private')
         gallery.select(selected, None, chosen, api_visibility='private')
-        use_as_init.click(lambda path: path, chosen, init_image, api_visibility='private')
+        gallery.change(lambda: None, None, chosen, api_visibility='private')
+        use_as_init.click(init_from, [chosen, gallery], init_image, api_visibility='private')
         png.upload(lambda path: read_png(engine, path), png, [info, *form],
                    api_visibility='private')
     return page
@@ -165,6 +166,18 @@ def selected(event: gr.SelectData):
     """The file of the gallery image clicked."""
     value = event.value
     return value['image']['path'] if isinstance(value, dict) else value
+
+
+def init_from(chosen, images):
+    """The image "Use as init" puts in the init field: the one clicked in the gallery, or
+    its first."""
+    if chosen is None and images:
+        first = images[0]
+        chosen = first[0] if isinstance(first, (tuple, list)) else first
+    if chosen is None:
+        raise gr.Error('there is no image to use yet: generate one first.',
+                       print_exception=False)
+    return chosen
 
 
 def read_png(engine, path):
