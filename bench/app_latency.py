@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Seconds per image through app.py's API (/generate, by gradio_client) against sample.py's
-library call on the same settings (load_sampler, sampler.sample and the PNG writes), and
-the time from starting app.py to its first image; measured in one run, alternating.
+library call on the same settings (load_sampler, sampler.sample and the PNG writes), with
+the page's job run in this process between them (where the time goes: the job, or the
+server), and the time from starting app.py to its first image; one run, alternating.
 
     PYTHONPATH=.:latent-diffusion:tests python3 bench/app_latency.py     # GPU when there is one
 
@@ -62,6 +63,17 @@ def library(checkpoint, device, n, steps, out):
     return run
 
 
+def page_job(checkpoint, device, request):
+    """The page's job (ccld.app.engine) for `request`, run in this process: what the
+    server runs for /generate, without the server."""
+    import app
+    from ccld.app.engine import Engine
+    engine = Engine(app.parser().parse_args(['--checkpoint', str(checkpoint), '--device',
+                                             str(device)]))
+    fields = {k: v for k, v in request.items() if k != 'api_name'}
+    return lambda: engine.run(fields)
+
+
 def timed(fn, device):
     if device.type == 'cuda':
         torch.cuda.synchronize()
@@ -103,9 +115,12 @@ def main():
         first_image = time.perf_counter() - started
         run = library(checkpoint, device, n, a.steps, folder / 'library')
         run()  # warm-up, as the server's first request was
-        api, lib = [], []
+        job = page_job(checkpoint, device, request)
+        job()
+        api, lib, page = [], [], []
         for _ in range(a.repeats):
             lib.append(timed(run, device) / n)
+            page.append(timed(job, device) / n)
             api.append(timed(lambda: client.predict(**request), device) / n)
     finally:
         server.terminate()
@@ -114,9 +129,11 @@ def main():
     widths = setup['widths']
     print(f'{device.type} ({name}), U-Net base {widths[0]} x {widths[1]}, {setup["size"]} px, '
           f'PLMS {a.steps} steps guided, {n} images a request, median of {a.repeats}:')
-    lib_s, api_s = statistics.median(lib), statistics.median(api)
-    print(f'- library call (sample.py): {lib_s:.3f} s per image')
-    print(f'- page API (/generate):     {api_s:.3f} s per image')
+    lib_s, page_s, api_s = (statistics.median(x) for x in (lib, page, api))
+    print(f'- library call (sample.py):         {lib_s:.3f} s per image')
+    print(f"- the page's job in this process:   {page_s:.3f} s per image "
+          f'({100 * (page_s / lib_s - 1):+.1f}%)')
+    print(f'- page API (/generate, app.py):     {api_s:.3f} s per image')
     print(f'- the page adds {100 * (api_s / lib_s - 1):+.1f}% (target: under 5%)')
     print(f'- from starting app.py to its first image: {first_image:.1f} s')
 

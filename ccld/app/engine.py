@@ -187,9 +187,10 @@ class Engine:
         self.stop_asked.set()
 
     def check(self, request):
-        """A request's fields -> (model entry, Settings, text prompts, image prompts,
-        init image, strength); UserError for anything out of the server's bounds or
-        unreadable, before the device is touched."""
+        """A request's fields -> (model entry, adapter name or None, Settings, text
+        prompts, image prompts as recorded, image prompts as images, init image,
+        strength); UserError for anything out of the server's bounds or unreadable, before
+        the device is touched."""
         args = self.args
         entry = self.models.get(request.get('model') or next(iter(self.models)))
         if entry is None:
@@ -259,6 +260,8 @@ class Engine:
 
     def sample(self, entry, lora, settings, texts, image_prompts, images, init, strength,
                request, progress):
+        """Runs a checked request on the device (the lock held): the adapter chosen, the
+        prompts embedded, the images sampled and written with their metadata."""
         self.stop_asked.clear()
         self.step = 0
         self.jobs += 1
