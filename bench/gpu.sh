@@ -35,12 +35,12 @@ bench() {  # bench SECONDS NAME COMMAND...: runs one measurement, its output to 
 
 # Issue 10: training throughput at 557M (original pipeline vs the latent cache), the speed
 # options one by one, sampling speed, and the demo score's cost.
-bench 80 train_throughput python3 bench/train_throughput.py --device cuda --batch-size 32 \
+bench 65 train_throughput python3 bench/train_throughput.py --device cuda --batch-size 32 \
   --base-channels 128 --channel-multipliers 4,4,8,8 --precision bf16 --num-workers 8 --steps 10
 bench 80 train_fast_paths python3 bench/train_fast_paths.py --device cuda --batch-size 32 \
   --base-channels 128 --channel-multipliers 4,4,8,8 --precision bf16 --compile
-bench 45 sample_speed python3 bench/sample_speed.py
-bench 35 demo_score python3 bench/demo_score.py --device cuda --base-channels 128 \
+bench 35 sample_speed python3 bench/sample_speed.py
+bench 30 demo_score python3 bench/demo_score.py --device cuda --base-channels 128 \
   --channel-multipliers 4,4,8,8 --prompts 16 --steps 50
 # Issue 19: seconds per image of a distilled 4-step student against PLMS-50 guided, 557M.
 bench 60 student_speed python3 bench/student_speed.py
@@ -53,4 +53,11 @@ bench 120 train_memory python3 bench/train_memory.py --device cuda --base-channe
 # sample.py on its fp16 export (the host should hold about one tensor above the imports)
 # and a LoRA start on the fp32 state dict (export_model.py makes the export, on the CPU).
 bench 60 load_memory python3 bench/load_memory.py --device cuda --rows export,sample16,lora
+# Issue 26: seconds per image through app.py's API against sample.py's library call, PLMS
+# 50 steps, 557M; and from starting app.py to its first image (Gradio: gpu_wheels.sh --gradio).
+if python3 -c 'import gradio' 2>/dev/null; then
+  bench 30 app_latency python3 bench/app_latency.py --repeats 2
+else
+  echo '== app_latency: skipped, no gradio here (bench/gpu_wheels.sh --gradio)' | tee -a "$results"
+fi
 echo "done in $SECONDS s" | tee -a "$results"

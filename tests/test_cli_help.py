@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import app
 import compute_ae_scale
 import distill
 import evaluate
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOOLS = {'train_latent_diffusion.py': train_latent_diffusion, 'sample.py': sample,
          'compute_ae_scale.py': compute_ae_scale, 'precompute_latents.py': precompute_latents,
          'export_model.py': export_model, 'evaluate.py': evaluate,
-         'train_autoencoder.py': train_autoencoder, 'distill.py': distill}
+         'train_autoencoder.py': train_autoencoder, 'distill.py': distill, 'app.py': app}
 
 # Runs a script as `python SCRIPT ARGS...` would, then reports whether torch was imported.
 WRAPPER = '''

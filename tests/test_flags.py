@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import app
 import compute_ae_scale
 import distill
 import evaluate
@@ -26,7 +27,7 @@ TESTS = Path(__file__).resolve().parent
 TOOLS = {'train_latent_diffusion.py': train_latent_diffusion, 'sample.py': sample,
          'precompute_latents.py': precompute_latents, 'compute_ae_scale.py': compute_ae_scale,
          'export_model.py': export_model, 'evaluate.py': evaluate, 'distill.py': distill,
-         'train_autoencoder.py': train_autoencoder}
+         'train_autoencoder.py': train_autoencoder, 'app.py': app}
 
 TRAIN_RUN = 'test_a_run_writes_checkpoints_demo_grids_and_loss'
 TRAIN_DDP = 'test_two_process_cpu_ddp_keeps_both_ranks_identical_and_logs_the_images_of_both'
@@ -342,6 +343,32 @@ COVERED = {
         '--max-steps': [AUTOENCODER, DECODER_ONLY],
         '--resume-from': [AE_SIGTERM],
     },
+}
+
+
+APP_FLAGS = 'test_the_sampling_flags_are_the_forms_defaults_and_a_job_samples_as_sample_py_with_them'
+APP_ACCESS = 'test_the_page_binds_127_0_0_1_and_all_interfaces_only_with_a_password_or_when_told'
+APP_BAD = 'test_a_bad_request_is_one_line_on_the_page_and_the_server_keeps_serving'
+APP_BROWSER = 'test_in_a_real_browser_generate_gives_sample_pys_image_and_png_info_fills_the_form'
+COVERED['app.py'] = {
+    '--checkpoint': ['test_the_page_needs_no_frozen_model_flags_for_a_training_checkpoint',
+                     'test_the_page_gives_sample_pys_images'],
+    **{flag: [APP_FLAGS] for flag in (
+        '--cloob-checkpoint', '--autoencoder', '--base-channels', '--channel-multipliers',
+        '--cond-scale', '--device', '--eta', '--autoencoder-scale', '--size', '--batch-size',
+        '--schedule')},
+    **{flag: [APP_FLAGS, APP_BROWSER] for flag in ('--method', '-n', '--seed', '--steps')},
+    '--lora': ['test_the_page_gives_sample_pys_images'],
+    '--port': ['test_port_is_the_one_given_or_the_first_free_one_from_7860'],
+    '--listen': [APP_ACCESS, 'test_listen_without_a_password_exits_2_in_one_line'],
+    '--auth': [APP_ACCESS],
+    '--auth-file': [APP_ACCESS],
+    '--insecure-no-auth': [APP_ACCESS],
+    '--max-images': [APP_BAD],
+    '--max-size': [APP_BAD],
+    '--max-steps': [APP_BAD],
+    '--max-upload-mb': ['test_an_upload_over_max_upload_mb_is_refused'],
+    '--share-dir': ['test_a_text_prompt_gives_sample_pys_images_and_metadata_plus_a1111_parameters'],
 }
 
 

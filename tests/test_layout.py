@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Shared modules at the top of ccld/ (errors, cli, files, processes) are the floor every
 # group stands on; diffusion and models are peers, and neither imports the other.
-LEVELS = {'shared': 0, 'diffusion': 1, 'models': 1, 'data': 2, 'sample': 3, 'train': 4}
+LEVELS = {'shared': 0, 'diffusion': 1, 'models': 1, 'data': 2, 'sample': 3, 'train': 4, 'app': 5}
 # The first release's public names, kept as aliases of the modules that now hold them.
 ALIASES = {'ccld.unet', 'ccld.schedule', 'ccld.sampling'}
 

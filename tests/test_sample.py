@@ -93,8 +93,8 @@ class SampleSpy:
         self.sample_latents = generate.sample_latents
         monkeypatch.setattr(generate, 'sample_latents', self)
 
-    def __call__(self, model_fn, x, ts, method, eta, progress):
-        out = self.sample_latents(model_fn, x, ts, method, eta, progress)
+    def __call__(self, model_fn, x, ts, method, eta, progress, callback=None):
+        out = self.sample_latents(model_fn, x, ts, method, eta, progress, callback)
         self.starts.append(x.clone())
         self.ends.append(out.clone())
         self.settings.append((ts.tolist(), method, eta))

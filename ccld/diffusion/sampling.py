@@ -231,10 +231,12 @@ METHODS = ('ddpm', 'ddim', *SAMPLERS)
 PREVIEW = {'method': 'plms2', 'schedule': 'karras', 'steps': 25}
 
 
-def sample_latents(model_fn, x, steps, method, eta=0.0, progress=True):
-    """Runs `method` (one of METHODS) from x at steps[0] down to clean latents."""
+def sample_latents(model_fn, x, steps, method, eta=0.0, progress=True, callback=None):
+    """Runs `method` (one of METHODS) from x at steps[0] down to clean latents.
+    `callback(info)` is called after each step's model calls (info['i'] is the step); an
+    exception it raises ends the sampling there, which is how a web page stops a job."""
     if method == 'ddpm':
-        return sample(model_fn, x, steps, 1.0, {}, progress=progress)
+        return sample(model_fn, x, steps, 1.0, {}, callback=callback, progress=progress)
     if method == 'ddim':
-        return sample(model_fn, x, steps, eta, {}, progress=progress)
-    return SAMPLERS[method](model_fn, x, steps, {}, progress=progress)
+        return sample(model_fn, x, steps, eta, {}, callback=callback, progress=progress)
+    return SAMPLERS[method](model_fn, x, steps, {}, callback=callback, progress=progress)

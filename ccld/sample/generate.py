@@ -121,7 +121,7 @@ def check_settings(method, eta, strength, schedule='spliced'):
 @torch.no_grad()
 def generate(model_fn, autoencoder, autoencoder_scale, n, image_size, *, method='plms',
              steps=50, schedule='spliced', eta=0.0, seed=0, batch_size=None, init=None,
-             strength=1.0, device='cpu', progress=True):
+             strength=1.0, device='cpu', progress=True, callback=None):
     """Yields n images [b, 3, H, W] in [0, 1], batch_size at a time; `image_size` is an
     int for a square or (W, H), the latents [4, H/8, W/8] through kl-f8.
 
@@ -130,6 +130,8 @@ def generate(model_fn, autoencoder, autoencoder_scale, n, image_size, *, method=
     models, and the same noise whatever the batch size. With `init` (a [3, H, W] image
     in [0, 1] of the output size), sampling starts from its latent noised to t =
     `strength`, over the timesteps of the `steps`-step schedule that are <= strength.
+    `callback(info)` is called after every sampler step (sampling.sample_latents), info
+    holding the step 'i' of 'steps' in the batch 'batch' of 'batches'.
     """
     check_settings(method, eta, strength, schedule)
     shape = latent_shape(autoencoder, image_size)
@@ -146,8 +148,12 @@ def generate(model_fn, autoencoder, autoencoder_scale, n, image_size, *, method=
         alpha, sigma = t_to_alpha_sigma(ts[0])
         x = x0 * alpha + x * sigma
     batch_size = batch_size or n
-    for i in range(0, n, batch_size):
-        out = sample_latents(model_fn, x[i:i + batch_size], ts, method, eta, progress)
+    batches = -(-n // batch_size)
+    for batch, i in enumerate(range(0, n, batch_size)):
+        step = None if callback is None else \
+            (lambda info, b=batch: callback({**info, 'steps': len(ts), 'batch': b,
+                                             'batches': batches}))
+        out = sample_latents(model_fn, x[i:i + batch_size], ts, method, eta, progress, step)
         yield latents.decode(autoencoder, out, autoencoder_scale)
 
 

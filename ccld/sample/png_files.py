@@ -36,3 +36,33 @@ def save_png(image, path, metadata=None):
     with atomic_write(path) as f:
         image.save(f, format='PNG', pnginfo=info)
     return path
+
+
+def parameters_text(metadata):
+    """The `parameters` text of a PNG's metadata (as the sampling tools record it) in the
+    format AUTOMATIC1111's PNG-info readers show: the text prompts ("text:weight", one a
+    line), then one line of "Key: value" settings."""
+    import json
+    prompts = '\n'.join(f'{text}:{weight:g}' for text, weight in
+                        json.loads(metadata.get('prompts', '[]')))
+    width, height = metadata['width'], metadata['height']
+    checkpoint = str(metadata['checkpoint'])
+    settings = {'Steps': metadata['steps'], 'Sampler': metadata['method'],
+                'Schedule type': metadata['schedule'], 'CFG scale': f'{metadata["cond_scale"]:g}',
+                'Seed': metadata['seed'], 'Size': f'{width}x{height}',
+                'Model': checkpoint if checkpoint.startswith('hf://') else Path(checkpoint).stem}
+    image_prompts = json.loads(metadata.get('image_prompts', '[]'))
+    if image_prompts:
+        settings['Image prompts'] = ' '.join(f'{Path(name).name}:{weight:g}'
+                                             for name, weight in image_prompts)
+    if 'strength' in metadata:
+        settings['Denoising strength'] = f'{metadata["strength"]:g}'
+    if metadata.get('lora'):
+        settings['Lora'] = metadata['lora']
+    return f'{prompts}\n' + ', '.join(f'{key}: {value}' for key, value in settings.items())
+
+
+def read_text(path):
+    """The text chunks of a PNG ({} for an image that has none)."""
+    with Image.open(path) as image:
+        return dict(getattr(image, 'text', {}) or {})

@@ -35,6 +35,14 @@ def jobs(args):
             for line, text, weight in read_prompts_file(args.prompts_file, args.cond_scale)]
 
 
+def image_metadata(image_prompts, settings, init=None, strength=1.0):
+    """What every PNG of a set of prompts records besides its text prompts: the image
+    prompts ((name, weight) pairs), the settings, and the init image (its name) and
+    strength where there is one. The web page's PNGs record the same."""
+    return {'image_prompts': json.dumps(image_prompts), **settings.metadata(),
+            **({'init': init, 'strength': strength} if init is not None else {})}
+
+
 def run(args):
     """Samples what the parsed flags of sample.py ask for and writes the PNGs."""
     if args.strength is not None and args.init is None:
@@ -64,8 +72,7 @@ def run(args):
     generate.latent_shape(autoencoder, settings.size)
     cloob = load_cloob(settings.cloob, device) if has_text or images else None
 
-    metadata = {'image_prompts': json.dumps(image_prompts), **settings.metadata(),
-                **({'init': args.init, 'strength': strength} if init is not None else {})}
+    metadata = image_metadata(image_prompts, settings, args.init, strength)
     init = image_transform(settings.size)(init) if init is not None else None
     written = 0
     for prefix, texts, about in tqdm(todo, unit='prompt', disable=args.prompts_file is None):

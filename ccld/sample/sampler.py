@@ -10,7 +10,7 @@ autoencoder scale, the frozen models (`frozen_models`) and a student's sampler
 """
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import cli
@@ -157,13 +157,22 @@ def frozen_models(args, checkpoint, ckpt, adapters=()):
     return tuple(chosen)
 
 
-def read_adapters(args, checkpoint, ckpt):
+def read_adapters(args, checkpoint, ckpt, other_bases='refuse'):
     """The --lora adapters with their strengths, each checked to be made for the model of
-    `checkpoint` (its DiffusionCheckpoint `ckpt`); UserError if one is not."""
+    `checkpoint` (its DiffusionCheckpoint `ckpt`); UserError if one is not, or with
+    other_bases='skip' (the web page, which offers an adapter only with its base) that
+    one left out. Returns (FILE, Adapter, strength) triples."""
     from ..models import lora
-    adapters = [(lora.read(path), strength) for path, strength in args.lora]
-    for (adapter, _), (path, _) in zip(adapters, args.lora):
-        adapter.check_base(ckpt.model_ema, checkpoint, f'--lora: {path}')
+    adapters = []
+    for path, strength in args.lora:
+        adapter = lora.read(path)
+        try:
+            adapter.check_base(ckpt.model_ema, checkpoint, f'--lora: {path}')
+        except UserError:
+            if other_bases != 'skip':
+                raise
+            continue
+        adapters.append((path, adapter, strength))
     return adapters
 
 
@@ -174,30 +183,41 @@ def check_checkpoint(args, checkpoint, own=None):
     ckpt = read_checkpoint(checkpoint)
     check_weights(ckpt.model_ema, checkpoint, args.base_channels, args.channel_multipliers)
     adapters = read_adapters(args, checkpoint, ckpt)
-    return settings_for(args, checkpoint, ckpt, [adapter for adapter, _ in adapters], own)
+    return settings_for(args, checkpoint, ckpt, [adapter for _, adapter, _ in adapters], own)
 
 
 def load_sampler(args, checkpoint, device, own=None):
     """The frozen model of `checkpoint` on `device`, with the --lora adapters on it, and
     its Settings (its own sampler `own`: settings_for). Warns when it was trained with
     other frozen models than those chosen."""
-    model, ckpt = generate.load_model(checkpoint, args.base_channels, args.channel_multipliers,
-                                      device)
-    adapters = read_adapters(args, checkpoint, ckpt)
-    settings = settings_for(args, checkpoint, ckpt, [adapter for adapter, _ in adapters], own)
-    if adapters:
-        from ..models import lora
-        lora.apply(model, adapters).to(device)
+    model, ckpt, adapters = load_model(args, checkpoint, device)
+    settings = settings_for(args, checkpoint, ckpt, [adapter for _, adapter, _ in adapters], own)
     generate.check_frozen_models(ckpt.record, settings.autoencoder, settings.cloob, checkpoint)
     return model, settings
 
 
+def load_model(args, checkpoint, device, other_bases='refuse'):
+    """The frozen model of `checkpoint` on `device` with the --lora adapters on it (each
+    at its strength; other_bases: read_adapters), its DiffusionCheckpoint without the
+    weights (what settings_for reads: a tool that samples one model under several
+    settings, the web page, keeps it) and the (FILE, Adapter, strength) put on it."""
+    model, ckpt = generate.load_model(checkpoint, args.base_channels, args.channel_multipliers,
+                                      device)
+    adapters = read_adapters(args, checkpoint, ckpt, other_bases)
+    if adapters:
+        from ..models import lora
+        lora.apply(model, [(adapter, strength) for _, adapter, strength in adapters]).to(device)
+    ckpt = replace(ckpt, model={}, model_ema={}, raw=dict.fromkeys(ckpt.raw), base=None)
+    return model, ckpt, adapters
+
+
 def sample(model, settings, autoencoder, embeds, weights, *, batch_size, device, init=None,
-           strength=1.0, progress=True):
+           strength=1.0, progress=True, callback=None):
     """Yields the settings.n images of one set of prompts (CLOOB embeddings and their
-    weights), batch_size at a time; see generate.generate."""
+    weights), batch_size at a time; see generate.generate (`callback`: after each step)."""
     return generate.generate(
         generate.guided_model_fn(model, embeds, weights), autoencoder,
         settings.autoencoder_scale, settings.n, settings.size, method=settings.method,
         steps=settings.steps, schedule=settings.schedule, eta=settings.eta, seed=settings.seed,
-        batch_size=batch_size, init=init, strength=strength, device=device, progress=progress)
+        batch_size=batch_size, init=init, strength=strength, device=device, progress=progress,
+        callback=callback)
