@@ -91,7 +91,7 @@ def main(argv=None):
                         'know exports by that.')
     check_writable_dir(out.parent, 'OUT.safetensors')
     prompts = check_sharing(args)
-    requirement = check_space(args)
+    space_requirement = check_space(args)
     path = hub.resolve(args.checkpoint, 'CHECKPOINT')
     ckpt = read_checkpoint(path, lora=True)
     # The export or adapter names the frozen models so that sample.py finds them from
@@ -131,12 +131,12 @@ def main(argv=None):
           f'{record["autoencoder_scale"]:g}, step {step}.\nSample with: '
           f'{cli.sample_command(out)}', file=sys.stderr)
     share(args, out, prompts)
-    make_space(args, out, requirement)
+    make_space(args, out, space_requirement)
 
 
 def check_space(args):
-    """The --space flags' checks, before anything is read or written; returns the line
-    of requirements.txt that installs ccld (None without --space)."""
+    """The --space flags' checks, before anything is read or written; returns
+    --space-requirement, checked."""
     from ccld.models import hub
     from ccld.sample import space
     if not args.space:
@@ -145,23 +145,23 @@ def check_space(args):
                             '--space DIR too.')
         return None
     space.check_dir(args.space)
-    spec = args.space_requirement and space.check_requirement(args.space_requirement)
     pushing = args.push_to_hub and not args.card_only
     if pushing:
         hub.check_can_push(args.push_to_hub, args.private, repo_type='space')
-    return space.requirement(spec, pushing)
+    return space.check_requirement(args.space_requirement, pushing)
 
 
-def make_space(args, out, requirement):
+def make_space(args, out, spec):
     """Writes the --space folder, and uploads it to the Space repository --push-to-hub
     (after the model it names)."""
     from pathlib import Path
 
     from ccld.models import hub
-    from ccld.sample.space import write_space
+    from ccld.sample import space
     if not args.space:
         return
-    files = write_space(args.space, out, repo_id=args.push_to_hub, requirement=requirement)
+    files = space.write_space(args.space, out, repo_id=args.push_to_hub,
+                              requirement=space.requirement(spec))
     print(f'wrote the Space into {args.space}: {", ".join(files)}.\nRun it here with: '
           f'python3 {Path(args.space) / "app.py"}', file=sys.stderr)
     if not args.push_to_hub or args.card_only:

@@ -39,9 +39,16 @@ def check_dir(path, flag='--space'):
     check_writable_dir(path, flag)
 
 
-def check_requirement(spec):
-    """--space-requirement: a pip requirement of ccld."""
+def check_requirement(spec, pushing):
+    """--space-requirement `spec` (None if not given), checked to be a pip requirement of
+    ccld; UserError when a Space to be pushed has neither it nor an origin to pin."""
     from packaging.requirements import InvalidRequirement, Requirement
+    if spec is None:
+        if pushing and origin_commit() is None:
+            raise UserError('--space: the Space must install this ccld, and its checkout has no '
+                            'origin on a server to install it from: pass --space-requirement '
+                            "SPEC (e.g. 'ccld @ git+https://HOST/OWNER/REPO.git@COMMIT').")
+        return None
     try:
         name = Requirement(spec).name
     except InvalidRequirement as e:
@@ -74,18 +81,25 @@ def public_url(url):
     return None
 
 
-def pinned_requirement(root=PROJECT):
-    """`ccld @ git+URL@COMMIT` for the checkout ccld runs from: its origin, its HEAD commit;
-    None where ccld is no git checkout or its origin is not on a server. Warns when the
-    checkout holds changes not committed, or a commit no branch of origin holds."""
+def origin_commit(root=PROJECT):
+    """(URL pip can fetch, HEAD commit) of the checkout `root` that ccld runs from; None
+    where it is no git checkout or its origin is not on a server."""
     top = _git('rev-parse', '--show-toplevel', root=root)
     url = _git('remote', 'get-url', 'origin', root=root)
     commit = _git('rev-parse', 'HEAD', root=root)
     if not (top and Path(top).resolve() == Path(root).resolve() and url and commit):
         return None
     url = public_url(url)
-    if url is None:
+    return (url, commit) if url else None
+
+
+def pinned_requirement(root=PROJECT):
+    """`ccld @ git+URL@COMMIT` of origin_commit(root), or None. Warns when the checkout
+    holds changes not committed, or a commit no branch of origin holds."""
+    found = origin_commit(root)
+    if found is None:
         return None
+    url, commit = found
     if _git('status', '--porcelain', '--untracked-files=no', root=root):
         warnings.warn(f'the Space installs ccld at commit {commit[:12]}, without the changes '
                       f'not committed in {root}.')
@@ -95,19 +109,14 @@ def pinned_requirement(root=PROJECT):
     return f'ccld @ git+{url}@{commit}'
 
 
-def requirement(spec, pushing):
+def requirement(spec):
     """requirements.txt's line for ccld: `spec` (--space-requirement), else this checkout's
-    commit on its origin; else, for a Space only written here, the installed version with
-    a comment saying to replace it (UserError when it is to be pushed)."""
-    if spec:
-        return spec
-    pinned = pinned_requirement()
+    commit on its origin (pinned_requirement), else, for a Space only written here
+    (check_requirement refuses to push one), the installed version with a comment saying
+    to replace it."""
+    pinned = spec or pinned_requirement()
     if pinned:
         return pinned
-    if pushing:
-        raise UserError('--space: the Space must install this ccld, and its checkout has no '
-                        'origin on a server to install it from: pass --space-requirement SPEC '
-                        "(e.g. 'ccld @ git+https://HOST/OWNER/REPO.git@COMMIT').")
     warnings.warn(f'requirements.txt installs ccld=={software_version()}, which no package '
                   'index holds: replace it with where the Space is to install ccld from, or '
                   'pass --space-requirement.')
