@@ -229,6 +229,29 @@ def test_refusals_are_one_line_exit_2_before_anything_is_written(
     assert not recwarn.list  # the error alone
 
 
+def test_hub_and_pretrained_frozen_models_are_named_not_copied(made, tmp_path, monkeypatch):
+    """A recorded hub autoencoder (fetched once, to check it can be had) and a pretrained
+    CLOOB name go to the Space's app.py as they are; nothing of them is copied."""
+    from huggingface_hub import constants
+    from test_hub import put_in_cache
+    cache = tmp_path / 'hub_cache'
+    put_in_cache(cache, 'alice/ae', {'tiny_ae.yaml': made.frozen / 'tiny_ae.yaml',
+                                     'tiny_ae.ckpt': made.frozen / 'tiny_ae.ckpt'})
+    for name, value in (('HF_HUB_OFFLINE', True), ('HF_HUB_CACHE', str(cache))):
+        monkeypatch.setenv(name, str(int(value)) if value is True else value)
+        monkeypatch.setattr(constants, name, value)
+    record = {'autoencoder': 'hf://alice/ae/tiny_ae',
+              'cloob_checkpoint': 'cloob_laion_400m_vit_b_16_32_epochs'}
+    flags = space.frozen_models(record, 'model.safetensors', tmp_path)
+    assert flags == [('--autoencoder', 'hf://alice/ae/tiny_ae', []),
+                     ('--cloob-checkpoint', 'cloob_laion_400m_vit_b_16_32_epochs', [])]
+    module = tmp_path / 'app.py'
+    module.write_text(space.app_source(flags, 'hf://alice/tiny'))
+    assert load_app(tmp_path).flags([], {}) == [
+        '--autoencoder', 'hf://alice/ae/tiny_ae',
+        '--cloob-checkpoint', 'cloob_laion_400m_vit_b_16_32_epochs']
+
+
 def git(cwd, *args):
     subprocess.run(['git', '-C', str(cwd), *args], check=True, capture_output=True)
 
