@@ -137,6 +137,8 @@ def main(argv=None):
 def check_space(args):
     """The --space flags' checks, before anything is read or written; returns
     --space-requirement, checked."""
+    from pathlib import Path
+
     from ccld.models import hub
     from ccld.sample import space
     if not args.space:
@@ -144,6 +146,9 @@ def check_space(args):
             raise UserError('--space-requirement is what the --space folder installs: pass '
                             '--space DIR too.')
         return None
+    if args.card_only and Path(args.card_only).resolve() == Path(args.space).resolve():
+        raise UserError('--space and --card-only each write a README.md: give them two '
+                        'folders.')
     space.check_dir(args.space)
     pushing = args.push_to_hub and not args.card_only
     if pushing:

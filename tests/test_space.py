@@ -190,6 +190,8 @@ def test_push_to_hub_uploads_the_model_then_the_space_folder_as_a_space_and_noth
     ('requirement alone', '--space-requirement is what the --space folder installs: pass '
      '--space DIR too.'),
     ('not ccld', "--space-requirement: 'numpy==1.0' installs numpy; name ccld"),
+    ('card in the same folder', '--space and --card-only each write a README.md: give them '
+     'two folders.'),
     ('no origin to push', '--space: the Space must install this ccld, and its checkout has no '
      'origin on a server to install it from: pass --space-requirement SPEC'),
     ('adapter', '--space serves a whole model, and the export of a LoRA checkpoint is its '
@@ -211,6 +213,8 @@ def test_refusals_are_one_line_exit_2_before_anything_is_written(
         extra = ['--space-requirement', REQUIREMENT]
     elif case == 'not ccld':
         extra += ['--space-requirement', 'numpy==1.0']
+    elif case == 'card in the same folder':
+        extra += ['--card-only', folder, '--no-card-grid']
     elif case == 'no origin to push':
         extra += ['--push-to-hub', 'alice/tiny-share', '--no-card-grid']
     elif case == 'adapter':
