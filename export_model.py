@@ -13,6 +13,8 @@ LoRA run (--lora-rank), it writes the adapter alone (for sample.py --lora), or w
 --merge the base model with the adapter folded in. --push-to-hub uploads the file with a
 model card (README.md: what the model is, how it was made, how to sample it) and a grid
 of samples on the card's prompts; --card-only DIR writes the card and grid into DIR.
+--space DIR writes a Gradio Space that serves the model on ccld's web page (app.py), which
+--push-to-hub uploads as a Space repository of the same name.
 """
 
 import sys
@@ -57,6 +59,20 @@ def parser():
                        help='the card\'s license, a hub license id such as mit or '
                        'creativeml-openrail-m (default: the license of the base model when it '
                        'came from the hub, else other)')
+    space = p.add_argument_group('a Gradio Space')
+    space.add_argument('--space', metavar='DIR',
+                       help='write into DIR (new or empty) a folder that runs as a Hugging Face '
+                       'Space, and here with python3 DIR/app.py: README.md (front matter: sdk '
+                       'gradio at the installed version), app.py (ccld\'s web page on the '
+                       'model), requirements.txt (ccld at a fixed version), the local '
+                       'autoencoder and CLOOB, and the export (with --push-to-hub: its hf:// '
+                       'name instead; the folder is then uploaded to the Space repository '
+                       'OWNER/NAME too)')
+    space.add_argument('--space-requirement', metavar='SPEC',
+                       help='how requirements.txt installs ccld, a pip requirement (default: '
+                       'ccld @ git+ORIGIN@COMMIT of the checkout ccld runs from; without an '
+                       'origin on a server, needed to push, and a folder only written here '
+                       'gets ccld==VERSION with a comment saying to replace it)')
     return p
 
 
@@ -75,6 +91,7 @@ def main(argv=None):
                         'know exports by that.')
     check_writable_dir(out.parent, 'OUT.safetensors')
     prompts = check_sharing(args)
+    space_requirement = check_space(args)
     path = hub.resolve(args.checkpoint, 'CHECKPOINT')
     ckpt = read_checkpoint(path, lora=True)
     # The export or adapter names the frozen models so that sample.py finds them from
@@ -85,6 +102,12 @@ def main(argv=None):
         from ccld.sample.model_card import check_grid_models
         check_grid_models(ckpt.record, args.checkpoint, path)
     source = ckpt.description
+    if args.space:  # what the Space serves with is here, before anything is written
+        from ccld.sample.space import frozen_models
+        if ckpt.kind == 'lora' and not args.merge:
+            raise UserError('--space serves a whole model, and the export of a LoRA checkpoint '
+                            'is its adapter alone: pass --merge.')
+        frozen_models(ckpt.record, args.checkpoint, Path(path).parent)
     if ckpt.kind == 'lora' and not args.merge:
         adapter = lora.from_checkpoint(ckpt)
         step = ckpt.raw.get('global_step')
@@ -108,6 +131,52 @@ def main(argv=None):
           f'{record["autoencoder_scale"]:g}, step {step}.\nSample with: '
           f'{cli.sample_command(out)}', file=sys.stderr)
     share(args, out, prompts)
+    make_space(args, out, space_requirement)
+
+
+def check_space(args):
+    """The --space flags' checks, before anything is read or written; returns
+    --space-requirement, checked."""
+    from pathlib import Path
+
+    from ccld.models import hub
+    from ccld.sample import space
+    if not args.space:
+        if args.space_requirement:
+            raise UserError('--space-requirement is what the --space folder installs: pass '
+                            '--space DIR too.')
+        return None
+    if args.card_only and Path(args.card_only).resolve() == Path(args.space).resolve():
+        raise UserError('--space and --card-only each write a README.md: give them two '
+                        'folders.')
+    space.check_dir(args.space)
+    pushing = args.push_to_hub and not args.card_only
+    if pushing:
+        hub.check_can_push(args.push_to_hub, args.private, repo_type='space')
+    return space.check_requirement(args.space_requirement, pushing)
+
+
+def make_space(args, out, spec):
+    """Writes the --space folder, and uploads it to the Space repository --push-to-hub
+    (after the model it names)."""
+    from pathlib import Path
+
+    from ccld.models import hub
+    from ccld.sample import space
+    if not args.space:
+        return
+    files = space.write_space(args.space, out, repo_id=args.push_to_hub,
+                              requirement=space.requirement(spec))
+    print(f'wrote the Space into {args.space}: {", ".join(files)}.\nRun it here with: '
+          f'python3 {Path(args.space) / "app.py"}', file=sys.stderr)
+    if not args.push_to_hub or args.card_only:
+        return
+    url = hub.upload(args.push_to_hub, files, repo_type='space', space_sdk='gradio',
+                     private=args.private, message='A Gradio Space of the model, with ccld')
+    token = ('; the model is private: give the Space a secret HF_TOKEN that can read it'
+             if args.private else '')
+    print(f'uploaded the Space to https://huggingface.co/spaces/{args.push_to_hub} '
+          f'({url}){token}.', file=sys.stderr)
 
 
 def check_sharing(args):

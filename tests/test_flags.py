@@ -68,6 +68,9 @@ PUSH_REFUSED = 'test_push_refusals_are_one_line_exit_2'
 FROM_HUB = 'test_sample_py_from_hub_names_gives_the_pixels_of_the_local_files'
 HUB_ERRORS = 'test_what_cannot_be_had_from_the_hub_is_one_line_exit_2'
 HUB_FLAGS = 'test_training_and_distillation_resolve_their_model_flags_before_any_model_loads'
+SPACE = 'test_the_space_folder_runs_here_and_answers_with_sample_pys_pixels'
+SPACE_PUSH = 'test_push_to_hub_uploads_the_model_then_the_space_folder_as_a_space_and_nothing_else'
+SPACE_REFUSED = 'test_refusals_are_one_line_exit_2_before_anything_is_written'
 
 TABLE = 'test_the_table_flags_reach_the_set_each_tool_reads'
 
@@ -250,6 +253,8 @@ COVERED = {
         '--no-card-grid': [CARD_ONLY, 'test_a_grid_whose_models_are_not_here_is_refused_before_'
                            'the_export'],
         '--license': [CARD_ONLY],
+        '--space': [SPACE, SPACE_PUSH, SPACE_REFUSED],
+        '--space-requirement': [SPACE_PUSH, SPACE_REFUSED],
         '--merge': [LORA_MERGE, 'test_merge_of_a_whole_model_and_a_lora_checkpoint_elsewhere_are_'
                     'one_line'],
     },

@@ -287,12 +287,13 @@ def test_training_and_distillation_resolve_their_model_flags_before_any_model_lo
 
 class FakeHub:
     """huggingface_hub's HfApi calls an upload makes, recorded (with the files' contents
-    as they are when committed) instead of sent."""
+    as they are when committed; `commits`: (repository, type, files) of each) instead of
+    sent."""
 
     def __init__(self, monkeypatch, public_repo=False, logged_in=True):
         from huggingface_hub import HfApi
         from huggingface_hub.errors import LocalTokenNotFoundError
-        self.calls, self.files = [], {}
+        self.calls, self.files, self.commits = [], {}, []
 
         def whoami(api, *args, **kwargs):
             if not logged_in:
@@ -309,9 +310,10 @@ class FakeHub:
 
         def create_commit(api, repo_id, operations, **kwargs):
             self.calls.append(('create_commit', repo_id, kwargs['repo_type']))
-            for op in operations:
-                self.files[op.path_in_repo] = (op.path_or_fileobj,
-                                               Path(op.path_or_fileobj).read_bytes())
+            files = {op.path_in_repo: (op.path_or_fileobj, Path(op.path_or_fileobj).read_bytes())
+                     for op in operations}
+            self.commits.append((repo_id, kwargs['repo_type'], files))
+            self.files.update(files)
             return SimpleNamespace(commit_url=f'https://huggingface.co/{repo_id}/commit/1')
         for name, method in (('whoami', whoami), ('create_repo', create_repo),
                              ('repo_info', repo_info), ('create_commit', create_commit)):
