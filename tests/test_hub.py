@@ -258,7 +258,7 @@ def test_records_name_a_file_from_the_hub_by_its_pinned_hub_name(offline):
     args = SimpleNamespace(vqgan_model=hub.resolve_autoencoder('hf://alice/ae', 'x'),
                            cloob_checkpoint='c', image_size=64, teacher=local,
                            teacher_sha256='t', guidance_range=[1, 8], loss_weighting='snr+1',
-                           train_latents='latents', cache={'images': 5}, frozen=None)
+                           train_latents='latents', cache={'images': 5}, frozen=None, text_prob=0)
     record = distill_run.record_of(args, SimpleNamespace(name='guidance', steps=None), 1.0)
     assert (record['teacher'], record['autoencoder']) == (pinned, f'hf://alice/ae@{COMMIT}/tiny_ae')
     plms = SimpleNamespace(metadata=lambda: {'method': 'plms', 'steps': 50})
