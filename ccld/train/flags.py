@@ -208,10 +208,10 @@ def add_bucket_flags(p):
                    'from one bucket; off: the original\'s square centre crop. Images beyond '
                    '--max-aspect go to the most extreme bucket and lose more to the crop')
     g.add_argument('--bucket-step', type=cli.positive_int, default=64,
-                   help='bucket sides are multiples of this (64: the autoencoder and U-Net need '
-                   'multiples of 64 px)')
+                   help='bucket sides are multiples of this (of 64: the autoencoder and the U-Net '
+                   'need multiples of 64 px)')
     g.add_argument('--max-aspect', type=cli.positive_float, default=2.0,
-                   help='the most elongated bucket, long side to short (default 2.0)')
+                   help='the most elongated bucket, long side to short')
     g.add_argument('--bucket-crop', choices=['random', 'center'], default='random',
                    help='where the sliver that sticks out of the bucket is cut: at random (each '
                    'epoch anew), or evenly from both ends')
