@@ -42,6 +42,8 @@ SPEED = 'test_each_speed_flag_takes_effect_and_saves_a_checkpoint_a_plain_model_
 DEMO = 'test_the_demo_flags_choose_the_demo_sampler_schedule_steps_and_size'
 LR = 'test_the_lr_schedule_flags_set_the_lr_of_each_step'
 BUCKET_FLAGS = 'test_the_bucket_flags_choose_the_shapes_and_the_crop'
+BUCKET_EDGES = 'test_a_wide_images_left_and_right_edges_both_reach_the_batch'
+BUCKET_DDP = 'test_two_ranks_train_on_buckets_with_equal_batches_and_each_image_once'
 
 SAMPLE_CLI = 'test_cli_writes_images_grid_and_metadata_and_reads_the_scale'
 SAMPLER = 'test_cli_sampler_flags_set_what_the_sampler_runs'
@@ -135,8 +137,7 @@ COVERED = {
         '--lr-schedule': [LR],
         '--lr-min': [LR],
         '--random-flip': [TRAIN_LOADER],
-        '--aspect-buckets': ['test_a_wide_images_left_and_right_edges_both_reach_the_batch',
-                             'test_two_ranks_train_on_buckets_with_equal_batches_and_each_image_once'],
+        '--aspect-buckets': [BUCKET_EDGES, BUCKET_DDP],
         '--bucket-step': [BUCKET_FLAGS],
         '--max-aspect': [BUCKET_FLAGS],
         '--bucket-crop': [BUCKET_FLAGS],
