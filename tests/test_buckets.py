@@ -81,3 +81,9 @@ def test_buckets_are_drawn_in_proportion_to_what_they_hold():
     firsts = collections.Counter(B.epoch_plan(bucket_of, 10, 1, 0, 0, epoch)[0][0][1]
                                  for epoch in range(400))
     assert 0.7 < firsts[0] / 400 < 0.9  # 80 % of the batches are bucket 0's
+
+
+def test_a_catch_all_batch_goes_to_the_bucket_that_holds_most_of_it():
+    (batch,) = B.epoch_plan([0, 1, 1, 2, 2, 2], 6, 1, 0, seed=0, epoch=0)
+    assert sorted(item for item, _ in batch) == list(range(6))
+    assert {bucket for _, bucket in batch} == {2}
