@@ -308,7 +308,7 @@ class TrainData:
                 args.image_size, args.batch_size, args.num_workers, self.seed,
                 trainer.global_rank, trainer.world_size, init_loader_worker,
                 args.prefetch_factor, args.random_flip, epoch=trainer.current_epoch)
-        if args.buckets is not None:
+        if getattr(args, 'buckets', None) is not None:  # (distill and train_autoencoder: none)
             from ..data.bucketed import make_bucket_loader
             return make_bucket_loader(
                 args.source.paths, args.source.texts, args.train_set, args.buckets,
