@@ -179,3 +179,14 @@ def test_inputs_without_buckets_yet_are_refused_in_one_line(tmp_path):
     args.source = None  # --train-latents
     with pytest.raises(UserError, match='not yet supported for a latent cache'):
         training_run.check_buckets(args)
+
+
+def test_a_header_size_is_the_upright_pictures_as_load_image_turns_it(tmp_path):
+    from ccld.data.images import load_image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown turned a quarter
+    Image.new('RGB', (300, 100), RED).save(tmp_path / 'turned.jpg', exif=exif)
+    assert bucketed.header_size(tmp_path / 'turned.jpg') == (100, 300)
+    assert load_image(tmp_path / 'turned.jpg').size == (100, 300)
+    (tmp_path / 'bad.png').write_bytes(b'not an image')
+    assert bucketed.header_size(tmp_path / 'bad.png') is None
