@@ -113,10 +113,11 @@ def test_sizes_are_read_from_the_headers_once_and_cached_beside_the_list(tmp_pat
 
 
 @pytest.mark.parametrize('extra, message', [
+    (['--batch-size', '2'], '1 images make fewer than one batch of 2 for each of 1 process'),
     (['--bucket-step', '96'], '--bucket-step 96 must be a multiple of 64'),
     (['--max-aspect', '0.5'], '--max-aspect 0.5 is the long side over the short'),
 ])
-def test_bucket_flag_errors(models, tmp_path, extra, message):
+def test_bucket_flag_errors_and_too_few_images(models, tmp_path, extra, message):
     train_set = tiny.write_path_list([edged(tmp_path / 'a.png', (64, 64))], tmp_path / 'l.txt')
     with pytest.raises(UserError, match=message):
         loader(models, train_set, tmp_path, *extra)

@@ -17,6 +17,7 @@ from torchvision import transforms
 from torchvision.transforms import functional as F
 
 from . import buckets
+from ..errors import UserError
 from .images import (UNREADABLE, caption_of, collate_skipping_bad, cover, load_image,
                      warn_skipped)
 
@@ -138,9 +139,14 @@ def make_bucket_loader(paths, texts, list_path, table, batch_size, num_workers, 
                        prefetch_factor=2, epoch=0):
     """The loader of one rank's bucketed batches of a path list."""
     bucket_of = bucket_of_each(image_sizes(paths, list_path), table)
+    sampler = BucketBatchSampler(bucket_of, batch_size, world_size, rank, seed, epoch)
+    if not len(sampler):  # (an epoch of no batches would never end a run)
+        raise UserError(f'--aspect-buckets: {len(paths)} images make fewer than one batch of '
+                        f'{batch_size} for each of {world_size} process(es); use a smaller '
+                        '--batch-size or more images.')
     return data.DataLoader(
         BucketedImages(paths, texts, table, random_crop, random_flip),
-        batch_sampler=BucketBatchSampler(bucket_of, batch_size, world_size, rank, seed, epoch),
+        batch_sampler=sampler,
         num_workers=num_workers, collate_fn=collate_skipping_bad,
         persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
         worker_init_fn=worker_init_fn, prefetch_factor=prefetch_factor if num_workers else None)
