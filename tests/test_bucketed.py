@@ -158,6 +158,8 @@ def test_two_ranks_train_on_buckets_with_equal_batches_and_each_image_once(model
     result = subprocess.run([sys.executable, str(driver), str(tmp_path), *argv], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count('--aspect-buckets: images a bucket: 64x192: 3, 128x128: 5, '
+                               '192x64: 3') == 1  # (rank 0 alone says it)
     seen = [torch.load(tmp_path / f'seen{r}.pt') for r in (0, 1)]
     assert [len(s) for s in seen] == [4, 4]
     for epoch in (0, 1):

@@ -8,6 +8,7 @@ calls its set_epoch every epoch, and a resumed run restarts its epoch with the s
 """
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -70,6 +71,11 @@ def bucket_of_each(sizes, table):
     is skipped when loaded."""
     square = buckets.assign(1, 1, table)
     return [square if s is None else buckets.assign(*s, table) for s in sizes]
+
+
+def describe(bucket_of, table):
+    """How many images each bucket holds, for the start of a run: 'WxH: N, ...'."""
+    return ', '.join(f'{w}x{h}: {bucket_of.count(i)}' for i, (w, h) in enumerate(table))
 
 
 def cover_crop(image, size, random_crop):
@@ -140,6 +146,9 @@ def make_bucket_loader(paths, texts, list_path, table, batch_size, num_workers, 
     """The loader of one rank's bucketed batches of a path list."""
     bucket_of = bucket_of_each(image_sizes(paths, list_path), table)
     sampler = BucketBatchSampler(bucket_of, batch_size, world_size, rank, seed, epoch)
+    if rank == 0:
+        print(f'--aspect-buckets: images a bucket: {describe(bucket_of, table)}',
+              file=sys.stderr, flush=True)
     if not len(sampler):  # (an epoch of no batches would never end a run)
         raise UserError(f'--aspect-buckets: {len(paths)} images make fewer than one batch of '
                         f'{batch_size} for each of {world_size} process(es); use a smaller '
