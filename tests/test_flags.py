@@ -42,6 +42,9 @@ SEED = 'test_demo_grids_do_not_change_the_training_random_stream'
 SPEED = 'test_each_speed_flag_takes_effect_and_saves_a_checkpoint_a_plain_model_loads'
 DEMO = 'test_the_demo_flags_choose_the_demo_sampler_schedule_steps_and_size'
 LR = 'test_the_lr_schedule_flags_set_the_lr_of_each_step'
+BUCKET_FLAGS = 'test_the_bucket_flags_choose_the_shapes_and_the_crop'
+BUCKET_EDGES = 'test_a_wide_images_left_and_right_edges_both_reach_the_batch'
+BUCKET_DDP = 'test_two_ranks_train_on_buckets_with_equal_batches_and_each_image_once'
 
 SAMPLE_CLI = 'test_cli_writes_images_grid_and_metadata_and_reads_the_scale'
 SAMPLER = 'test_cli_sampler_flags_set_what_the_sampler_runs'
@@ -138,6 +141,10 @@ COVERED = {
         '--lr-schedule': [LR],
         '--lr-min': [LR],
         '--random-flip': [TRAIN_LOADER],
+        '--aspect-buckets': [BUCKET_EDGES, BUCKET_DDP],
+        '--bucket-step': [BUCKET_FLAGS],
+        '--max-aspect': [BUCKET_FLAGS],
+        '--bucket-crop': [BUCKET_FLAGS],
         '--max-steps': [TRAIN_RUN],
         '--output-dir': [TRAIN_RUN],
         '--seed': ['test_the_seed_picks_the_timesteps', SEED],

@@ -199,6 +199,25 @@ def add_memory_flags(p):
     return g
 
 
+def add_bucket_flags(p):
+    """Aspect-ratio buckets (data/buckets.py) instead of the original's square centre crop."""
+    g = p.add_argument_group('aspect-ratio buckets (path lists only, for now)')
+    g.add_argument('--aspect-buckets', action='store_true',
+                   help='train each image at the bucket (width x height, about --image-size '
+                   'squared pixels) of its nearest aspect ratio, resized to cover it, every batch '
+                   'from one bucket; off: the original\'s square centre crop. Images beyond '
+                   '--max-aspect go to the most extreme bucket and lose more to the crop')
+    g.add_argument('--bucket-step', type=cli.positive_int, default=64,
+                   help='bucket sides are multiples of this (of 64: the autoencoder and the U-Net '
+                   'need multiples of 64 px)')
+    g.add_argument('--max-aspect', type=cli.positive_float, default=2.0,
+                   help='the most elongated bucket, long side to short')
+    g.add_argument('--bucket-crop', choices=['random', 'center'], default='random',
+                   help='where the sliver that sticks out of the bucket is cut: at random (each '
+                   'epoch anew), or evenly from both ends')
+    return g
+
+
 def parser():
     p = cli.ArgumentParser(prog=PROG, description=DESCRIPTION)
     p.add_argument('--demo', action='store_true',
@@ -211,6 +230,7 @@ def parser():
     images.add_argument('--random-flip', action='store_true',
                         help='mirror each training image left to right half of the time (for '
                         'small finetunes; off, as in the original)')
+    add_bucket_flags(p)
     add_caption_flags(p)
     model = p.add_argument_group('the diffusion model')
     model.add_argument('--autoencoder-scale', type=cli.positive_float,

@@ -70,6 +70,7 @@ def validate(args):
                                  split=args.dataset_split, caption_column=args.caption_column)
         except UserError as e:
             raise UserError(f'--train-set: {e}') from None
+    args.buckets = check_buckets(args)
     args.prompts = read_prompts(args.demo_prompts)
     check_devices(args.accelerator, args.devices)
     args.frozen = describe_frozen(args)
@@ -199,6 +200,24 @@ def check_optimizer(args):
                             f'{device_type}.')
 
 
+def check_buckets(args):
+    """The --aspect-buckets table (None without it), for the inputs that have them."""
+    from ..data.buckets import bucket_table
+    if not args.aspect_buckets:
+        return None
+    if args.source is None or args.source.paths is None:
+        what = 'a latent cache' if args.source is None else args.source.describe()
+        raise UserError(f'--aspect-buckets is not yet supported for {what}; train from a path '
+                        'list, or without --aspect-buckets (square centre crops).')
+    if args.bucket_step % 64:
+        raise UserError(f'--bucket-step {args.bucket_step} must be a multiple of 64 (the '
+                        'autoencoder and the U-Net need sides of multiples of 64 px).')
+    if args.max_aspect < 1:
+        raise UserError(f'--max-aspect {args.max_aspect:g} is the long side over the short: '
+                        'use 1 (squares only) or more.')
+    return bucket_table(args.image_size, args.bucket_step, args.max_aspect)
+
+
 def check_lr_schedule(args):
     if args.lr_schedule == 'cosine' and not args.max_steps:
         raise UserError('--lr-schedule cosine decays over the run: it needs --max-steps.')
@@ -289,6 +308,13 @@ class TrainData:
                 args.image_size, args.batch_size, args.num_workers, self.seed,
                 trainer.global_rank, trainer.world_size, init_loader_worker,
                 args.prefetch_factor, args.random_flip, epoch=trainer.current_epoch)
+        if getattr(args, 'buckets', None) is not None:  # (distill and train_autoencoder: none)
+            from ..data.bucketed import make_bucket_loader
+            return make_bucket_loader(
+                args.source.paths, args.source.texts, args.train_set, args.buckets,
+                args.batch_size, args.num_workers, self.seed, trainer.global_rank,
+                trainer.world_size, args.bucket_crop == 'random', args.random_flip,
+                init_loader_worker, args.prefetch_factor, epoch=trainer.current_epoch)
         return make_loader(args.source.paths, args.image_size, args.batch_size,
                            args.num_workers, worker_init_fn=init_loader_worker,
                            prefetch_factor=args.prefetch_factor, random_flip=args.random_flip,
@@ -389,6 +415,8 @@ def run(args):
               'image_size': args.image_size, 'random_flip': args.random_flip,
               'train_set': args.train_set or args.train_latents, 'train_images': data.known_size(),
               **args.origin}
+    if args.buckets is not None:  # (a square run's record stays as it was)
+        record['aspect_buckets'] = [list(b) for b in args.buckets]
     if args.text_prob:  # (a captionless run's record stays as it was)
         record['text_prob'] = args.text_prob
     model = None

@@ -254,7 +254,9 @@ def make_trainer(args, prog, callbacks, logger, log_every_n_steps):
         max_steps=args.max_steps or -1, max_epochs=-1,
         callbacks=[standard[0], *callbacks, *standard[1:]], logger=logger,
         enable_model_summary=False,  # (console.ModuleTable is it, less what reads 0)
-        default_root_dir=str(args.output_dir), log_every_n_steps=log_every_n_steps)
+        default_root_dir=str(args.output_dir), log_every_n_steps=log_every_n_steps,
+        # Bucketed batches are dealt to the ranks by their own sampler (data/bucketed.py).
+        use_distributed_sampler=getattr(args, 'buckets', None) is None)
 
 
 def fit(trainer, module, make_loader, ckpt_path, prog):
