@@ -348,6 +348,13 @@ def test_listen_without_a_password_exits_2_in_one_line(flags, capsys):
     assert len(err) == 1 and err[0].startswith('app.py: error: '), err
 
 
+@pytest.mark.parametrize('port', ['0', '65536', '99999', 'http'])
+def test_a_port_no_socket_takes_exits_2_in_one_line(port, capsys):
+    assert tiny.exit_code(app.main, 'app.py', ['--checkpoint', 'x.ckpt', '--port', port]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('app.py: error: argument --port'), err
+
+
 def chromium(tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

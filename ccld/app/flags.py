@@ -23,6 +23,11 @@ def auth_pair(text):
     return user, password
 
 
+def port_number(text):
+    """A TCP port: what the socket's bind takes."""
+    return cli.whole_number(text, 1, 65535)
+
+
 def parser():
     p = cli.ArgumentParser(prog=PROG, description=DESCRIPTION)
     p.add_argument('--checkpoint', action='append', required=True,
@@ -31,7 +36,7 @@ def parser():
                    cli.HUB_FILE_HELP + '; repeat for a model menu')
     add_sampling_flags(p)
     network = p.add_argument_group('who may reach the page')
-    network.add_argument('--port', type=cli.positive_int,
+    network.add_argument('--port', type=port_number,
                          help=f'port (default: {DEFAULT_PORT}, or the next free one)')
     network.add_argument('--listen', action='store_true',
                          help='serve on all interfaces, not only 127.0.0.1 (needs --auth or '
