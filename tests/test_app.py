@@ -341,6 +341,22 @@ def test_port_is_the_one_given_or_the_first_free_one_from_7860():
     assert 7860 <= serve.free_port('127.0.0.1', None) < 7960
 
 
+def test_a_port_a_stopped_server_left_in_time_wait_is_free():
+    # The server closes first, as a stopped app.py does: its port waits in TIME_WAIT, which
+    # the server's own bind (uvicorn's, SO_REUSEADDR) accepts, so app.py restarted at once
+    # takes it.
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(('127.0.0.1', 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(('127.0.0.1', port))
+        accepted, _ = server.accept()
+        accepted.close()
+    client.close()
+    assert serve.free_port('127.0.0.1', port) == port
+
+
 @pytest.mark.parametrize('flags', [['--listen'], ['--listen', '--auth-file', 'missing.txt']])
 def test_listen_without_a_password_exits_2_in_one_line(flags, capsys):
     assert tiny.exit_code(app.main, 'app.py', ['--checkpoint', 'x.ckpt', *flags]) == 2

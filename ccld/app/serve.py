@@ -45,6 +45,8 @@ def free_port(host, port):
     candidates = [port] if port else range(DEFAULT_PORT, DEFAULT_PORT + PORTS_TRIED)
     for candidate in candidates:
         with socket.socket() as s:
+            # As the server binds: a port a stopped server left in TIME_WAIT is free.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, candidate))
                 return candidate
