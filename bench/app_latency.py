@@ -15,6 +15,7 @@ on the CPU: base 64, multipliers 1,2,2,4, 128 px, 2 images.
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -125,6 +126,8 @@ def main():
     finally:
         server.terminate()
         server.wait(30)
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)  # the models and images: ~170 MB a run
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
     widths = setup['widths']
     print(f'{device.type} ({name}), U-Net base {widths[0]} x {widths[1]}, {setup["size"]} px, '
