@@ -9,6 +9,7 @@ import random
 import shutil
 import tempfile
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,9 @@ NO_LORA = 'none'
 # gigabytes. (Gradio opens an upload before the engine sees it; Pillow's own limit, about
 # 179 megapixels, refuses the largest there.)
 MAX_UPLOAD_PIXELS = 50_000_000
+# The progress bar moves at most this often (seconds): each move is a message to every page
+# and client watching the job, which a fast sampler would otherwise send at every step.
+PROGRESS_EVERY = 0.1
 
 
 class Stopped(Exception):
@@ -283,12 +287,15 @@ class Engine:
                     **image_metadata(image_prompts, settings, init_name, strength)}
         metadata['parameters'] = parameters_text(metadata)
         init = image_transform(settings.size)(init) if init is not None else None
-        total = [0]
+        total, shown = [0], [0.0]
 
         def step(info):
             total[0] = info['steps'] * info['batches']
             self.step = info['batch'] * info['steps'] + info['i'] + 1
-            if progress is not None:
+            now = time.monotonic()
+            if progress is not None and (now - shown[0] >= PROGRESS_EVERY or
+                                         self.step == total[0]):
+                shown[0] = now
                 progress((self.step, total[0]), unit='steps')
             if self.stop_asked.is_set():
                 raise Stopped
