@@ -454,3 +454,21 @@ def test_a_grid_whose_models_are_not_here_is_refused_before_the_export(online, t
                                                       tmp_path / 'card']) == 2
     assert "the card's sample grid needs the autoencoder and CLOOB" in one_line(capsys)
     assert not out.exists()
+
+
+def test_the_web_page_takes_hub_names_as_sample_py_does(offline, tmp_path):
+    """app.py --checkpoint hf://... --lora hf://... --autoencoder hf://...: the page's engine
+    reads them from the cache offline and its job gives the local files' pixels."""
+    import app
+    from ccld.app.engine import Engine
+    engine = Engine(app.parser().parse_args([
+        '--checkpoint', 'hf://alice/tiny', '--lora', 'hf://alice/style', '--autoencoder',
+        'hf://alice/ae', '--cloob-checkpoint', offline.cloob, '--device', 'cpu']))
+    (model,) = engine.models.values()
+    (adapter,) = model.adapters
+    result = engine.run(dict(prompt='a red fox', model=model.name, n=1, seed=7, steps=2,
+                             method='ddim', lora=adapter, lora_strength=0.5))
+    styled = sample_to(tmp_path / 'styled', '--checkpoint', offline.export, '--lora',
+                       f'{offline.adapter}:0.5', '--autoencoder', offline.autoencoder,
+                       '--cloob-checkpoint', offline.cloob)
+    assert len(result.paths) == 1 and np.array_equal(pixels(result.paths[0]), styled)
