@@ -10,13 +10,15 @@ the full finetune with the same flags; then --resume-from that finetune's checkp
 ccld training checkpoint with its EMA and optimizer state) for 2 more steps. A training
 row also gives its peak before the first step (at on_train_start: loading, Lightning's
 restore and setup done). Files: a 557M U-Net written as a bare fp32 state
-dict (fresh weights), tiny frozen models; in --workdir (2.2 GB and more: put it under /tmp),
+dict (fresh weights), tiny frozen models; in --workdir (2.2 GB and more, ~20 GB with the
+resume row: put it under /tmp),
 removed after.
 
-Measure another checkout (e.g. the code before: git worktree add /tmp/load_before ae39dc7)
-with --repo; the files are made by this one, the tools run from that one.
+Measure another checkout (the code before: git worktree add ../load_before ae39dc7; for
+the resume row, 6b7db4d) with --repo; the files are made by this one, the tools run from
+that one.
     .venv/bin/python bench/load_memory.py                      # this checkout
-    .venv/bin/python bench/load_memory.py --repo /tmp/load_before
+    .venv/bin/python bench/load_memory.py --repo ../load_before
 GPU (--device cuda): the rows run on the GPU and also print torch.cuda.max_memory_allocated;
 the host peak of an fp16 export should stay near one tensor above the imports.
 Targets (issue 25): sample.py and export_model.py at most 1.15x the fp32 model above the
