@@ -9,10 +9,9 @@ checkpoint, training --lora-rank 16 on the state dict (2 steps) and, for the LoR
 the full finetune with the same flags; then --resume-from that finetune's checkpoint (a
 ccld training checkpoint with its EMA and optimizer state) for 2 more steps. A training
 row also gives its peak before the first step (at on_train_start: loading, Lightning's
-restore and setup done). Files: a 557M U-Net written as a bare fp32 state
-dict (fresh weights), tiny frozen models; in --workdir (2.2 GB and more, ~20 GB with the
-resume row: put it under /tmp),
-removed after.
+restore and setup done). Files: a 557M U-Net written as a bare fp32 state dict (fresh
+weights), tiny frozen models; in --workdir (2.2 GB and more, ~20 GB with the resume row:
+put it under /tmp), removed after.
 
 Measure another checkout (the code before: git worktree add ../load_before ae39dc7; for
 the resume row, 6b7db4d) with --repo; the files are made by this one, the tools run from
