@@ -11,7 +11,7 @@ from safetensors.torch import save
 
 import tiny
 import train_latent_diffusion
-from ccld.models import exports, lora
+from ccld.models import checkpoint_files, exports, lora
 from ccld.models.autoencoder import build_autoencoder, load_autoencoder, read_config
 from ccld.models.checkpoint_files import read_checkpoint
 from ccld.models.cloob import load_cloob
@@ -190,3 +190,72 @@ def test_cloob_loads_in_place_and_as_before(files):
     torch.manual_seed(1)
     load_cloob(files.cloob, init_weights=True)
     assert torch.equal(torch.get_rng_state(), after_init)
+
+
+def continued_argv(files, out, *extra):
+    """A small model (base 64 x 1,1,1,1) on four images, batch 1, checkpoints every 2 steps."""
+    paths = tiny.make_images(files.dir / 'four', n=4, size=64)
+    return ['--train-set', str(tiny.write_path_list(paths, files.dir / 'four.txt')),
+            '--vqgan-model', files.autoencoder, '--autoencoder-scale', str(SCALE),
+            '--cloob-checkpoint', files.cloob, '--demo-prompts', str(files.prompts),
+            '--output-dir', str(out), '--accelerator', 'cpu', '--num-workers', '0',
+            '--batch-size', '1', '--image-size', '64', '--base-channels', '64',
+            '--channel-multipliers', '1,1,1,1', '--checkpoint-every', '2', '--demo-every', '100',
+            '--seed', '0', *extra]
+
+
+@pytest.fixture(scope='module')
+def two_steps(files, tmp_path_factory):
+    """step=2 of a fresh run: a ccld training checkpoint with optimizer state."""
+    out = tmp_path_factory.mktemp('two_steps')
+    assert tiny.exit_code(train_latent_diffusion.main, 'train_latent_diffusion.py',
+                          continued_argv(files, out, '--max-steps', '2')) == 0
+    return out / 'checkpoints' / 'step=00000002.ckpt'
+
+
+def test_a_continued_run_takes_its_model_and_ema_from_the_file_in_place(files, two_steps,
+                                                                         tmp_path):
+    """The model and the EMA are the checkpoint's own tensors, and Lightning is handed that
+    same checkpoint: its load_state_dict copies each weight onto itself, which copies
+    nothing (an initialised model would have had the file copied in)."""
+    seen = tiny.set_up_run(train_latent_diffusion.main, continued_argv(
+        files, tmp_path, '--resume-from', str(two_steps), '--max-steps', '4'))
+    path, checkpoint = seen.trainer['plugins'][0].resumed
+    assert path == str(two_steps)
+    state = checkpoint['state_dict']
+    for name in ('model', 'model_ema'):
+        ours = getattr(seen.module, name).state_dict()
+        assert {f'{name}.{key}' for key in ours} <= state.keys()
+        for key, tensor in ours.items():
+            if key != 'autoencoder_scale':  # (--autoencoder-scale's, as before)
+                assert tensor.data_ptr() == state[f'{name}.{key}'].data_ptr(), (name, key)
+    assert not any(p.requires_grad for p in seen.module.model_ema.parameters())
+    assert all(p.requires_grad for p in seen.module.model.parameters())
+    assert seen.trainer['plugins'][0].load_checkpoint(two_steps) is checkpoint
+
+
+def test_a_continued_run_goes_on_as_the_old_way_did(files, two_steps, tmp_path):
+    """Two more steps from step 2 end with the weights, EMA and optimizer state that the
+    old way (an initialised model and EMA, the file copied into them) gave, bit for bit:
+    the random draws of the initialisation are made all the same (the loader's shuffle
+    comes after them)."""
+    argv = ['--resume-from', str(two_steps), '--max-steps', '4']
+    assert tiny.exit_code(train_latent_diffusion.main, 'train_latent_diffusion.py',
+                          continued_argv(files, tmp_path / 'new', *argv)) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        # The old way: the module builds and initialises its model and copies it for the EMA.
+        patch.setattr(checkpoint_files, 'build_model', lambda *args, **kwargs: None)
+        assert tiny.exit_code(train_latent_diffusion.main, 'train_latent_diffusion.py',
+                              continued_argv(files, tmp_path / 'old', *argv)) == 0
+    new, old = (torch.load(tmp_path / d / 'checkpoints' / 'last.ckpt', weights_only=False)
+                for d in ('new', 'old'))
+    assert new['global_step'] == old['global_step'] == 4
+    assert new['state_dict'].keys() == old['state_dict'].keys()
+    for key, tensor in old['state_dict'].items():
+        assert torch.equal(new['state_dict'][key], tensor), key
+    saved = torch.load(two_steps, weights_only=False)['state_dict']
+    assert not torch.equal(new['state_dict']['model.net.0.main.0.weight'],
+                           saved['model.net.0.main.0.weight'])  # (it trained)
+    for a, b in zip(new['optimizer_states'][0]['state'].values(),
+                    old['optimizer_states'][0]['state'].values()):
+        assert all(torch.equal(a[name], b[name]) for name in ('step', 'exp_avg', 'exp_avg_sq'))

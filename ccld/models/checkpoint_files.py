@@ -15,12 +15,14 @@ import pickle
 import re
 import warnings
 import zipfile
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import exports
 from ..errors import UserError, reason as error_reason
@@ -221,14 +223,15 @@ def _to_fp32(key, tensor):
 
 
 def build_model(state_dict, base_channels=None, channel_multipliers=None, path='checkpoint',
-                device='cpu'):
+                device='cpu', init_draws=False):
     """A DiffusionModel with the widths the weights have, loaded strictly (a StudentModel
     when the weights have a guidance embedding), on `device`.
 
     The model is built on the meta device and takes the tensors of `state_dict` as its
     own (assign_weights): no initialised copy is made, and a mapped file's tensors stay
     in the file until used. Explicit widths override the inferred ones (and must fit the
-    weights).
+    weights). With `init_draws`, the random numbers its initialisation would draw are
+    drawn all the same (InitDraws), for a caller whose random stream goes on from there.
     """
     try:
         inferred = infer_widths(state_dict, channel_multipliers or (4, 4, 8, 8))
@@ -246,7 +249,7 @@ def build_model(state_dict, base_channels=None, channel_multipliers=None, path='
     if any(base * m % 64 for m in mults):
         raise UserError(f'{path}: level widths {",".join(str(base * m) for m in mults)} are not '
                         'multiples of 64, so it is not a DiffusionModel checkpoint.')
-    with torch.device('meta'):
+    with torch.device('meta'), InitDraws() if init_draws else nullcontext():
         model = (StudentModel if is_student(state_dict) else DiffusionModel)(base, mults)
     try:
         missing, unexpected = assign_weights(model, state_dict, device)
@@ -260,6 +263,22 @@ def build_model(state_dict, base_channels=None, channel_multipliers=None, path='
         raise UserError(f'{path} {what} {len(missing or unexpected)} weights (e.g. '
                         f'{", ".join(names)}); it is not a complete DiffusionModel.')
     return model
+
+
+class InitDraws(TorchDispatchMode):
+    """Modules built on the meta device under this mode draw from the CPU generator what
+    initialising them on the CPU would draw: each random op is run on a scratch tensor of
+    its size (one tensor's memory at a time, dropped at once), then on the meta tensor.
+    The random state after is the one an initialised model leaves."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            if args and isinstance(args[0], torch.Tensor) and args[0].is_meta:  # uniform_...
+                func(torch.empty_like(args[0], device='cpu'), *args[1:], **kwargs)
+            elif kwargs.get('device') == torch.device('meta'):  # randn, rand...
+                func(*args, **dict(kwargs, device=torch.device('cpu')))
+        return func(*args, **kwargs)
 
 
 def assign_weights(model, state_dict, device='cpu'):

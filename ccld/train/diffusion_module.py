@@ -95,8 +95,10 @@ class LightningDiffusion(pl.LightningModule):
     With `even_epochs` (streamed data, whose ranks' shares differ in length), every rank
     ends its epoch after the batch on which the first one ran out; a rank that stopped
     while the others went on would leave them waiting in a gradient all-reduce forever.
-    `model` trains a given DiffusionModel (a distillation's student) instead of a fresh
-    one of the given widths; `frozen` names the submodules left out of checkpoints.
+    `model` trains a given DiffusionModel (a distillation's student, a finetune's or a
+    continued run's weights) instead of a fresh one of the given widths, and `model_ema`
+    is its average where there is one already (a continued run's, from its checkpoint),
+    else a copy of it; `frozen` names the submodules left out of checkpoints.
     `text_prob` is how often an example with a caption is conditioned on its text
     embedding instead (data/captions.py).
     `optimizer` is one of optimizers.OPTIMIZERS; with `ema_device` 'cpu' the EMA stays in
@@ -112,7 +114,7 @@ class LightningDiffusion(pl.LightningModule):
                  autoencoder_scale=1.0, lr=3e-5, ema_decay_at=200_000, record=None,
                  seed=0, grad_clip=None, accumulate_grad_batches=1, max_bad_steps=50,
                  from_cache=False, even_epochs=False, compile=False, channels_last=False,
-                 gradient_checkpointing=False, lr_schedule=None, model=None,
+                 gradient_checkpointing=False, lr_schedule=None, model=None, model_ema=None,
                  optimizer='adamw', ema_device=None, text_prob=0.0):
         super().__init__()
         self.automatic_optimization = False
@@ -128,7 +130,11 @@ class LightningDiffusion(pl.LightningModule):
         self.model = model if model is not None else DiffusionModel(base_channels,
                                                                     channel_multipliers)
         self.model.autoencoder_scale.fill_(autoencoder_scale)
-        self.model_ema = averaged_copy(self.model)
+        if model_ema is None:
+            self.model_ema = averaged_copy(self.model)
+        else:
+            self.model_ema = model_ema.requires_grad_(False).eval()
+            self.model_ema.autoencoder_scale.fill_(autoencoder_scale)
         self.offloaded_ema = None
         if ema_device == 'cpu':
             self.offloaded_ema = OffloadedEma(self.model_ema)

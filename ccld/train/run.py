@@ -419,14 +419,21 @@ def run(args):
         record['aspect_buckets'] = [list(b) for b in args.buckets]
     if args.text_prob:  # (a captionless run's record stays as it was)
         record['text_prob'] = args.text_prob
-    model = None
+    model = model_ema = None
     if args.lora is not None:
         from ..models.lora import adapted_model
         record['lora'] = args.lora.spec()
         model = adapted_model(weights, args.lora, LORA_BASE_DTYPES[args.fprecision])
-    elif args.resume is not None and args.resume.kind == 'bare':
+    elif args.resume is not None:
+        # The file's own tensors, no initialised model: a finetune copies them into its EMA
+        # (the one copy it needs); a continued run takes its EMA from the file too, and
+        # draws what initialising its model drew before: its loader's first shuffle comes
+        # from the random state left here, so it is the one a continued run always had.
         from ..models.checkpoint_files import build_model
-        model = build_model(weights, path=args.resume_from)  # the file's tensors, no init
+        continued = args.resume.kind != 'bare'
+        model = build_model(weights, path=args.resume_from, init_draws=continued)
+        if continued:
+            model_ema = build_model(args.resume.model_ema, path=args.resume_from)
     if args.frozen is not None:
         record.update(autoencoder_sha256=args.frozen['autoencoder']['sha256'],
                       autoencoder_encoder_sha256=args.frozen['autoencoder']['encoder_sha256'],
@@ -440,16 +447,13 @@ def run(args):
                                 compile=args.compile, channels_last=args.channels_last,
                                 gradient_checkpointing=args.gradient_checkpointing,
                                 optimizer=args.optimizer, ema_device=args.ema_device,
-                                model=model, text_prob=args.text_prob,
+                                model=model, model_ema=model_ema, text_prob=args.text_prob,
                                 lr_schedule=dict(warmup=args.lr_warmup_steps,
                                                  schedule=args.lr_schedule,
                                                  minimum=args.lr_min, total=args.max_steps))
     runner.set_tf32(args.tf32)
     ckpt_path = start_from(module, args, base, mults)
-    # The weights read are in the module now (or Lightning reads the file again): a run of
-    # the 1.17B model would otherwise hold them in CPU memory to its end.
-    del weights
-    args.resume = args.base = None
+    del weights, model, model_ema  # (the module holds them)
 
     logger, where = runner.make_logger(args, output_dir, UNLOGGED)
     demo = DemoCallback(args.prompts, args.demo_every, output_dir / 'demos',
@@ -459,8 +463,13 @@ def run(args):
     steps_per_epoch = known // (args.batch_size * args.devices * args.num_nodes) if known else 50
     trainer = runner.make_trainer(
         args, PROG, [demo, Throughput(args.image_size // 8, args.peak_tflops), MemoryReport()],
-        logger,
-        log_every_n_steps=max(1, min(50, args.demo_every, steps_per_epoch)))
+        logger, log_every_n_steps=max(1, min(50, args.demo_every, steps_per_epoch)),
+        # Lightning takes the checkpoint it resumes as it was read here: the module's
+        # weights are its tensors already, so they load in place and the file is read once.
+        resumed=(ckpt_path, args.resume.raw) if ckpt_path is not None else None)
+    # The weights read are in the module now: a run of the 1.17B model would otherwise
+    # hold them in CPU memory to its end.
+    args.resume = args.base = None
     rank_zero_info(f'Training on {data.describe()}; checkpoints in {output_dir / "checkpoints"}, '
                    f'demo grids in {output_dir / "demos"}, logs to {where}. Seed {seed}.')
     if args.cache is not None and args.cache.get('caption_gap'):

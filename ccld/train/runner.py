@@ -238,12 +238,13 @@ class LoaderModule(pl.LightningDataModule):
         return self.make_loader(self.trainer)
 
 
-def make_trainer(args, prog, callbacks, logger, log_every_n_steps):
+def make_trainer(args, prog, callbacks, logger, log_every_n_steps, resumed=None):
     """A Trainer from the run and device flags, saving atomically to
     OUTPUT_DIR/checkpoints (step=N.ckpt every --checkpoint-every steps, last.ckpt beside it
-    and every --checkpoint-minutes), stopping on signals; `callbacks` are the tool's own."""
+    and every --checkpoint-minutes), stopping on signals; `callbacks` are the tool's own.
+    `resumed`: (path, checkpoint) the tool has read already (AtomicCheckpointIO)."""
     checkpoint_dir = Path(args.output_dir) / 'checkpoints'
-    checkpoint_io = AtomicCheckpointIO(prog=prog)
+    checkpoint_io = AtomicCheckpointIO(prog=prog, resumed=resumed)
     standard = [Checkpoints(checkpoint_dir, args.checkpoint_every, args.keep_last),
                 StopOnSignal(signal.Signals[args.signal]),
                 TimedLastCheckpoint(checkpoint_dir / 'last.ckpt', args.checkpoint_minutes),

@@ -9,6 +9,7 @@ save that failed; and finding the one to resume from.
   signal ends the run.
 """
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,11 +30,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A failed write is reported and remembered, never raised mid-run: under DDP only rank
     zero writes, so raising there would leave the other ranks waiting for it forever.
+
+    `resumed`: (path, checkpoint), the checkpoint at path as the tool read it (mapped,
+    safe_load) to build its model from the file's own tensors; the first load of that path
+    returns it, and Lightning's load_state_dict then copies each weight onto itself, which
+    copies nothing.
     """
 
-    def __init__(self, prog='ccld'):
+    def __init__(self, prog='ccld', resumed=None):
         super().__init__()
         self.prog = prog
+        self.resumed = resumed
         self.failures = []        # (path, reason) of every failed write
         self.last_written = None  # the newest checkpoint that was written whole
         self.failed_since_last_write = False
@@ -57,6 +64,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         from ..models.checkpoint_files import safe_load
+        resumed, self.resumed = self.resumed, None
+        if resumed is not None and os.path.realpath(resumed[0]) == os.path.realpath(path):
+            return resumed[1]
         return safe_load(path)
 
     def remove_checkpoint(self, path):
