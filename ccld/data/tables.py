@@ -8,6 +8,8 @@ rank; the rows, laid end to end in that order, are cut into one equal share per 
 each share into runs of whole batches, one run per loader worker. So every row is read
 once per epoch (all but the last rows % ranks of the order, a different few each epoch),
 every rank runs the same number of batches, and each worker reads a few pieces whole.
+On aspect-ratio buckets (BucketShares) each worker batches its run by bucket into as
+many batches as it would make without.
 """
 
 import functools
@@ -299,12 +301,13 @@ class ImageTable:
                             rank, world_size, epoch)
         return batched_loader(dataset, num_workers, worker_init_fn, prefetch_factor)
 
-    def bucket_loader(self, table, batch_size, num_workers, seed, rank, world_size,
+    def bucket_loader(self, shapes, batch_size, num_workers, seed, rank, world_size,
                       random_crop=True, random_flip=False, worker_init_fn=None,
                       prefetch_factor=2, epoch=0):
-        """The loader of one rank's batches on the aspect-ratio buckets `table`."""
+        """The loader of one rank's batches on aspect-ratio buckets: `shapes`, the bucket
+        table (buckets.bucket_table)."""
         self.check_shares(world_size)
-        dataset = BucketShares(self, table, batch_size, seed, rank, world_size, random_crop,
+        dataset = BucketShares(self, shapes, batch_size, seed, rank, world_size, random_crop,
                                random_flip, epoch)
         return batched_loader(dataset, num_workers, worker_init_fn, prefetch_factor)
 
@@ -344,21 +347,21 @@ class BucketShares(RowShares):
     of n rows makes ceil(n / batch_size) batches whatever their buckets, so every rank runs
     as many batches as without buckets, and every row is read once an epoch as without."""
 
-    def __init__(self, table, bucket_table, batch_size, seed, rank, world_size,
-                 random_crop=True, random_flip=False, epoch=0):
+    def __init__(self, table, shapes, batch_size, seed, rank, world_size, random_crop=True,
+                 random_flip=False, epoch=0):
         super().__init__(table, None, batch_size, seed, rank, world_size, epoch)
-        self.buckets, self.random_crop, self.random_flip = bucket_table, random_crop, random_flip
-        self.square = buckets.assign(1, 1, bucket_table)  # for rows of unknown size
+        self.shapes, self.random_crop, self.random_flip = shapes, random_crop, random_flip
+        self.square = buckets.assign(1, 1, shapes)  # for rows of unknown size
 
     def bucket_of(self, cell, size):
         size = size or header_of(cell)
-        return self.square if size is None else buckets.assign(*size, self.buckets)
+        return self.square if size is None else buckets.assign(*size, self.shapes)
 
     def __iter__(self):
         pairs = (((key, cell, text), self.bucket_of(cell, size))
                  for key, cell, text, size in self.rows(sized=True))
         for batch in buckets.as_filled(pairs, self.batch_size):
-            transform = functools.partial(to_bucket, size=self.buckets[batch[0][1]],
+            transform = functools.partial(to_bucket, size=self.shapes[batch[0][1]],
                                           random_crop=self.random_crop,
                                           random_flip=self.random_flip)
             yield collated([row for row, _ in batch], transform)
