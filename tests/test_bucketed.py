@@ -141,6 +141,21 @@ torch.save(seen, f"{sys.argv[1]}/seen{trainer.global_rank}.pt")
 '''
 
 
+def train_two_ranks(models, train_set, tmp_path, *extra):
+    """Trains on `train_set` in two processes (gloo) with train_args and `extra`; returns
+    the run's stderr and, for each rank, (epoch, keys, images' shape) of each batch."""
+    driver = tmp_path / 'driver.py'
+    driver.write_text(EPOCHS_DRIVER)
+    argv = train_args(models, train_set, tmp_path / 'out', '--num-gpus', '2', *extra)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(ROOT), str(ROOT / 'latent-diffusion'), os.environ.get('PYTHONPATH')])))
+    result = subprocess.run([sys.executable, str(driver), str(tmp_path), *argv], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / 'out' / 'checkpoints').is_dir()
+    return result.stderr, [torch.load(tmp_path / f'seen{r}.pt') for r in (0, 1)]
+
+
 def test_two_ranks_train_on_buckets_with_equal_batches_and_each_image_once(models, tmp_path):
     """11 images in three buckets at 128 px, --max-aspect 3 (64x192, 128x128, 192x64): 5
     square, 3 tall, 3 wide. Batches of 2: 2 + 1 + 1 full, the leftovers (1 of each) make
@@ -149,18 +164,10 @@ def test_two_ranks_train_on_buckets_with_equal_batches_and_each_image_once(model
     sizes = [(100, 100)] * 5 + [(50, 150)] * 3 + [(150, 50)] * 3
     paths = [edged(tmp_path / f'{i}.png', s) for i, s in enumerate(sizes)]
     train_set = tiny.write_path_list(paths, tmp_path / 'list.txt')
-    driver = tmp_path / 'driver.py'
-    driver.write_text(EPOCHS_DRIVER)
-    argv = train_args(models, train_set, tmp_path / 'out', '--num-gpus', '2', '--max-aspect', '3',
-                      '--max-steps', '4')
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(ROOT), str(ROOT / 'latent-diffusion'), os.environ.get('PYTHONPATH')])))
-    result = subprocess.run([sys.executable, str(driver), str(tmp_path), *argv], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count('--aspect-buckets: images a bucket: 64x192: 3, 128x128: 5, '
-                               '192x64: 3') == 1  # (rank 0 alone says it)
-    seen = [torch.load(tmp_path / f'seen{r}.pt') for r in (0, 1)]
+    stderr, seen = train_two_ranks(models, train_set, tmp_path, '--max-aspect', '3',
+                                   '--max-steps', '4')
+    assert stderr.count('--aspect-buckets: images a bucket: 64x192: 3, 128x128: 5, '
+                        '192x64: 3') == 1  # (rank 0 alone says it)
     assert [len(s) for s in seen] == [4, 4]
     for epoch in (0, 1):
         assert [sum(e == epoch for e, _, _ in s) for s in seen] == [2, 2]
@@ -168,7 +175,6 @@ def test_two_ranks_train_on_buckets_with_equal_batches_and_each_image_once(model
         assert len(keys) == len(set(keys)) == 8
     shapes = {shape for s in seen for _, _, shape in s}
     assert shapes <= {(2, 3, 192, 64), (2, 3, 128, 128), (2, 3, 64, 192)} and len(shapes) > 1
-    assert (tmp_path / 'out' / 'checkpoints').is_dir()
 
 
 def test_inputs_without_buckets_yet_are_refused_in_one_line(tmp_path):

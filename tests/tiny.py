@@ -180,10 +180,12 @@ def rank_shares(source, size, world_size, epochs, batch_size=4, workers=2, seed=
     return seen
 
 
-def write_img2dataset_parquet(cells, folder, per_file, row_group_size=1):
+def write_img2dataset_parquet(cells, folder, per_file, row_group_size=1, sizes=None):
     """img2dataset's --output_format parquet, written here with pyarrow: NNNNN.parquet
     files of `per_file` rows with key, jpg (the image bytes, None for a failed download),
-    caption, width and height. `cells` are the image bytes, row by row."""
+    caption, width and height (`sizes`, row by row, or 64 x 64). `cells` are the image
+    bytes, row by row."""
+    sizes = sizes or [(64, 64)] * len(cells)
     import pyarrow as pa
     import pyarrow.parquet as pq
     folder = Path(folder)
@@ -193,7 +195,8 @@ def write_img2dataset_parquet(cells, folder, per_file, row_group_size=1):
         table = pa.table({'key': [f'{i:09}' for i in rows],
                           'jpg': pa.array([cells[i] for i in rows], pa.binary()),
                           'caption': [f'caption {i}' for i in rows],
-                          'width': [64] * len(rows), 'height': [64] * len(rows)})
+                          'width': [sizes[i][0] for i in rows],
+                          'height': [sizes[i][1] for i in rows]})
         pq.write_table(table, folder / f'{shard:05}.parquet', row_group_size=row_group_size)
     return folder
 

@@ -93,6 +93,15 @@ def cover_crop(image, size, random_crop):
     return F.crop(image, top, left, height, width)
 
 
+def to_bucket(image, size, random_crop, random_flip):
+    """A PIL image as the [3, height, width] tensor of bucket `size` (cover_crop), mirrored
+    half of the time with `random_flip`."""
+    image = cover_crop(image, size, random_crop)
+    if random_flip and torch.rand(()) < 0.5:
+        image = F.hflip(image)
+    return F.to_tensor(image)
+
+
 class BucketedImages(data.Dataset):
     """(path, image, caption) for an (index, bucket) the sampler gives: the image resized
     to cover the bucket and cropped (`random_crop`, or the centre), optionally mirrored."""
@@ -109,10 +118,8 @@ class BucketedImages(data.Dataset):
         path = self.paths[index]
         text = caption_of(path, self.texts[index])
         try:
-            image = cover_crop(load_image(path), self.table[bucket], self.random_crop)
-            if self.random_flip and torch.rand(()) < 0.5:
-                image = F.hflip(image)
-            return path, F.to_tensor(image), text
+            return path, to_bucket(load_image(path), self.table[bucket], self.random_crop,
+                                   self.random_flip), text
         except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
             warn_skipped(path, e)
             return path, UNREADABLE, text

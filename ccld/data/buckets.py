@@ -64,11 +64,34 @@ def epoch_plan(bucket_of_each_item, batch_size, world_size, rank, seed, epoch):
         batches += [[(item, bucket) for item in items[i:i + batch_size]]
                     for i in range(0, full, batch_size)]
         leftovers += [(item, bucket) for item in items[full:]]
-    for i in range(0, len(leftovers) // batch_size * batch_size, batch_size):
+    batches += catch_all(leftovers[:len(leftovers) // batch_size * batch_size], batch_size)
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    batches = batches[:len(batches) // world_size * world_size]
+    return batches[rank::world_size]
+
+
+def catch_all(leftovers, batch_size):
+    """Leftover (item, bucket) pairs, in aspect order, cut into batches of batch_size (the
+    last may be short), each resized to the bucket that holds most of it."""
+    batches = []
+    for i in range(0, len(leftovers), batch_size):
         chunk = leftovers[i:i + batch_size]
         buckets = [bucket for _, bucket in chunk]
         target = max(buckets, key=buckets.count)
         batches.append([(item, target) for item, _ in chunk])
-    batches = [batches[i] for i in rng.permutation(len(batches))]
-    batches = batches[:len(batches) // world_size * world_size]
-    return batches[rank::world_size]
+    return batches
+
+
+def as_filled(pairs, batch_size):
+    """Batches of a stream of (item, bucket) pairs, in one pass with a buffer per bucket:
+    a bucket's batch as soon as it holds batch_size items; at the end, what the buffers
+    hold as catch_all batches, the last one short rather than left out. So n items make
+    ceil(n / batch_size) batches, whatever their buckets: a reader that knows how many
+    items it will read knows how many batches it will yield."""
+    held = {}
+    for item, bucket in pairs:
+        buffer = held.setdefault(bucket, [])
+        buffer.append((item, bucket))
+        if len(buffer) == batch_size:
+            yield held.pop(bucket)
+    yield from catch_all([pair for bucket in sorted(held) for pair in held[bucket]], batch_size)

@@ -54,11 +54,11 @@ class SavedImages(ImageTable):
                 for start in range(0, len(dataset), PIECE_ROWS)]
         super().__init__(columns, rows, unit_size, path)
 
-    def read(self, piece, start, stop):
+    def read(self, piece, start, stop, sized=False):
         base = piece * PIECE_ROWS
         for first in range(base + start, base + stop, READ_ROWS):
             table = self.dataset[first:min(first + READ_ROWS, base + stop)]
-            yield from rows_of(table, self.columns, first, self.path)
+            yield from rows_of(table, self.columns, first, self.path, sized)
 
     def describe(self):
         split = f', split {self.split}' if self.split else ''

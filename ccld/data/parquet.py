@@ -60,11 +60,14 @@ class ParquetImages(ImageTable):
                 raise UserError(f'{path} is not a readable parquet file ({e}).') from None
             found = find_columns(reader.schema_arrow, columns.image if columns else image_column,
                                  path, columns.caption if columns else caption_column)
-            if columns is not None and found != columns:
+            if columns is not None and found.key != columns.key:
                 raise UserError(f'{path} keys its rows by {found.key or "position"}, '
                                 f'{self.files[0]} by {columns.key or "position"}; pass files '
                                 'of one data set.')
-            columns, first = found, 0
+            # (sizes are read from the columns only if every file has them)
+            columns = found if columns is None else columns._replace(
+                size=columns.size and found.size)
+            first = 0
             for group in range(reader.metadata.num_row_groups):
                 self.pieces.append((path, group, first))
                 rows.append(reader.metadata.row_group(group).num_rows)
@@ -72,7 +75,7 @@ class ParquetImages(ImageTable):
         open_file.cache_clear()  # loader workers open their own
         super().__init__(columns, rows, unit_size, spec)
 
-    def read(self, piece, start, stop):
+    def read(self, piece, start, stop, sized=False):
         path, group, first = self.pieces[piece]
         offset = 0
         for batch in open_file(path).iter_batches(batch_size=READ_ROWS, row_groups=[group],
@@ -81,7 +84,7 @@ class ParquetImages(ImageTable):
             lo, hi = max(start - offset, 0), min(stop - offset, batch.num_rows)
             if lo < hi:
                 yield from rows_of(batch.slice(lo, hi - lo), self.columns, first + offset + lo,
-                                   path)
+                                   path, sized)
             offset += batch.num_rows
             if offset >= stop:
                 return

@@ -8,8 +8,11 @@ rank; the rows, laid end to end in that order, are cut into one equal share per 
 each share into runs of whole batches, one run per loader worker. So every row is read
 once per epoch (all but the last rows % ranks of the order, a different few each epoch),
 every rank runs the same number of batches, and each worker reads a few pieces whole.
+On aspect-ratio buckets (BucketShares) each worker batches its run by bucket into as
+many batches as it would make without.
 """
 
+import functools
 import itertools
 import io
 import json
@@ -18,12 +21,15 @@ from typing import NamedTuple
 import numpy as np
 from torch.utils import data
 
+from . import buckets
 from ..errors import UserError
+from .bucketed import header_size, to_bucket
 from .captions import CAPTION_COLUMNS, clean
 from .images import (IMAGE_EXTENSIONS, UNREADABLE, MissingImage, batched_loader,
                      collate_skipping_bad, image_transform, load_image, warn_skipped)
 
 KEY_COLUMNS = ('key', 'id', '__key__')  # img2dataset's, the usual one, webdataset's
+SIZE_COLUMNS = ('width', 'height')  # img2dataset's: the size of the image it stored
 # Binary columns taken for images by their name: img2dataset names its column after
 # --encode_format (jpg by default).
 IMAGE_NAMES = (*IMAGE_EXTENSIONS, 'image', 'img')
@@ -36,9 +42,10 @@ class Columns(NamedTuple):
     image: str
     key: str | None  # None: rows are keyed by their position
     caption: str | None = None  # None: the rows have no captions
+    size: tuple | None = None  # (width, height) columns; None: sizes come from the images
 
     def names(self):
-        return [self.image] + [c for c in (self.key, self.caption) if c]
+        return [self.image] + [c for c in (self.key, self.caption) if c] + list(self.size or ())
 
 
 def holds_images(kind):
@@ -62,6 +69,15 @@ def declared_images(schema):
 def holds_text(kind):
     import pyarrow as pa
     return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def find_size_columns(schema):
+    """SIZE_COLUMNS if the schema has both, of integers; else None."""
+    import pyarrow as pa
+    if all(n in schema.names and pa.types.is_integer(schema.field(n).type)
+           for n in SIZE_COLUMNS):
+        return SIZE_COLUMNS
+    return None
 
 
 def find_caption_column(schema, caption_column, where):
@@ -109,7 +125,8 @@ def find_columns(schema, image_column, where, caption_column=None):
                         f'{schema.field(image_column).type}, not image bytes; pass the column '
                         'of images to --image-column.')
     key = next((k for k in KEY_COLUMNS if k in names and k != image_column), None)
-    return Columns(image_column, key, find_caption_column(schema, caption_column, where))
+    return Columns(image_column, key, find_caption_column(schema, caption_column, where),
+                   find_size_columns(schema))
 
 
 def image_of(cell):
@@ -144,16 +161,33 @@ def cell_bytes(cell):
     return len(cell) if cell is not None else 0
 
 
-def rows_of(table, columns, first, prefix):
+def rows_of(table, columns, first, prefix, sized=False):
     """(key, image cell, caption or None) of each row of an arrow table or batch whose
     first row is the `first`-th of its file or dataset; keys are `prefix:KEY`, KEY the key
-    column's value or the row's position."""
+    column's value or the row's position. With `sized`, each row has its (width, height)
+    from the size columns appended (None without them, or where they are empty)."""
     cells = table.column(columns.image).to_pylist()
     keys = (table.column(columns.key).to_pylist() if columns.key
             else range(first, first + len(cells)))
     texts = (map(clean, table.column(columns.caption).to_pylist()) if columns.caption
              else [None] * len(cells))
-    return [(f'{prefix}:{key}', cell, text) for key, cell, text in zip(keys, cells, texts)]
+    rows = [(f'{prefix}:{key}', cell, text) for key, cell, text in zip(keys, cells, texts)]
+    if not sized:
+        return rows
+    sizes = (zip(*(table.column(c).to_pylist() for c in columns.size)) if columns.size
+             else [(None, None)] * len(rows))
+    return [(*row, (w, h) if w and h else None) for row, (w, h) in zip(rows, sizes)]
+
+
+def header_of(cell):
+    """The (width, height) of a row's image from its header alone (no decode); None where
+    it cannot be read so (the row is then skipped when decoded; an image at a remote path
+    is cut from the squarest bucket)."""
+    if isinstance(cell, dict):
+        cell = cell.get('bytes') if cell.get('bytes') is not None else cell.get('path')
+    if isinstance(cell, bytes):
+        cell = io.BytesIO(cell)
+    return header_size(cell) if cell else None
 
 
 def shuffled(rows, rng, max_rows=SHUFFLE_ROWS, max_bytes=SHUFFLE_BYTES):
@@ -173,19 +207,24 @@ def shuffled(rows, rng, max_rows=SHUFFLE_ROWS, max_bytes=SHUFFLE_BYTES):
     yield from buffer
 
 
+def collated(rows, transform):
+    """One batch of (key, image cell, caption) rows; an unreadable image is counted in the
+    batch's 'skipped', with a warning."""
+    batch = []
+    for key, cell, text in rows:
+        try:
+            batch.append((key, transform(image_of(cell)), text))
+        except Exception as e:  # noqa: BLE001
+            warn_skipped(key, e)
+            batch.append((key, UNREADABLE, text))
+    return collate_skipping_bad(batch)
+
+
 def batches_of(rows, batch_size, transform):
-    """Collated batches of (key, image cell, caption) rows; an unreadable image is counted
-    in the batch's 'skipped', with a warning."""
+    """Collated batches of (key, image cell, caption) rows."""
     rows = iter(rows)
     while chunk := list(itertools.islice(rows, batch_size)):
-        batch = []
-        for key, cell, text in chunk:
-            try:
-                batch.append((key, transform(image_of(cell)), text))
-            except Exception as e:  # noqa: BLE001
-                warn_skipped(key, e)
-                batch.append((key, UNREADABLE, text))
-        yield collate_skipping_bad(batch)
+        yield collated(chunk, transform)
 
 
 def worker_slot():
@@ -221,8 +260,8 @@ class ImageTable:
             raise UserError(f'{where} has no rows.')
         self.units = pack(self.piece_rows, unit_size)
 
-    def read(self, piece, start, stop):
-        """(key, image cell, caption) of rows start to stop of a piece."""
+    def read(self, piece, start, stop, sized=False):
+        """(key, image cell, caption) of rows start to stop of a piece (`sized`: rows_of's)."""
         raise NotImplementedError
 
     def __len__(self):
@@ -238,39 +277,53 @@ class ImageTable:
             for key, cell, text in self.read(piece, 0, self.piece_rows[piece]):
                 yield key, decoded(cell), text
 
-    def rows_between(self, order, start, stop):
+    def rows_between(self, order, start, stop, sized=False):
         """The rows at positions start to stop of the pieces laid end to end in `order`."""
         offset = 0
         for piece in order:
             rows = self.piece_rows[piece]
             if offset < stop and offset + rows > start:
-                yield from self.read(piece, max(start - offset, 0), min(stop - offset, rows))
+                yield from self.read(piece, max(start - offset, 0), min(stop - offset, rows),
+                                     sized)
             offset += rows
             if offset >= stop:
                 return
 
-    def loader(self, image_size, batch_size, num_workers, seed, rank, world_size,
-               worker_init_fn=None, prefetch_factor=2, random_flip=False, epoch=0):
+    def check_shares(self, world_size):
         if self.rows < world_size:
             raise UserError(f'{self.describe()} cannot be shared out to {world_size} '
                             'processes, fewer rows than processes.')
-        dataset = RowShares(self, image_size, batch_size, seed, rank, world_size, random_flip,
-                            epoch)
+
+    def loader(self, image_size, batch_size, num_workers, seed, rank, world_size,
+               worker_init_fn=None, prefetch_factor=2, random_flip=False, epoch=0):
+        self.check_shares(world_size)
+        dataset = RowShares(self, image_transform(image_size, random_flip), batch_size, seed,
+                            rank, world_size, epoch)
+        return batched_loader(dataset, num_workers, worker_init_fn, prefetch_factor)
+
+    def bucket_loader(self, shapes, batch_size, num_workers, seed, rank, world_size,
+                      random_crop=True, random_flip=False, worker_init_fn=None,
+                      prefetch_factor=2, epoch=0):
+        """The loader of one rank's batches on aspect-ratio buckets: `shapes`, the bucket
+        table (buckets.bucket_table)."""
+        self.check_shares(world_size)
+        dataset = BucketShares(self, shapes, batch_size, seed, rank, world_size, random_crop,
+                               random_flip, epoch)
         return batched_loader(dataset, num_workers, worker_init_fn, prefetch_factor)
 
 
 class RowShares(data.IterableDataset):
     """One rank's batches of an ImageTable, split as the module docstring says."""
 
-    def __init__(self, table, image_size, batch_size, seed, rank, world_size, random_flip=False,
-                 epoch=0):
+    def __init__(self, table, transform, batch_size, seed, rank, world_size, epoch=0):
         super().__init__()
         self.table, self.batch_size, self.seed = table, batch_size, seed % (1 << 64)
-        self.rank, self.world_size = rank, world_size
-        self.transform = image_transform(image_size, random_flip)
+        self.rank, self.world_size, self.transform = rank, world_size, transform
         self.epoch = epoch - 1  # one up at each pass, in each worker: one pass per epoch
 
-    def __iter__(self):
+    def rows(self, sized=False):
+        """This worker's rows of the next epoch, shuffled: a run of whole batches of the
+        rank's share (the last worker's may end in a short one)."""
         self.epoch += 1
         worker, workers = worker_slot()
         share = self.table.rows // self.world_size
@@ -281,5 +334,34 @@ class RowShares(data.IterableDataset):
         order = np.random.default_rng([self.seed, self.epoch]).permutation(
             len(self.table.piece_rows)).tolist()
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        rows = shuffled(self.table.rows_between(order, start, stop), rng)
-        return batches_of(rows, self.batch_size, self.transform)
+        return shuffled(self.table.rows_between(order, start, stop, sized), rng)
+
+    def __iter__(self):
+        return batches_of(self.rows(), self.batch_size, self.transform)
+
+
+class BucketShares(RowShares):
+    """One rank's batches of an ImageTable on aspect-ratio buckets (buckets.py): the rows
+    split as RowShares splits them, each put in the bucket its size (the size columns',
+    else its image header's) is nearest, and batched by buckets.as_filled. A worker's run
+    of n rows makes ceil(n / batch_size) batches whatever their buckets, so every rank runs
+    as many batches as without buckets, and every row is read once an epoch as without."""
+
+    def __init__(self, table, shapes, batch_size, seed, rank, world_size, random_crop=True,
+                 random_flip=False, epoch=0):
+        super().__init__(table, None, batch_size, seed, rank, world_size, epoch)
+        self.shapes, self.random_crop, self.random_flip = shapes, random_crop, random_flip
+        self.square = buckets.assign(1, 1, shapes)  # for rows of unknown size
+
+    def bucket_of(self, cell, size):
+        size = size or header_of(cell)
+        return self.square if size is None else buckets.assign(*size, self.shapes)
+
+    def __iter__(self):
+        pairs = (((key, cell, text), self.bucket_of(cell, size))
+                 for key, cell, text, size in self.rows(sized=True))
+        for batch in buckets.as_filled(pairs, self.batch_size):
+            transform = functools.partial(to_bucket, size=self.shapes[batch[0][1]],
+                                          random_crop=self.random_crop,
+                                          random_flip=self.random_flip)
+            yield collated([row for row, _ in batch], transform)

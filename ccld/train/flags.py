@@ -201,7 +201,8 @@ def add_memory_flags(p):
 
 def add_bucket_flags(p):
     """Aspect-ratio buckets (data/buckets.py) instead of the original's square centre crop."""
-    g = p.add_argument_group('aspect-ratio buckets (path lists only, for now)')
+    g = p.add_argument_group('aspect-ratio buckets (path lists, parquet files and saved '
+                              'datasets, for now)')
     g.add_argument('--aspect-buckets', action='store_true',
                    help='train each image at the bucket (width x height, about --image-size '
                    'squared pixels) of its nearest aspect ratio, resized to cover it, every batch '

@@ -205,10 +205,11 @@ def check_buckets(args):
     from ..data.buckets import bucket_table
     if not args.aspect_buckets:
         return None
-    if args.source is None or args.source.paths is None:
+    if args.source is None or args.source.uneven_shares:
         what = 'a latent cache' if args.source is None else args.source.describe()
         raise UserError(f'--aspect-buckets is not yet supported for {what}; train from a path '
-                        'list, or without --aspect-buckets (square centre crops).')
+                        'list, parquet files or a saved dataset, or without --aspect-buckets '
+                        '(square centre crops).')
     if args.bucket_step % 64:
         raise UserError(f'--bucket-step {args.bucket_step} must be a multiple of 64 (the '
                         'autoencoder and the U-Net need sides of multiples of 64 px).')
@@ -303,12 +304,18 @@ class TrainData:
         if args.cache is not None:
             return make_cache_loader(args.train_latents, args.batch_size, args.num_workers,
                                      self.seed, init_loader_worker, args.prefetch_factor)
+        buckets = getattr(args, 'buckets', None)  # (distill and train_autoencoder: none)
+        if buckets is not None and args.source.table is not None:
+            return args.source.table.bucket_loader(
+                buckets, args.batch_size, args.num_workers, self.seed, trainer.global_rank,
+                trainer.world_size, args.bucket_crop == 'random', args.random_flip,
+                init_loader_worker, args.prefetch_factor, epoch=trainer.current_epoch)
         if args.source.paths is None:
             return args.source.stream_loader(
                 args.image_size, args.batch_size, args.num_workers, self.seed,
                 trainer.global_rank, trainer.world_size, init_loader_worker,
                 args.prefetch_factor, args.random_flip, epoch=trainer.current_epoch)
-        if getattr(args, 'buckets', None) is not None:  # (distill and train_autoencoder: none)
+        if buckets is not None:
             from ..data.bucketed import make_bucket_loader
             return make_bucket_loader(
                 args.source.paths, args.source.texts, args.train_set, args.buckets,
