@@ -38,7 +38,7 @@ def assign(width, height, buckets):
                key=lambda i: abs(math.log(buckets[i][0] / buckets[i][1]) - aspect))
 
 
-def epoch_plan(bucket_of_each_item, batch_size, world_size, rank, seed, epoch):
+def epoch_plan(bucket_of_each_item, batch_size, world_size, rank, seed, epoch, catch_all=True):
     """One rank's batches for one epoch, each a list of (item, bucket): the bucket is the
     one its image is resized to cover, the same for the whole batch.
 
@@ -52,6 +52,10 @@ def epoch_plan(bucket_of_each_item, batch_size, world_size, rank, seed, epoch):
     last partial catch-all batch and the trimmed batches: fewer than world_size *
     batch_size) differ from epoch to epoch. The plan follows from (seed, epoch) alone, the
     same on every rank.
+
+    Without `catch_all` (a latent cache: its latents cannot be resized to a neighbour's
+    shape as images are), each bucket's leftovers make a smaller batch of their own, and
+    only the trimmed batches are left out.
     """
     rng = np.random.default_rng([seed, epoch])
     by_bucket = {}
@@ -60,7 +64,7 @@ def epoch_plan(bucket_of_each_item, batch_size, world_size, rank, seed, epoch):
     batches, leftovers = [], []
     for bucket in sorted(by_bucket):
         items = [by_bucket[bucket][i] for i in rng.permutation(len(by_bucket[bucket]))]
-        full = len(items) // batch_size * batch_size
+        full = len(items) // batch_size * batch_size if catch_all else len(items)
         batches += [[(item, bucket) for item in items[i:i + batch_size]]
                     for i in range(0, full, batch_size)]
         leftovers += [(item, bucket) for item in items[full:]]
