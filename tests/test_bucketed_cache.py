@@ -111,6 +111,7 @@ def test_the_bucket_index_names_each_records_bucket_in_litdatas_order(assets, ca
 
 @pytest.mark.parametrize('extra, differ', [
     (['--max-aspect', '2'], 'buckets differ'),
+    (['--bucket-step', '128'], 'buckets differ'),
     (['--bucket-crop', 'random'], 'bucket_crop differ'),
 ])
 def test_a_rerun_with_other_bucket_settings_is_refused(assets, cached, capsys, extra, differ):
