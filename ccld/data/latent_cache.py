@@ -279,8 +279,8 @@ class RecordsByIndex(data.Dataset):
 
     def __getitem__(self, item):
         from litdata import StreamingDataset
-        if self.records is None:
-            self.records = StreamingDataset(self.root)
+        if self.records is None:  # (items decoded one by one: see make_cache_loader)
+            self.records = StreamingDataset(self.root, batch_decode=0)
         return self.records[int(item[0])]
 
 
