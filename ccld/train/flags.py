@@ -203,12 +203,13 @@ def add_memory_flags(p):
 def add_bucket_flags(p):
     """Aspect-ratio buckets (data/buckets.py) instead of the original's square centre crop:
     training's, and precompute_latents.py's (a cache made with them keeps them)."""
-    g = p.add_argument_group('aspect-ratio buckets (path lists and latent caches, for now)')
+    g = p.add_argument_group('aspect-ratio buckets')
     g.add_argument('--aspect-buckets', action='store_true',
-                   help='train each image at the bucket (width x height, about --image-size '
-                   'squared pixels) of its nearest aspect ratio, resized to cover it, every batch '
-                   'from one bucket; off: the original\'s square centre crop. Images beyond '
-                   '--max-aspect go to the most extreme bucket and lose more to the crop')
+                   help='train each image (or cache its latents) at the bucket (width x height, '
+                   'about --image-size squared pixels) of its nearest aspect ratio, resized to '
+                   'cover it, every batch from one bucket; off: the original\'s square centre '
+                   'crop. Images beyond --max-aspect go to the most extreme bucket and lose more '
+                   'to the crop. A latent cache made with it trains on its buckets')
     g.add_argument('--bucket-step', type=cli.positive_int, default=64,
                    help='bucket sides are multiples of this (of 64: the autoencoder and the U-Net '
                    'need multiples of 64 px)')
