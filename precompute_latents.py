@@ -15,6 +15,7 @@ import json
 import sys
 
 from ccld import cli
+from ccld.train.flags import add_bucket_flags, bucket_table_of
 
 PROG = 'precompute_latents.py'
 
@@ -43,6 +44,7 @@ def parser():
                    help='images per cache part, from a path list, a saved dataset or parquet '
                    'files (whole row groups); tar and hub shards make one part each')
     p.add_argument('--json', action='store_true', help='print the manifest as JSON at the end')
+    add_bucket_flags(p)
     return p
 
 
@@ -57,6 +59,7 @@ def main(argv=None):
 
     args.device = args.device or cli.default_device()
     cli.check_image_size(args.image_size)
+    args.buckets = bucket_table_of(args)
     hub.resolve_frozen_models(args)
     cli.check_frozen_model_files(args.vqgan_model, args.cloob_checkpoint)
     if args.device.type == 'cuda':

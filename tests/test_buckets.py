@@ -87,3 +87,26 @@ def test_a_catch_all_batch_goes_to_the_bucket_that_holds_most_of_it():
     (batch,) = B.epoch_plan([0, 1, 1, 2, 2, 2], 6, 1, 0, seed=0, epoch=0)
     assert sorted(item for item, _ in batch) == list(range(6))
     assert {bucket for _, bucket in batch} == {2}
+
+
+@pytest.mark.parametrize('world_size', [1, 2, 3])
+def test_without_catch_all_a_buckets_leftovers_make_a_smaller_batch_of_their_own(world_size):
+    """The latent cache's plan: no item changes bucket; per bucket, ceil(n / batch) batches,
+    all but the last full; only the trimmed batches (fewer than world_size) are left out."""
+    rng = random.Random(world_size)
+    bucket_of = [rng.choice([0, 0, 0, 1, 2, 2, 4]) for _ in range(103)]
+    counts = collections.Counter(bucket_of)
+    made = sum(-(-n // 4) for n in counts.values())
+    ranks = [B.epoch_plan(bucket_of, 4, world_size, rank, 7, 0, catch_all=False)
+             for rank in range(world_size)]
+    assert [len(r) for r in ranks] == [made // world_size] * world_size
+    sizes = collections.defaultdict(list)
+    for batch in (batch for r in ranks for batch in r):
+        (bucket,) = {b for _, b in batch}
+        assert all(bucket_of[item] == bucket for item, _ in batch)
+        sizes[bucket].append(len(batch))
+    for bucket, n in counts.items():
+        kept = sorted(sizes[bucket], reverse=True)
+        assert kept[:-1] == [4] * (len(kept) - 1) and 0 < sum(kept) <= n
+    seen = [item for r in ranks for batch in r for item, _ in batch]
+    assert len(seen) == len(set(seen)) and len(bucket_of) - len(seen) < world_size * 4

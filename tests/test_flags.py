@@ -58,6 +58,8 @@ CACHE = 'test_the_cache_holds_every_readable_image_once_with_its_posterior_and_e
 RERUN = 'test_a_rerun_encodes_only_the_parts_an_interrupted_run_left_unfinished'
 FABRIC = 'test_precompute_asks_fabric_for_the_nodes_and_processes_of_its_flags'
 KILLED = 'test_killed_precompute_resumes_on_two_processes_to_the_same_cache'
+BUCKETED_CACHE = 'test_each_record_is_its_image_fitted_to_its_bucket'
+BUCKETED_RERUN = 'test_a_rerun_with_other_bucket_settings_is_refused'
 
 SCALE_CLI = 'test_cli_prints_the_scale_and_the_flag_from_any_directory'
 SCALE_JSON = 'test_cli_json'
@@ -232,6 +234,10 @@ COVERED = {
         '--image-column': [TABLE, 'test_a_column_that_holds_no_images_is_one_line_exit_2'],
         '--dataset-split': [TABLE],
         '--caption-column': ['test_precompute_reads_the_caption_column_it_is_given'],
+        '--aspect-buckets': [BUCKETED_CACHE],
+        '--bucket-step': [BUCKETED_RERUN],
+        '--max-aspect': [BUCKETED_CACHE, BUCKETED_RERUN],
+        '--bucket-crop': [BUCKETED_CACHE, BUCKETED_RERUN],
     },
     'compute_ae_scale.py': {
         'vqgan_model': [SCALE_CLI],

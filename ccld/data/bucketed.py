@@ -9,6 +9,7 @@ calls its set_epoch every epoch, and a resumed run restarts its epoch with the s
 
 import os
 import sys
+import zlib
 from pathlib import Path
 
 import torch
@@ -78,9 +79,10 @@ def describe(bucket_of, table):
     return ', '.join(f'{w}x{h}: {bucket_of.count(i)}' for i, (w, h) in enumerate(table))
 
 
-def cover_crop(image, size, random_crop):
+def cover_crop(image, size, random_crop, generator=None):
     """A PIL image resized (Lanczos) to the least that covers `size` (width, height), then
-    cropped to it: at a random offset, or the centre (images.cover)."""
+    cropped to it: at a random offset (drawn from `generator`, or torch's), or the centre
+    (images.cover)."""
     if not random_crop:
         return cover(image, size)
     width, height = size
@@ -88,8 +90,8 @@ def cover_crop(image, size, random_crop):
     scale = max(width / w, height / h)
     new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
     image = F.resize(image, [new_h, new_w], interpolation=transforms.InterpolationMode.LANCZOS)
-    top = int(torch.randint(new_h - height + 1, ()))
-    left = int(torch.randint(new_w - width + 1, ()))
+    top = int(torch.randint(new_h - height + 1, (), generator=generator))
+    left = int(torch.randint(new_w - width + 1, (), generator=generator))
     return F.crop(image, top, left, height, width)
 
 
@@ -100,6 +102,15 @@ def to_bucket(image, size, random_crop, random_flip):
     if random_flip and torch.rand(()) < 0.5:
         image = F.hflip(image)
     return F.to_tensor(image)
+
+
+def fit_to_bucket(key, image, table, random_crop):
+    """A PIL image as the latent cache stores it: resized to cover the bucket of its aspect
+    ratio and cropped, as a [3, H, W] tensor in [0, 1]. A random crop is drawn from the
+    key, so that a resumed or repeated precompute makes the same cache."""
+    size = table[buckets.assign(*image.size, table)]
+    generator = torch.Generator().manual_seed(zlib.crc32(key.encode('utf-8', 'surrogateescape')))
+    return F.to_tensor(cover_crop(image, size, random_crop, generator))
 
 
 class BucketedImages(data.Dataset):
@@ -129,8 +140,8 @@ class BucketBatchSampler(data.Sampler):
     """One rank's batches of (index, bucket), from buckets.epoch_plan for the epoch
     Lightning sets; the same number on every rank."""
 
-    def __init__(self, bucket_of, batch_size, world_size, rank, seed, epoch=0):
-        self.bucket_of, self.batch_size = bucket_of, batch_size
+    def __init__(self, bucket_of, batch_size, world_size, rank, seed, epoch=0, catch_all=True):
+        self.bucket_of, self.batch_size, self.catch_all = bucket_of, batch_size, catch_all
         self.world_size, self.rank, self.seed, self.epoch = world_size, rank, seed, epoch
 
     def set_epoch(self, epoch):
@@ -138,7 +149,7 @@ class BucketBatchSampler(data.Sampler):
 
     def plan(self):
         return buckets.epoch_plan(self.bucket_of, self.batch_size, self.world_size, self.rank,
-                                  self.seed, self.epoch)
+                                  self.seed, self.epoch, self.catch_all)
 
     def __iter__(self):
         return iter(self.plan())

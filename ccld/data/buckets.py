@@ -38,7 +38,7 @@ def assign(width, height, buckets):
                key=lambda i: abs(math.log(buckets[i][0] / buckets[i][1]) - aspect))
 
 
-def epoch_plan(bucket_of_each_item, batch_size, world_size, rank, seed, epoch):
+def epoch_plan(bucket_of_each_item, batch_size, world_size, rank, seed, epoch, catch_all=True):
     """One rank's batches for one epoch, each a list of (item, bucket): the bucket is the
     one its image is resized to cover, the same for the whole batch.
 
@@ -52,6 +52,10 @@ def epoch_plan(bucket_of_each_item, batch_size, world_size, rank, seed, epoch):
     last partial catch-all batch and the trimmed batches: fewer than world_size *
     batch_size) differ from epoch to epoch. The plan follows from (seed, epoch) alone, the
     same on every rank.
+
+    Without `catch_all` (a latent cache: its latents cannot be resized to a neighbour's
+    shape as images are), each bucket's leftovers make a smaller batch of their own, and
+    only the trimmed batches are left out.
     """
     rng = np.random.default_rng([seed, epoch])
     by_bucket = {}
@@ -60,17 +64,18 @@ def epoch_plan(bucket_of_each_item, batch_size, world_size, rank, seed, epoch):
     batches, leftovers = [], []
     for bucket in sorted(by_bucket):
         items = [by_bucket[bucket][i] for i in rng.permutation(len(by_bucket[bucket]))]
-        full = len(items) // batch_size * batch_size
+        full = len(items) // batch_size * batch_size if catch_all else len(items)
         batches += [[(item, bucket) for item in items[i:i + batch_size]]
                     for i in range(0, full, batch_size)]
         leftovers += [(item, bucket) for item in items[full:]]
-    batches += catch_all(leftovers[:len(leftovers) // batch_size * batch_size], batch_size)
+    usable = len(leftovers) // batch_size * batch_size
+    batches += catch_all_batches(leftovers[:usable], batch_size)
     batches = [batches[i] for i in rng.permutation(len(batches))]
     batches = batches[:len(batches) // world_size * world_size]
     return batches[rank::world_size]
 
 
-def catch_all(leftovers, batch_size):
+def catch_all_batches(leftovers, batch_size):
     """Leftover (item, bucket) pairs, in aspect order, cut into batches of batch_size (the
     last may be short), each resized to the bucket that holds most of it."""
     batches = []
@@ -85,7 +90,7 @@ def catch_all(leftovers, batch_size):
 def as_filled(pairs, batch_size):
     """Batches of a stream of (item, bucket) pairs, in one pass with a buffer per bucket:
     a bucket's batch as soon as it holds batch_size items; at the end, what the buffers
-    hold as catch_all batches, the last one short rather than left out. So n items make
+    hold as catch-all batches, the last one short rather than left out. So n items make
     ceil(n / batch_size) batches, whatever their buckets: a reader that knows how many
     items it will read knows how many batches it will yield."""
     held = {}
@@ -94,4 +99,5 @@ def as_filled(pairs, batch_size):
         buffer.append((item, bucket))
         if len(buffer) == batch_size:
             yield held.pop(bucket)
-    yield from catch_all([pair for bucket in sorted(held) for pair in held[bucket]], batch_size)
+    yield from catch_all_batches([pair for bucket in sorted(held) for pair in held[bucket]],
+                                 batch_size)

@@ -11,6 +11,12 @@ Layout of a cache directory:
                             one tar shard): litdata chunks + part.json (counts and sums)
     plan.json               the settings the parts are made with, so that a rerun that
                             would mix other settings into them is refused
+    buckets.npy             in a cache made with --aspect-buckets: each record's bucket
+                            (an index into the manifest's 'buckets'), in the index's order
+
+A bucketed cache holds each image's latents at its bucket's shape; training draws every
+batch from one bucket, planned from buckets.npy (buckets.epoch_plan) without reading the
+latents, and reads the records by index.
 
 Each part is written in a hidden temp directory and renamed into place whole, so a kill
 at any moment leaves it finished or absent. Reading goes through litdata, which shuffles
@@ -23,7 +29,9 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.utils import data
 
 from . import gap
 from .. import software_version
@@ -32,6 +40,7 @@ from ..files import atomic_write, fsync_dir, temp_name
 
 MANIFEST = 'ccld_cache.json'
 PLAN = 'plan.json'
+BUCKETS = 'buckets.npy'
 FORMAT = 'ccld-latent-cache'
 FORMAT_VERSION = 1
 CHUNK_BYTES = '64MB'
@@ -140,9 +149,17 @@ def finalize(root, units, settings):
     for p in parts:
         stats.add(p['elements'], p['sum'], p['sum_sq'])
     write_json(root / 'index.json', {'chunks': chunks, 'config': config})
+    counts = {}
+    if 'buckets' in settings:
+        bucket_of = np.array([b for p in parts for b in p['buckets']], dtype=np.int16)
+        with atomic_write(root / BUCKETS, 'wb') as f:
+            np.save(f, bucket_of)
+        counts['bucket_images'] = np.bincount(bucket_of, minlength=len(settings['buckets'])
+                                              ).tolist()
     manifest = dict(settings, format=FORMAT, format_version=FORMAT_VERSION,
                     software=f'ccld {software_version()}', images=images, skipped=skipped,
-                    parts=units, autoencoder_scale=stats.scale(), **caption_summary(parts))
+                    parts=units, autoencoder_scale=stats.scale(), **counts,
+                    **caption_summary(parts))
     write_json(root / MANIFEST, manifest)
     return manifest
 
@@ -251,3 +268,37 @@ def make_cache_loader(root, batch_size, num_workers, seed, worker_init_fn=None,
                                pin_memory=torch.cuda.is_available(),
                                prefetch_factor=prefetch_factor if num_workers else None,
                                persistent_workers=num_workers > 0)
+
+
+class RecordsByIndex(data.Dataset):
+    """A finished cache's records read by their index, for a batch sampler of (index,
+    bucket) pairs (bucketed.BucketBatchSampler). Opened lazily in each loader worker."""
+
+    def __init__(self, root):
+        self.root, self.records = str(root), None
+
+    def __getitem__(self, item):
+        from litdata import StreamingDataset
+        if self.records is None:  # (items decoded one by one: see make_cache_loader)
+            self.records = StreamingDataset(self.root, batch_decode=0)
+        return self.records[int(item[0])]
+
+
+def make_bucketed_cache_loader(root, batch_size, num_workers, seed, rank, world_size,
+                               worker_init_fn=None, prefetch_factor=2, epoch=0):
+    """A loader of one rank's batches of a cache made with --aspect-buckets: each batch one
+    bucket's records, the same number on every rank (bucketed.BucketBatchSampler). A
+    bucket's leftovers make a smaller batch: latents cannot be resized into another
+    bucket's shape. Lightning must not add its distributed sampler (runner.make_trainer)."""
+    from .bucketed import BucketBatchSampler
+    bucket_of = np.load(Path(root) / BUCKETS).tolist()
+    sampler = BucketBatchSampler(bucket_of, batch_size, world_size, rank, seed, epoch,
+                                 catch_all=False)
+    if not len(sampler):  # (an epoch of no batches would never end a run)
+        raise UserError(f'--train-latents: {len(bucket_of)} cached images make fewer batches '
+                        f'than the {world_size} processes; use more images.')
+    return data.DataLoader(RecordsByIndex(root), batch_sampler=sampler, num_workers=num_workers,
+                           collate_fn=collate_records, worker_init_fn=worker_init_fn,
+                           pin_memory=torch.cuda.is_available(),
+                           prefetch_factor=prefetch_factor if num_workers else None,
+                           persistent_workers=num_workers > 0)

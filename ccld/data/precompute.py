@@ -7,6 +7,7 @@ rerun skips finished parts, so an interrupted run resumes where it stopped, with
 number of processes.
 """
 
+import functools
 import sys
 from collections import defaultdict
 from datetime import timedelta
@@ -26,19 +27,23 @@ END = None  # the key that marks the end of a unit in the stream of images
 # The settings a rerun must share with the parts made before (the models are compared by
 # their digests).
 PLANNED = ('image_size', 'source', 'image_column', 'caption_column', 'split', 'units',
-           'unit_size')
+           'unit_size', 'buckets', 'bucket_crop')
 NO_DATA_BATCHES = 20
 
 
 def settings_for(args, source):
-    """What the parts are made with; a rerun must match it, and training checks the first three."""
+    """What the parts are made with; a rerun must match it, and training checks the first
+    three (and trains on the buckets of a cache that has them)."""
     from ..models.autoencoder import describe as describe_autoencoder
     from ..models.cloob import describe as describe_cloob
-    return {'autoencoder': describe_autoencoder(args.vqgan_model),
-            'cloob': describe_cloob(args.cloob_checkpoint), 'image_size': args.image_size,
-            'source': source.location, 'image_column': source.image_column,
-            'caption_column': source.caption_column,
-            'split': source.split, 'units': len(source), 'unit_size': source.unit_size}
+    settings = {'autoencoder': describe_autoencoder(args.vqgan_model),
+                'cloob': describe_cloob(args.cloob_checkpoint), 'image_size': args.image_size,
+                'source': source.location, 'image_column': source.image_column,
+                'caption_column': source.caption_column,
+                'split': source.split, 'units': len(source), 'unit_size': source.unit_size}
+    if args.buckets is not None:  # (a square cache's plan and manifest stay as they were)
+        settings.update(buckets=[list(b) for b in args.buckets], bucket_crop=args.bucket_crop)
+    return settings
 
 
 def prepare(root, settings):
@@ -51,7 +56,7 @@ def prepare(root, settings):
     plan_path = root / latent_cache.PLAN
     if plan_path.is_file():
         plan = latent_cache.read_json(plan_path, 'cache plan')
-        changed = [k for k in PLANNED if plan.get(k) != settings[k]]
+        changed = [k for k in PLANNED if plan.get(k) != settings.get(k)]
         changed += [k for k in ('autoencoder', 'cloob')
                     if not latent_cache.same_setting(k, plan.get(k, {}), settings[k])]
         if changed:
@@ -67,17 +72,18 @@ class UnitImages(data.IterableDataset):
     """(unit, key, image tensor or None, caption or None) for every image of the given
     units, each unit followed by (unit, END, None, None); each loader worker takes its own
     units. (END is None, not a sentinel object: items are pickled on their way from the
-    workers.)"""
+    workers.) Images are square, or fitted by `fit` (sources.transformed)."""
 
-    def __init__(self, source, units, image_size):
+    def __init__(self, source, units, image_size, fit=None):
         super().__init__()
-        self.source, self.units, self.image_size = source, list(units), image_size
+        self.source, self.units, self.image_size, self.fit = source, list(units), image_size, fit
 
     def __iter__(self):
         info = data.get_worker_info()
         units = self.units if info is None else self.units[info.id::info.num_workers]
         for unit in units:
-            for key, image, text in transformed(self.source.items(unit), self.image_size):
+            for key, image, text in transformed(self.source.items(unit), self.image_size,
+                                                self.fit):
                 yield unit, key, image, text
             yield unit, END, None, None
 
@@ -100,6 +106,7 @@ class Part:
 
     def __init__(self):
         self.records, self.skipped, self.stats = [], 0, latent_cache.PartStats()
+        self.buckets = []  # each record's, in a bucketed cache
 
     def caption_summary(self):
         """What part.json keeps of the captions: how many records have one, and the
@@ -114,10 +121,18 @@ class Part:
 
 
 def encode_units(source, units, root, ae_model, cloob, image_size, batch_size, num_workers,
-                 device, progress=True):
-    """Encodes `units` of `source` and writes a part for each; returns images encoded."""
+                 device, progress=True, table=None, random_crop=False):
+    """Encodes `units` of `source` and writes a part for each; returns images encoded.
+
+    With a bucket `table`, each image is fitted to its bucket (bucketed.fit_to_bucket) and
+    the images of a batch are encoded a bucket at a time: CLOOB then embeds each at its
+    bucket's shape, as training from bucketed images does. Each part records its
+    records' buckets."""
     from ..processes import init_loader_worker
-    loader = data.DataLoader(UnitImages(source, units, image_size), batch_size=batch_size,
+    from .bucketed import fit_to_bucket
+    fit = functools.partial(fit_to_bucket, table=table, random_crop=random_crop) \
+        if table is not None else None
+    loader = data.DataLoader(UnitImages(source, units, image_size, fit), batch_size=batch_size,
                              num_workers=num_workers, collate_fn=list,
                              worker_init_fn=init_loader_worker if num_workers else None)
     sizes = [source.unit_size_of(u) for u in units]
@@ -127,25 +142,34 @@ def encode_units(source, units, root, ae_model, cloob, image_size, batch_size, n
     parts, encoded, tried, batches = defaultdict(Part), 0, 0, 0
     for batch in loader:
         good = [item for item in batch if item[2] is not None]
-        if good:
-            images = torch.stack([image for _, _, image, _ in good]).to(device)
-            encoded_batch = encode(ae_model, cloob, images, [text for *_, text in good])
+        by_shape = defaultdict(list)  # (one shape, the whole batch, without buckets)
+        for item in good:
+            by_shape[item[2].shape].append(item)
+        for group in by_shape.values():
+            images = torch.stack([image for _, _, image, _ in group]).to(device)
+            encoded_batch = encode(ae_model, cloob, images, [text for *_, text in group])
             means, stds = encoded_batch[:2]
             # One copy to the CPU per batch: per-image copies would sync the GPU each time.
             totals, totals_sq = (t.cpu() for t in latent_cache.latent_sums(means, stds))
             means, stds, embeds, text_embeds = (t.half().cpu() for t in encoded_batch)
-            for i, (unit, key, _, text) in enumerate(good):
+            bucket = None if table is None else table.index((images.shape[3], images.shape[2]))
+            for i, (unit, key, _, text) in enumerate(group):
                 part = parts[unit]
                 part.stats.add(means[i].numel(), totals[i].item(), totals_sq[i].item())
                 part.records.append({'key': latent_cache.encode_key(key), 'mean': means[i],
                                      'std': stds[i], 'embed': embeds[i],
                                      'caption': (text or '').encode('utf-8'),
                                      'text_embed': text_embeds[i]})
+                if table is not None:
+                    part.buckets.append(bucket)
         for unit, key, image, _ in batch:
             if key is END:
                 part = parts.pop(unit)
+                extra = part.caption_summary()
+                if table is not None:
+                    extra['buckets'] = part.buckets
                 latent_cache.write_part(root, unit, part.records, part.skipped, part.stats,
-                                        part.caption_summary())
+                                        extra)
                 bar.update(0 if known else 1)
             elif image is None:
                 parts[unit].skipped += 1
@@ -190,7 +214,8 @@ def run(args, source):
         ae_model = load_autoencoder(args.vqgan_model, device=fabric.device)
         cloob = load_cloob(args.cloob_checkpoint, fabric.device)
         encode_units(source, units, root, ae_model, cloob, args.image_size, args.batch_size,
-                     args.num_workers, fabric.device, progress=rank == 0)
+                     args.num_workers, fabric.device, progress=rank == 0, table=args.buckets,
+                     random_crop=args.bucket_crop == 'random')
     fabric.barrier()
     if rank != 0:
         return None

@@ -220,16 +220,17 @@ def tar_images(url):
             yield key, e, text
 
 
-def transformed(items, image_size):
+def transformed(items, image_size, fit=None):
     """(key, [3, S, S] tensor or None, caption) from (key, image or exception, caption),
-    warning for bad ones."""
+    warning for bad ones; `fit(key, image)` makes the tensor instead where given (a
+    bucketed cache's: bucketed.fit_to_bucket)."""
     transform = image_transform(image_size)
     for key, image, text in items:
         if isinstance(image, Exception):
             warn_skipped(key, image)
             yield key, None, text
         else:
-            yield key, transform(image), text
+            yield key, fit(key, image) if fit else transform(image), text
 
 
 def split(items, index, count):

@@ -29,8 +29,9 @@ from ..models import hub
 from ..processes import is_first_process
 from . import runner
 from .distill_flags import PROG
-from .run import (TrainData, check_lr_schedule, check_text_prob, checkpoint_bytes,
-                  describe_frozen, load_frozen_models, read_cache, read_prompts)
+from .run import (TrainData, cache_buckets, check_lr_schedule, check_text_prob,
+                  checkpoint_bytes, describe_frozen, load_frozen_models, read_cache,
+                  read_prompts)
 
 REQUIRED = ['teacher', 'train_latents', 'vqgan_model']
 FINAL = 'student.ckpt'
@@ -149,6 +150,7 @@ def validate(args):
     if args.frozen is not None:
         check_teacher_frozen_models(args.teacher_ckpt.record, args.frozen, args.teacher)
     args.source, args.cache = None, read_cache(args)
+    args.buckets = cache_buckets(args.cache, args.train_latents)
     if args.text_prob is None:  # the student learns on the conditions its teacher learnt on
         args.text_prob = args.teacher_ckpt.record.get('text_prob', 0.0)
     check_text_prob(args)

@@ -7,6 +7,7 @@ check runs a training from flags without importing a script."""
 import argparse
 
 from .. import cli
+from ..errors import UserError
 
 DESCRIPTION = 'Trains a CLOOB-conditioned latent diffusion model from a list of image paths.'
 PROG = 'train_latent_diffusion.py'
@@ -200,14 +201,15 @@ def add_memory_flags(p):
 
 
 def add_bucket_flags(p):
-    """Aspect-ratio buckets (data/buckets.py) instead of the original's square centre crop."""
-    g = p.add_argument_group('aspect-ratio buckets (path lists, parquet files and saved '
-                              'datasets, for now)')
+    """Aspect-ratio buckets (data/buckets.py) instead of the original's square centre crop:
+    training's, and precompute_latents.py's (a cache made with them keeps them)."""
+    g = p.add_argument_group('aspect-ratio buckets')
     g.add_argument('--aspect-buckets', action='store_true',
-                   help='train each image at the bucket (width x height, about --image-size '
-                   'squared pixels) of its nearest aspect ratio, resized to cover it, every batch '
-                   'from one bucket; off: the original\'s square centre crop. Images beyond '
-                   '--max-aspect go to the most extreme bucket and lose more to the crop')
+                   help='train each image (or cache its latents) at the bucket (width x height, '
+                   'about --image-size squared pixels) of its nearest aspect ratio, resized to '
+                   'cover it, every batch from one bucket; off: the original\'s square centre '
+                   'crop. Images beyond --max-aspect go to the most extreme bucket and lose more '
+                   'to the crop. A latent cache made with it trains on its buckets')
     g.add_argument('--bucket-step', type=cli.positive_int, default=64,
                    help='bucket sides are multiples of this (of 64: the autoencoder and the U-Net '
                    'need multiples of 64 px)')
@@ -215,8 +217,24 @@ def add_bucket_flags(p):
                    help='the most elongated bucket, long side to short')
     g.add_argument('--bucket-crop', choices=['random', 'center'], default='random',
                    help='where the sliver that sticks out of the bucket is cut: at random (each '
-                   'epoch anew), or evenly from both ends')
+                   'epoch anew; in a latent cache once, drawn from the image\'s name), or evenly '
+                   'from both ends')
     return g
+
+
+def bucket_table_of(args):
+    """The bucket table the --aspect-buckets flags give (None without the flag); UserError
+    for a step or an aspect that makes no sense."""
+    from ..data.buckets import bucket_table
+    if not args.aspect_buckets:
+        return None
+    if args.bucket_step % 64:
+        raise UserError(f'--bucket-step {args.bucket_step} must be a multiple of 64 (the '
+                        'autoencoder and the U-Net need sides of multiples of 64 px).')
+    if args.max_aspect < 1:
+        raise UserError(f'--max-aspect {args.max_aspect:g} is the long side over the short: '
+                        'use 1 (squares only) or more.')
+    return bucket_table(args.image_size, args.bucket_step, args.max_aspect)
 
 
 def parser():

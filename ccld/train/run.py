@@ -70,12 +70,12 @@ def validate(args):
                                  split=args.dataset_split, caption_column=args.caption_column)
         except UserError as e:
             raise UserError(f'--train-set: {e}') from None
-    args.buckets = check_buckets(args)
     args.prompts = read_prompts(args.demo_prompts)
     check_devices(args.accelerator, args.devices)
     args.frozen = describe_frozen(args)
     if args.train_latents is not None:
         args.cache = read_cache(args)
+    args.buckets = check_buckets(args)
     check_text_prob(args)
     args.resume = None
     if args.resume_from not in (None, 'auto'):
@@ -201,22 +201,40 @@ def check_optimizer(args):
 
 
 def check_buckets(args):
-    """The --aspect-buckets table (None without it), for the inputs that have them."""
-    from ..data.buckets import bucket_table
+    """The bucket table batches are drawn by (None: square batches): the --aspect-buckets
+    flags', for the inputs that have them; a latent cache's own (cache_buckets)."""
+    from .flags import bucket_table_of
+    if args.cache is not None:
+        return cache_buckets(args.cache, args.train_latents, bucket_table_of(args))
     if not args.aspect_buckets:
         return None
-    if args.source is None or args.source.uneven_shares:
-        what = 'a latent cache' if args.source is None else args.source.describe()
-        raise UserError(f'--aspect-buckets is not yet supported for {what}; train from a path '
-                        'list, parquet files or a saved dataset, or without --aspect-buckets '
-                        '(square centre crops).')
-    if args.bucket_step % 64:
-        raise UserError(f'--bucket-step {args.bucket_step} must be a multiple of 64 (the '
-                        'autoencoder and the U-Net need sides of multiples of 64 px).')
-    if args.max_aspect < 1:
-        raise UserError(f'--max-aspect {args.max_aspect:g} is the long side over the short: '
-                        'use 1 (squares only) or more.')
-    return bucket_table(args.image_size, args.bucket_step, args.max_aspect)
+    if args.source.uneven_shares:
+        raise UserError(f'--aspect-buckets is not yet supported for {args.source.describe()}; '
+                        'train from a path list, parquet files or a saved dataset, or without '
+                        '--aspect-buckets (square centre crops).')
+    return bucket_table_of(args)
+
+
+def cache_buckets(manifest, root, table=None):
+    """The buckets of a latent cache made with --aspect-buckets (None for a square one):
+    its latents are made at their shapes, so they are what training draws by, whether or
+    not --aspect-buckets is given; `table`, the one the flags give, must be the same."""
+    cached = manifest.get('buckets')
+    cached = cached and [tuple(b) for b in cached]
+    if table is not None and cached is None:
+        raise UserError(f'--aspect-buckets: the latent cache {root} was made without it (its '
+                        'latents are square); make one with precompute_latents.py '
+                        '--aspect-buckets, or train without the flag.')
+    if table is not None and table != cached:
+        raise UserError(f'--aspect-buckets: the latent cache {root} holds the buckets '
+                        f'{show_buckets(cached)}, but the flags give {show_buckets(table)}; '
+                        'drop --aspect-buckets (a cache trains on its own buckets), or make a '
+                        'cache with these flags.')
+    return cached
+
+
+def show_buckets(table):
+    return ' '.join(f'{w}x{h}' for w, h in table)
 
 
 def check_lr_schedule(args):
@@ -298,9 +316,15 @@ class TrainData:
         self.args, self.seed = args, seed
 
     def __call__(self, trainer):
-        from ..data.latent_cache import make_cache_loader
+        from ..data.latent_cache import make_bucketed_cache_loader, make_cache_loader
         from ..data.images import make_loader
         args = self.args
+        buckets = getattr(args, 'buckets', None)  # (train_autoencoder: none)
+        if args.cache is not None and buckets is not None:
+            return make_bucketed_cache_loader(
+                args.train_latents, args.batch_size, args.num_workers, self.seed,
+                trainer.global_rank, trainer.world_size, init_loader_worker,
+                args.prefetch_factor, epoch=trainer.current_epoch)
         if args.cache is not None:
             return make_cache_loader(args.train_latents, args.batch_size, args.num_workers,
                                      self.seed, init_loader_worker, args.prefetch_factor)
@@ -329,6 +353,11 @@ class TrainData:
 
     def describe(self):
         args = self.args
+        if args.cache is not None and getattr(args, 'buckets', None) is not None:
+            counts = ', '.join(f'{w}x{h}: {n}' for (w, h), n in
+                               zip(args.buckets, args.cache['bucket_images']))
+            return (f'{args.cache["images"]} cached latents from {args.train_latents}, on '
+                    f'the aspect-ratio buckets it was made with ({counts})')
         if args.cache is not None:
             return f'{args.cache["images"]} cached latents from {args.train_latents}'
         return args.source.describe()
