@@ -193,3 +193,39 @@ def test_a_header_size_is_the_upright_pictures_as_load_image_turns_it(tmp_path):
     assert load_image(tmp_path / 'turned.jpg').size == (100, 300)
     (tmp_path / 'bad.png').write_bytes(b'not an image')
     assert bucketed.header_size(tmp_path / 'bad.png') is None
+
+
+
+def keys_of(batches):
+    return [batch['keys'] for batch in batches]
+
+
+def test_the_loader_saves_the_batches_it_handed_out_and_a_resume_goes_on_after_them(
+        models, tmp_path):
+    """Two workers reading ahead: after 2 of an epoch's 5 batches the loader's state (what
+    Lightning saves in a checkpoint) says 2, and a new loader given it hands out the other
+    3, so the two halves are one uninterrupted epoch: each of 10 images once. The next
+    epoch, set as Lightning sets it, has a plan of its own, whole."""
+    from lightning_fabric.utilities.data import _set_sampler_epoch
+    sizes = [(100, 100)] * 5 + [(50, 150)] * 3 + [(150, 50)] * 3
+    paths = [edged(tmp_path / f'{i}.png', s) for i, s in enumerate(sizes)]
+    train_set = tiny.write_path_list(paths, tmp_path / 'list.txt')
+    flags = '--max-aspect', '3', '--num-workers', '2'
+
+    def interrupted_and_resumed():  # (no loader outlives it: their workers end with it)
+        first = loader(models, train_set, tmp_path, *flags)
+        batches = iter(first)
+        taken = [next(batches)['keys'] for _ in range(2)]
+        resumed = loader(models, train_set, tmp_path, *flags)
+        resumed.load_state_dict(first.state_dict())
+        rest = keys_of(resumed)
+        _set_sampler_epoch(resumed, 1)
+        return taken, rest, len(resumed), keys_of(resumed)
+
+    whole = keys_of(loader(models, train_set, tmp_path, *flags))
+    assert len(whole) == 5 and len({k for keys in whole for k in keys}) == 10
+    taken, rest, length, epoch_1 = interrupted_and_resumed()
+    assert taken + rest == whole
+    assert length == 5  # (Lightning counts the 2 done before the resume)
+    assert len(epoch_1) == 5 and len({k for keys in epoch_1 for k in keys}) == 10
+    assert epoch_1 != whole
