@@ -135,9 +135,9 @@ def spy(self, batch, batch_idx):  # the keys and shape of each batch of this ran
     return training_step(self, batch, batch_idx)
 
 ccld.train.diffusion_module.LightningDiffusion.training_step = spy
-args = train_latent_diffusion.parser().parse_args(sys.argv[2:])
+args = train_latent_diffusion.parser().parse_args(sys.argv[3:])
 trainer, module = train.run(train.validate(args))
-torch.save(seen, f"{sys.argv[1]}/seen{trainer.global_rank}.pt")
+torch.save(seen, f"{sys.argv[1]}/seen{trainer.global_rank}-{sys.argv[2]}.pt")
 '''
 
 
@@ -145,30 +145,36 @@ def test_two_ranks_train_on_buckets_with_equal_batches_and_each_image_once(model
     """11 images in three buckets at 128 px, --max-aspect 3 (64x192, 128x128, 192x64): 5
     square, 3 tall, 3 wide. Batches of 2: 2 + 1 + 1 full, the leftovers (1 of each) make
     one catch-all batch and a single image; 5 batches, trimmed to 4 for 2 ranks, so 2
-    each an epoch and 3 images left out (at most 2 x 2 - 1). Two epochs: 4 steps."""
+    each an epoch and 3 images left out (at most 2 x 2 - 1). Stopped after the first step
+    (mid-epoch) and resumed to the end of the second epoch: 4 steps in all, the first
+    epoch's split between the two runs."""
     sizes = [(100, 100)] * 5 + [(50, 150)] * 3 + [(150, 50)] * 3
     paths = [edged(tmp_path / f'{i}.png', s) for i, s in enumerate(sizes)]
     train_set = tiny.write_path_list(paths, tmp_path / 'list.txt')
     driver = tmp_path / 'driver.py'
     driver.write_text(EPOCHS_DRIVER)
-    argv = train_args(models, train_set, tmp_path / 'out', '--num-gpus', '2', '--max-aspect', '3',
-                      '--max-steps', '4')
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         filter(None, [str(ROOT), str(ROOT / 'latent-diffusion'), os.environ.get('PYTHONPATH')])))
-    result = subprocess.run([sys.executable, str(driver), str(tmp_path), *argv], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count('--aspect-buckets: images a bucket: 64x192: 3, 128x128: 5, '
-                               '192x64: 3') == 1  # (rank 0 alone says it)
-    seen = [torch.load(tmp_path / f'seen{r}.pt') for r in (0, 1)]
+    for part, extra in enumerate([('--max-steps', '1', '--checkpoint-every', '1'),
+                                  ('--max-steps', '4', '--resume-from', 'auto')]):
+        argv = train_args(models, train_set, tmp_path / 'out', '--num-gpus', '2',
+                          '--max-aspect', '3', *extra)
+        result = subprocess.run([sys.executable, str(driver), str(tmp_path), str(part), *argv],
+                                cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stderr.count('--aspect-buckets: images a bucket: 64x192: 3, 128x128: 5, '
+                                   '192x64: 3') == 1  # (rank 0 alone says it)
+    seen = [torch.load(tmp_path / f'seen{r}-0.pt') + torch.load(tmp_path / f'seen{r}-1.pt')
+            for r in (0, 1)]
     assert [len(s) for s in seen] == [4, 4]
     for epoch in (0, 1):
         assert [sum(e == epoch for e, _, _ in s) for s in seen] == [2, 2]
         keys = [k for s in seen for e, batch, _ in s if e == epoch for k in batch]
         assert len(keys) == len(set(keys)) == 8
+    assert [batch for _, batch, _ in seen[0][:2]] != [batch for _, batch, _ in seen[0][2:]]
     shapes = {shape for s in seen for _, _, shape in s}
     assert shapes <= {(2, 3, 192, 64), (2, 3, 128, 128), (2, 3, 64, 192)} and len(shapes) > 1
-    assert (tmp_path / 'out' / 'checkpoints').is_dir()
 
 
 def test_inputs_without_buckets_yet_are_refused_in_one_line(tmp_path):
