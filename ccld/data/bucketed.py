@@ -180,7 +180,8 @@ class BucketLoader(data.DataLoader):
         return {'bucket_plan_epoch': epoch, 'batches_taken': taken}
 
     def load_state_dict(self, state):
-        self.batch_sampler.resume(state['bucket_plan_epoch'], state['batches_taken'])
+        if 'batches_taken' in state:  # (not another loader's: a run switched to buckets)
+            self.batch_sampler.resume(state['bucket_plan_epoch'], state['batches_taken'])
 
 
 def make_bucket_loader(paths, texts, list_path, table, batch_size, num_workers, seed, rank,
