@@ -396,7 +396,8 @@ def run(args):
     from ..models.unet import infer_widths
     from .demo_grids import DemoCallback, demo_latent_size
     from .diffusion_module import LightningDiffusion
-    from .memory import MemoryReport
+    from ..sample.generate import latent_shape
+    from .memory import MemoryReport, largest_batch, largest_size
     from .throughput import Throughput
 
     runner.quiet_lightning()
@@ -457,9 +458,12 @@ def run(args):
                         method=args.demo_method, schedule=args.demo_schedule)
     known = data.known_size()
     steps_per_epoch = known // (args.batch_size * args.devices * args.num_nodes) if known else 50
+    largest = largest_size(args.image_size, args.buckets)
+    batch = largest_batch(args.batch_size, latent_shape(ae_model, largest), largest,
+                          args.buckets is not None)
     trainer = runner.make_trainer(
-        args, PROG, [demo, Throughput(args.image_size // 8, args.peak_tflops), MemoryReport()],
-        logger,
+        args, PROG, [demo, Throughput(args.image_size // 8, args.peak_tflops),
+                     MemoryReport(batch)], logger,
         log_every_n_steps=max(1, min(50, args.demo_every, steps_per_epoch)))
     rank_zero_info(f'Training on {data.describe()}; checkpoints in {output_dir / "checkpoints"}, '
                    f'demo grids in {output_dir / "demos"}, logs to {where}. Seed {seed}.')
