@@ -49,6 +49,7 @@ bench 60 student_speed python3 bench/student_speed.py
 # Each row prints as it ends, so a row cut off by the time slot leaves the others.
 bench 120 train_memory python3 bench/train_memory.py --device cuda --base-channels 192 \
   --batch-size 8 --memory-gb 24 --common='--fprecision bf16 --gradient-checkpointing'
+# (A bucket's row, --bucket 384x256, would need a slot of its own: the five rows fill this one.)
 # Issue 25: host peak RSS and torch.cuda.max_memory_allocated of loading the 557M U-Net:
 # sample.py on its fp16 export (the host should hold about one tensor above the imports)
 # and a LoRA start on the fp32 state dict (export_model.py makes the export, on the CPU).

@@ -19,6 +19,10 @@ GPU (1.17B, batch 8, bf16, as on a 24 GB card):
         --memory-gb 24 --common='--fprecision bf16 --gradient-checkpointing'
 More rows: --config 'LABEL=FLAGS' (repeated; replaces the default rows), e.g.
     --config 'LoRA r=16=--lora-rank 16'  (on a fresh base written as a state dict)
+At a bucket of --aspect-buckets (every step at that shape: images of it, at the least
+--image-size whose bucket table holds it), e.g. the full finetunes at 384x256:
+    .venv/bin/python bench/train_memory.py --bucket 384x256 --config 'full=' \\
+        --config '+ adamw8bit=--optimizer adamw8bit'
 LoRA's model states at 1.17B, measured (8x8 latents: the states do not depend on them):
     .venv/bin/python bench/train_memory.py --base-channels 192 --image-size 64 \\
         --common='--fprecision bf16' --config 'LoRA r=16=--lora-rank 16' \\
@@ -27,6 +31,7 @@ LoRA's model states at 1.17B, measured (8x8 latents: the states do not depend on
 
 import argparse
 import json
+import math
 import platform
 import re
 import shlex
@@ -40,6 +45,7 @@ from pathlib import Path
 from time import perf_counter
 
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / 'latent-diffusion')]
@@ -47,6 +53,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / 'latent-diffusion')]
 import pytorch_lightning as pl  # noqa: E402
 
 import train_latent_diffusion  # noqa: E402
+from ccld import cli  # noqa: E402
+from ccld.data.buckets import bucket_table  # noqa: E402
 from ccld.models.unet import DiffusionModel  # noqa: E402
 from ccld.train import quickstart, runner, run as training_run  # noqa: E402
 from ccld.train.memory import MemoryReport  # noqa: E402
@@ -70,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument('--batch-size', type=int, default=1)
     p.add_argument('--image-size', type=int, default=256,
                    help='smaller for model states alone (they do not depend on it)')
+    p.add_argument('--bucket', type=cli.image_size, metavar='WxH',
+                   help='train at this bucket of --aspect-buckets instead of --image-size '
+                   'squares (the --image-size used is the least whose table holds it)')
     p.add_argument('--steps', type=int, default=3, help='optimizer steps (the first is not timed)')
     p.add_argument('--memory-gb', type=float,
                    help='cap the GPU at this much (torch.cuda.set_per_process_memory_fraction)')
@@ -78,6 +89,19 @@ def parse_args(argv=None):
                    help='a configuration (repeat; default: full finetunes and LoRA r=16, r=64)')
     p.add_argument('--child', help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def bucket_flags(width, height):
+    """The flags that train every step at the bucket width x height: --aspect-buckets at
+    the least --image-size whose table (--bucket-step 64) holds it, --max-aspect its own,
+    so the images of its shape all go to it."""
+    aspect = max(width, height) / min(width, height)
+    least = math.ceil(math.sqrt(width * height) / 64) * 64
+    for size in range(least, 2 * least, 64):
+        if (width, height) in bucket_table(size, 64, aspect):
+            return ['--aspect-buckets', '--image-size', str(size), '--max-aspect', str(aspect)]
+    raise SystemExit(f'--bucket {width}x{height}: no --image-size from {least} to {2 * least} '
+                     'has it in its bucket table (--bucket-step 64); try a shape near it.')
 
 
 class Measured(Exception):
@@ -137,6 +161,11 @@ def child(spec):
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gb * 1e9 / total))
     d = Path(tempfile.mkdtemp(prefix='train_memory_'))
     paths = quickstart.make_images(d / 'images', n=16, size=256)
+    shape = []
+    if args.bucket:
+        shape = bucket_flags(*args.bucket)
+        for path in paths:
+            Image.open(path).resize(args.bucket).save(path)
     (d / 'prompts.txt').write_text('a red circle\n')
     flags = shlex.split(spec['flags'])
     if '--lora-rank' in flags:  # adapters need a base: a fresh model's, as a state dict
@@ -154,7 +183,7 @@ def child(spec):
             '--base-channels', str(args.base_channels),
             '--channel-multipliers', args.channel_multipliers, '--max-steps', '1000',
             '--checkpoint-every', '1000', '--checkpoint-minutes', '1000', '--demo-every', '1000',
-            '--demo-steps', '1', '--seed', '0', *flags]
+            '--demo-steps', '1', '--seed', '0', *shape, *flags]
     measure = Measure(args.steps, cuda)
     make_trainer = runner.make_trainer
     runner.make_trainer = lambda a, prog, callbacks, *rest, **kw: make_trainer(
@@ -202,8 +231,11 @@ def main(argv=None):
     print(f'{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; CPU: {cpu}; GPU: {gpu}'
           f'{f" capped at {args.memory_gb:g} GB" if args.memory_gb else ""}; '
           f'torch {torch.__version__}')
+    width, height = args.bucket or (args.image_size, args.image_size)
+    latents = f'{height // 8}x{width // 8}' + (f' (the {width}x{height} bucket)' if args.bucket
+                                                 else '')
     print(f'U-Net base {args.base_channels} x {args.channel_multipliers}, batch '
-          f'{args.batch_size}, {args.image_size // 8}x{args.image_size // 8} latents, '
+          f'{args.batch_size}, {latents} latents, '
           f'common flags: {args.common or "none"}; '
           f'{args.steps} steps, the first untimed. Model states: the U-Net\'s parameters, '
           f'gradients, optimizer state and EMA, GB (10^9 bytes) counted from the tensors after '

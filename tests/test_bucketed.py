@@ -136,23 +136,24 @@ def spy(self, batch, batch_idx):  # the keys and shape of each batch of this ran
     return training_step(self, batch, batch_idx)
 
 ccld.train.diffusion_module.LightningDiffusion.training_step = spy
-args = train_latent_diffusion.parser().parse_args(sys.argv[2:])
+args = train_latent_diffusion.parser().parse_args(sys.argv[3:])
 trainer, module = train.run(train.validate(args))
-torch.save(seen, f"{sys.argv[1]}/seen{trainer.global_rank}.pt")
+torch.save(seen, f"{sys.argv[1]}/seen{trainer.global_rank}-{sys.argv[2]}.pt")
 '''
 
 
-def two_rank_run(argv, tmp_path):
+def two_rank_run(argv, tmp_path, part=0):
     """Trains with `argv` on two CPU processes (gloo), from `tmp_path`; returns each rank's
-    (epoch, keys, shape of the images or latents) of every batch, and the run's stderr."""
+    (epoch, keys, shape of the images or latents) of every batch, and the run's stderr.
+    `part` numbers the runs of one test (a run and its resumption)."""
     driver = tmp_path / 'driver.py'
     driver.write_text(EPOCHS_DRIVER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         filter(None, [str(ROOT), str(ROOT / 'latent-diffusion'), os.environ.get('PYTHONPATH')])))
-    result = subprocess.run([sys.executable, str(driver), str(tmp_path), *argv], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(driver), str(tmp_path), str(part), *argv],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [torch.load(tmp_path / f'seen{r}.pt') for r in (0, 1)], result.stderr
+    return [torch.load(tmp_path / f'seen{r}-{part}.pt') for r in (0, 1)], result.stderr
 
 
 def train_two_ranks(models, train_set, tmp_path, *extra):
@@ -168,19 +169,27 @@ def test_two_ranks_train_on_buckets_with_equal_batches_and_each_image_once(model
     """11 images in three buckets at 128 px, --max-aspect 3 (64x192, 128x128, 192x64): 5
     square, 3 tall, 3 wide. Batches of 2: 2 + 1 + 1 full, the leftovers (1 of each) make
     one catch-all batch and a single image; 5 batches, trimmed to 4 for 2 ranks, so 2
-    each an epoch and 3 images left out (at most 2 x 2 - 1). Two epochs: 4 steps."""
+    each an epoch and 3 images left out (at most 2 x 2 - 1). Stopped after the first step
+    (mid-epoch) and resumed to the end of the second epoch: 4 steps in all, the first
+    epoch's split between the two runs."""
     sizes = [(100, 100)] * 5 + [(50, 150)] * 3 + [(150, 50)] * 3
     paths = [edged(tmp_path / f'{i}.png', s) for i, s in enumerate(sizes)]
     train_set = tiny.write_path_list(paths, tmp_path / 'list.txt')
-    stderr, seen = train_two_ranks(models, train_set, tmp_path, '--max-aspect', '3',
-                                   '--max-steps', '4')
-    assert stderr.count('--aspect-buckets: images a bucket: 64x192: 3, 128x128: 5, '
-                        '192x64: 3') == 1  # (rank 0 alone says it)
+    seen = [[], []]
+    for part, extra in enumerate([('--max-steps', '1', '--checkpoint-every', '1'),
+                                  ('--max-steps', '4', '--resume-from', 'auto')]):
+        argv = train_args(models, train_set, tmp_path / 'out', '--num-gpus', '2',
+                          '--max-aspect', '3', *extra)
+        halves, stderr = two_rank_run(argv, tmp_path, part)
+        assert stderr.count('--aspect-buckets: images a bucket: 64x192: 3, 128x128: 5, '
+                            '192x64: 3') == 1  # (rank 0 alone says it)
+        seen = [s + h for s, h in zip(seen, halves)]
     assert [len(s) for s in seen] == [4, 4]
     for epoch in (0, 1):
         assert [sum(e == epoch for e, _, _ in s) for s in seen] == [2, 2]
         keys = [k for s in seen for e, batch, _ in s if e == epoch for k in batch]
         assert len(keys) == len(set(keys)) == 8
+    assert [batch for _, batch, _ in seen[0][:2]] != [batch for _, batch, _ in seen[0][2:]]
     shapes = {shape for s in seen for _, _, shape in s}
     assert shapes <= {(2, 3, 192, 64), (2, 3, 128, 128), (2, 3, 64, 192)} and len(shapes) > 1
 
@@ -205,3 +214,39 @@ def test_a_header_size_is_the_upright_pictures_as_load_image_turns_it(tmp_path):
     assert load_image(tmp_path / 'turned.jpg').size == (100, 300)
     (tmp_path / 'bad.png').write_bytes(b'not an image')
     assert bucketed.header_size(tmp_path / 'bad.png') is None
+
+
+
+def keys_of(batches):
+    return [batch['keys'] for batch in batches]
+
+
+def test_the_loader_saves_the_batches_it_handed_out_and_a_resume_goes_on_after_them(
+        models, tmp_path):
+    """Two workers reading ahead: after 2 of an epoch's 5 batches the loader's state (what
+    Lightning saves in a checkpoint) says 2, and a new loader given it hands out the other
+    3, so the two halves are one uninterrupted epoch: each of 10 images once. The next
+    epoch, set as Lightning sets it, has a plan of its own, whole."""
+    from lightning_fabric.utilities.data import _set_sampler_epoch
+    sizes = [(100, 100)] * 5 + [(50, 150)] * 3 + [(150, 50)] * 3
+    paths = [edged(tmp_path / f'{i}.png', s) for i, s in enumerate(sizes)]
+    train_set = tiny.write_path_list(paths, tmp_path / 'list.txt')
+    flags = '--max-aspect', '3', '--num-workers', '2'
+
+    def interrupted_and_resumed():  # (no loader outlives it: their workers end with it)
+        first = loader(models, train_set, tmp_path, *flags)
+        batches = iter(first)
+        taken = [next(batches)['keys'] for _ in range(2)]
+        resumed = loader(models, train_set, tmp_path, *flags)
+        resumed.load_state_dict(first.state_dict())
+        rest = keys_of(resumed)
+        _set_sampler_epoch(resumed, 1)
+        return taken, rest, len(resumed), keys_of(resumed)
+
+    whole = keys_of(loader(models, train_set, tmp_path, *flags))
+    assert len(whole) == 5 and len({k for keys in whole for k in keys}) == 10
+    taken, rest, length, epoch_1 = interrupted_and_resumed()
+    assert taken + rest == whole
+    assert length == 5  # (Lightning counts the 2 done before the resume)
+    assert len(epoch_1) == 5 and len({k for keys in epoch_1 for k in keys}) == 10
+    assert epoch_1 != whole

@@ -179,3 +179,23 @@ def test_two_ranks_train_from_the_cache_with_equal_batches_and_each_record_once(
         for _, keys, shape in s:
             assert {latent_shape(k) for k in keys} == {shape[1:]}
     assert (tmp_path / 'out' / 'checkpoints').is_dir()
+
+
+def test_a_loader_resumed_mid_epoch_goes_on_with_the_batches_its_epoch_had_left(
+        assets, cached, tmp_path):
+    """The loader's state after 3 of the epoch's 7 batches (what Lightning saves in a
+    checkpoint), given to a new loader, makes it hand out the other 4: the two halves are
+    the uninterrupted epoch, every record once."""
+    def cache_loader():
+        return tiny.set_up_run(train_latent_diffusion.main, train_args(
+            assets, cached, tmp_path / 'out', '--image-size', str(SIZE), '--batch-size',
+            '2')).loader
+
+    whole = [b['keys'] for b in cache_loader()]
+    first = cache_loader()
+    batches = iter(first)
+    taken = [next(batches)['keys'] for _ in range(3)]
+    resumed = cache_loader()
+    resumed.load_state_dict(first.state_dict())
+    assert taken + [b['keys'] for b in resumed] == whole
+    assert len(resumed) == 7  # (Lightning counts the 3 done before the resume)

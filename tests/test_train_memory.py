@@ -143,6 +143,8 @@ def test_the_table_is_printed_before_the_first_step_with_a_warning_when_it_does_
                       ('device memory', {'cpu': 10 ** 6})]:
         assert gb_row(name, row['cpu']) in text, (name, text)
     assert [w for w in warned if f'model states alone take {total / 1e9:.1f} GB on cpu' in w]
+    assert '  activations come on top, of batches of up to 4 x 4 x 8 x 8 latents (64x64 px)\n' \
+        in text
     assert 'Model states after the first optimizer step' in caplog.text
     assert 'Model states after the first optimizer step' not in text
 
@@ -191,3 +193,25 @@ def test_the_count_before_the_first_step_is_what_the_optimizer_then_holds(name):
     assert expected == held == memory.tensor_bytes(memory.optimizer_tensors(optimizer))
     if name == 'adamw8bit':
         assert optimizer.state[model[1].weight]['state1'].dtype == torch.uint8
+
+
+def test_with_buckets_the_table_and_the_warning_name_the_largest_bucket(
+        assets, tmp_path, monkeypatch, caplog, recwarn):
+    """At --image-size 320, --bucket-step 128, --max-aspect 2 the buckets are, by hand,
+    256x384 and 384x256 (width 128 gives 128x768 and 512 gives 512x128, beyond 2:1): of
+    98304 px, the most (less than 320 x 320). Batches of 2 of the wider: 2 x 4 x 32 x 48
+    latents, where the square would be 2 x 4 x 40 x 40."""
+    from PIL import Image
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(memory, 'device_memory', lambda device: 10 ** 6)
+    paths = [tmp_path / f'{i}.png' for i in range(2)]
+    for path in paths:
+        Image.new('RGB', (200, 300), (200, 30, 30)).save(path)  # tall, but the table says the bound
+    (tmp_path / 'list.txt').write_text(''.join(f'{p}\n' for p in paths))
+    train(train_args(assets, tmp_path / 'out', '--train-set', str(tmp_path / 'list.txt'),
+                     '--aspect-buckets', '--image-size', '320', '--bucket-step', '128',
+                     '--batch-size', '2', '--max-steps', '1'))
+    largest = '2 x 4 x 32 x 48 latents (384x256 px, the largest bucket)'
+    assert f'  activations come on top, of batches of up to {largest}\n' in caplog.text
+    assert [w for w in recwarn if f'before the activations of batches of up to {largest}: '
+            in str(w.message)]

@@ -3,8 +3,10 @@ its header once (cached beside the list), a batch sampler that follows the epoch
 a dataset that resizes each image to cover its batch's bucket and crops the rest.
 
 The sampler deals each rank its own share, so Lightning must not add its distributed
-sampler (runner.make_trainer: use_distributed_sampler off with --aspect-buckets); Lightning
-calls its set_epoch every epoch, and a resumed run restarts its epoch with the same plan.
+sampler (runner.make_trainer: use_distributed_sampler off with --aspect-buckets). The
+loader is stateful for Lightning: each checkpoint holds how far the epoch's plan has got,
+and a run resumed mid-epoch goes on with the batches the plan has left, so every image is
+still used once an epoch and every rank runs the same number of batches.
 """
 
 import os
@@ -138,24 +140,66 @@ class BucketedImages(data.Dataset):
 
 class BucketBatchSampler(data.Sampler):
     """One rank's batches of (index, bucket), from buckets.epoch_plan for the epoch
-    Lightning sets; the same number on every rank."""
+    Lightning sets; the same number on every rank. After resume(epoch, done) that
+    epoch's first `done` batches are left out (its length stays the plan's: Lightning
+    counts the batches done before the resume)."""
 
     def __init__(self, bucket_of, batch_size, world_size, rank, seed, epoch=0, catch_all=True):
         self.bucket_of, self.batch_size, self.catch_all = bucket_of, batch_size, catch_all
         self.world_size, self.rank, self.seed, self.epoch = world_size, rank, seed, epoch
+        self.resumed = None  # (epoch, batches of it done before the resume)
+
+    @property
+    def sampler(self):
+        """Itself: Lightning calls set_epoch on a batch sampler's `sampler`, never on the
+        batch sampler."""
+        return self
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+
+    def resume(self, epoch, done):
+        self.epoch, self.resumed = epoch, (epoch, done)
 
     def plan(self):
         return buckets.epoch_plan(self.bucket_of, self.batch_size, self.world_size, self.rank,
                                   self.seed, self.epoch, self.catch_all)
 
+    def first_batch(self):
+        """Where this epoch's iteration starts in its plan."""
+        return self.resumed[1] if self.resumed and self.resumed[0] == self.epoch else 0
+
     def __iter__(self):
-        return iter(self.plan())
+        return iter(self.plan()[self.first_batch():])
 
     def __len__(self):
         return len(self.plan())
+
+
+class BucketLoader(data.DataLoader):
+    """The loader of a BucketBatchSampler, with the state_dict and load_state_dict by
+    which Lightning saves a loader's position in each checkpoint and restores it on a
+    mid-epoch resume: the epoch and how many of its batches this process has taken
+    (counted here, as they are handed out, not where workers read ahead)."""
+
+    position = None  # (epoch, batches of it handed out)
+
+    def __iter__(self):
+        sampler = self.batch_sampler
+        epoch, taken = sampler.epoch, sampler.first_batch()
+        self.position = (epoch, taken)
+        for batch in super().__iter__():
+            taken += 1
+            self.position = (epoch, taken)
+            yield batch
+
+    def state_dict(self):
+        epoch, taken = self.position or (self.batch_sampler.epoch, 0)
+        return {'bucket_plan_epoch': epoch, 'batches_taken': taken}
+
+    def load_state_dict(self, state):
+        if 'batches_taken' in state:  # (not another loader's: a run switched to buckets)
+            self.batch_sampler.resume(state['bucket_plan_epoch'], state['batches_taken'])
 
 
 def make_bucket_loader(paths, texts, list_path, table, batch_size, num_workers, seed, rank,
@@ -171,7 +215,7 @@ def make_bucket_loader(paths, texts, list_path, table, batch_size, num_workers, 
         raise UserError(f'--aspect-buckets: {len(paths)} images make fewer than one batch of '
                         f'{batch_size} for each of {world_size} process(es); use a smaller '
                         '--batch-size or more images.')
-    return data.DataLoader(
+    return BucketLoader(
         BucketedImages(paths, texts, table, random_crop, random_flip),
         batch_sampler=sampler,
         num_workers=num_workers, collate_fn=collate_skipping_bad,

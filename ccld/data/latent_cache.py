@@ -289,16 +289,17 @@ def make_bucketed_cache_loader(root, batch_size, num_workers, seed, rank, world_
     """A loader of one rank's batches of a cache made with --aspect-buckets: each batch one
     bucket's records, the same number on every rank (bucketed.BucketBatchSampler). A
     bucket's leftovers make a smaller batch: latents cannot be resized into another
-    bucket's shape. Lightning must not add its distributed sampler (runner.make_trainer)."""
-    from .bucketed import BucketBatchSampler
+    bucket's shape. Lightning must not add its distributed sampler (runner.make_trainer);
+    a run resumed mid-epoch goes on where it stopped (bucketed.BucketLoader)."""
+    from .bucketed import BucketBatchSampler, BucketLoader
     bucket_of = np.load(Path(root) / BUCKETS).tolist()
     sampler = BucketBatchSampler(bucket_of, batch_size, world_size, rank, seed, epoch,
                                  catch_all=False)
     if not len(sampler):  # (an epoch of no batches would never end a run)
         raise UserError(f'--train-latents: {len(bucket_of)} cached images make fewer batches '
                         f'than the {world_size} processes; use more images.')
-    return data.DataLoader(RecordsByIndex(root), batch_sampler=sampler, num_workers=num_workers,
-                           collate_fn=collate_records, worker_init_fn=worker_init_fn,
-                           pin_memory=torch.cuda.is_available(),
-                           prefetch_factor=prefetch_factor if num_workers else None,
-                           persistent_workers=num_workers > 0)
+    return BucketLoader(RecordsByIndex(root), batch_sampler=sampler, num_workers=num_workers,
+                        collate_fn=collate_records, worker_init_fn=worker_init_fn,
+                        pin_memory=torch.cuda.is_available(),
+                        prefetch_factor=prefetch_factor if num_workers else None,
+                        persistent_workers=num_workers > 0)

@@ -110,12 +110,29 @@ def over_budget(states):
             if device_memory(d) is not None and n > device_memory(d)]
 
 
+def largest_size(image_size, buckets=None):
+    """(width, height) of the most pixels a step trains on, whose activations take the
+    most memory: under --aspect-buckets the bucket of most pixels (of two, the wider),
+    else the square."""
+    if not buckets:
+        return image_size, image_size
+    return tuple(max(buckets, key=lambda b: (b[0] * b[1], b[0])))
+
+
+def largest_batch(batch_size, latent_shape, size, bucketed):
+    """What the table says of the largest batch: its latents' shape and its size."""
+    shape = ' x '.join(str(n) for n in (batch_size, *latent_shape))
+    return f'{shape} latents ({size[0]}x{size[1]} px{", the largest bucket" if bucketed else ""})'
+
+
 class MemoryReport(pl.Callback):
     """Prints the model states of each device when training starts (warning when they
     exceed a device's memory, before the first step) and again, counted from the
-    tensors, after the first optimizer step."""
+    tensors, after the first optimizer step; `batch` (largest_batch) is the largest batch
+    a step trains on, whose activations come on top."""
 
-    def __init__(self):
+    def __init__(self, batch=None):
+        self.batch = batch
         self.gradients = None
         self.printed_after_step = False
         self.at_start = self.after_step = None
@@ -127,11 +144,15 @@ class MemoryReport(pl.Callback):
             'counted per trainable parameter as the first step will allocate it'
         rank_zero_info(table(self.at_start, 'Model states at the start (parameters, EMA and '
                                             'frozen models counted from the tensors; gradients '
-                                            f'and optimizer state {how}):'))
+                                            f'and optimizer state {how}):') +
+                       (f'\n  activations come on top, of batches of up to {self.batch}'
+                        if self.batch else ''))
+        before = f'the activations of batches of up to {self.batch}' if self.batch else \
+            'any activation'
         if trainer.is_global_zero:
             for device, n, memory in over_budget(self.at_start):
                 warnings.warn(f'the model states alone take {n / 1e9:.1f} GB on {device}, '
-                              f'which has {memory / 1e9:.1f} GB, before any activation: '
+                              f'which has {memory / 1e9:.1f} GB, before {before}: '
                               'try --optimizer adamw8bit, --ema-device cpu, '
                               '--gradient-checkpointing or a smaller --batch-size.')
 

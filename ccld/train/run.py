@@ -432,7 +432,8 @@ def run(args):
     from ..models.unet import infer_widths
     from .demo_grids import DemoCallback, demo_latent_size
     from .diffusion_module import LightningDiffusion
-    from .memory import MemoryReport
+    from ..sample.generate import latent_shape
+    from .memory import MemoryReport, largest_batch, largest_size
     from .throughput import Throughput
 
     runner.quiet_lightning()
@@ -445,6 +446,10 @@ def run(args):
     if weights is not None:
         base, mults = infer_widths(weights, mults)
     ae_model, cloob = load_frozen_models(args)
+    # (before the module is built: trained from a cache, it drops the encoder)
+    largest = largest_size(args.image_size, args.buckets)
+    batch = largest_batch(args.batch_size, latent_shape(ae_model, largest), largest,
+                          args.buckets is not None)
     data = TrainData(args, seed)
     record = {'autoencoder': recorded(AUTOENCODER, args.vqgan_model),
               'cloob_checkpoint': recorded(CLOOB, args.cloob_checkpoint),
@@ -498,8 +503,9 @@ def run(args):
     known = data.known_size()
     steps_per_epoch = known // (args.batch_size * args.devices * args.num_nodes) if known else 50
     trainer = runner.make_trainer(
-        args, PROG, [demo, Throughput(args.image_size // 8, args.peak_tflops), MemoryReport()],
-        logger, log_every_n_steps=max(1, min(50, args.demo_every, steps_per_epoch)),
+        args, PROG, [demo, Throughput(args.image_size // 8, args.peak_tflops),
+                     MemoryReport(batch)], logger,
+        log_every_n_steps=max(1, min(50, args.demo_every, steps_per_epoch)),
         # Lightning takes the checkpoint it resumes as it was read here: the module's
         # weights are its tensors already, so they load in place and the file is read once.
         resumed=(ckpt_path, args.resume.raw) if ckpt_path is not None else None)
