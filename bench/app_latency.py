@@ -7,6 +7,7 @@ library call in this process, as sample.py runs it; and the time from starting a
 its first image.
 
     PYTHONPATH=.:latent-diffusion:tests python3 bench/app_latency.py     # GPU when there is one
+    PYTHONPATH=.:latent-diffusion:tests python3 bench/app_latency.py --threads 1  # a shared CPU
 
 The page should add under 5% to a 50-step image. The server is app.py in its own process,
 with timers around the library call (this bench's server only; app.py has none). A random
