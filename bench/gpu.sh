@@ -54,10 +54,12 @@ bench 120 train_memory python3 bench/train_memory.py --device cuda --base-channe
 # sample.py on its fp16 export (the host should hold about one tensor above the imports)
 # and a LoRA start on the fp32 state dict (export_model.py makes the export, on the CPU).
 bench 60 load_memory python3 bench/load_memory.py --device cuda --rows export,sample16,lora
-# Issue 26: seconds per image through app.py's API against sample.py's library call, PLMS
-# 50 steps, 557M; and from starting app.py to its first image (Gradio: gpu_wheels.sh --gradio).
+# Issue 26: what app.py's page adds to a request (its wall time against the library call
+# that served it, timed in the server), PLMS 50 steps, 557M; and from starting app.py to its
+# first image (Gradio: gpu_wheels.sh --gradio). --repeats 3: 8 sampler runs with the warm-ups,
+# one fewer than the 9 of the earlier three-path bench at --repeats 2.
 if python3 -c 'import gradio' 2>/dev/null; then
-  bench 30 app_latency python3 bench/app_latency.py --repeats 2
+  bench 30 app_latency python3 bench/app_latency.py --repeats 3
 else
   echo '== app_latency: skipped, no gradio here (bench/gpu_wheels.sh --gradio)' | tee -a "$results"
 fi
