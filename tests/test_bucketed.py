@@ -194,17 +194,6 @@ def test_two_ranks_train_on_buckets_with_equal_batches_and_each_image_once(model
     assert shapes <= {(2, 3, 192, 64), (2, 3, 128, 128), (2, 3, 64, 192)} and len(shapes) > 1
 
 
-def test_inputs_without_buckets_yet_are_refused_in_one_line(tmp_path):
-    import tarfile
-    from ccld.data.sources import Source
-    with tarfile.open(tmp_path / '00000.tar', 'w'):
-        pass
-    args = SimpleNamespace(aspect_buckets=True, source=Source(str(tmp_path / '00000.tar')),
-                           cache=None)
-    with pytest.raises(UserError, match='--aspect-buckets is not yet supported for 1 tar shards'):
-        training_run.check_buckets(args)
-
-
 def test_a_header_size_is_the_upright_pictures_as_load_image_turns_it(tmp_path):
     from ccld.data.images import load_image
     exif = Image.Exif()

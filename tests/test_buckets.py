@@ -110,3 +110,43 @@ def test_without_catch_all_a_buckets_leftovers_make_a_smaller_batch_of_their_own
         assert kept[:-1] == [4] * (len(kept) - 1) and 0 < sum(kept) <= n
     seen = [item for r in ranks for batch in r for item, _ in batch]
     assert len(seen) == len(set(seen)) and len(bucket_of) - len(seen) < world_size * 4
+
+
+@pytest.mark.parametrize('seed', range(4))
+@pytest.mark.parametrize('batch_size', [1, 3, 4])
+def test_as_filled_releases_a_batch_as_its_last_item_comes_then_the_rest_in_aspect_order(
+        seed, batch_size):
+    """What a streamed source (tar shards, a hub dataset) relies on, against the batches
+    worked out from the whole stream at once: each bucket's items in stream order cut into
+    batches, each released as its last item is read (so at most batch_size - 1 items a
+    bucket wait); then what is left, in catch-all batches chained in aspect order."""
+    rng = random.Random(seed)
+    bucket_of = [rng.choice([0, 0, 1, 2, 2, 4]) for _ in range(rng.randint(0, 40))]
+    read = []
+
+    def stream():
+        for item, bucket in enumerate(bucket_of):
+            read.append(item)
+            yield item, bucket
+
+    released, waiting, last_read = [], [], []
+    for batch in B.as_filled(stream(), batch_size):
+        released.append(batch)
+        waiting.append(len(read) - sum(map(len, released)))
+        last_read.append(read[-1] if read else None)
+
+    by_bucket = collections.defaultdict(list)
+    for item, bucket in enumerate(bucket_of):
+        by_bucket[bucket].append(item)
+    full, left = [], []
+    for bucket, items in by_bucket.items():
+        cut = len(items) // batch_size * batch_size
+        full += [[(i, bucket) for i in items[k:k + batch_size]] for k in range(0, cut, batch_size)]
+        left += items[cut:]
+    full.sort(key=lambda batch: batch[-1][0])
+    assert released[:len(full)] == full
+    assert last_read[:len(full)] == [batch[-1][0] for batch in full]
+    assert max(waiting[:len(full)], default=0) <= len(by_bucket) * (batch_size - 1)
+    chained = [item for batch in released[len(full):] for item, _ in batch]
+    assert sorted(chained) == sorted(left)
+    assert [bucket_of[i] for i in chained] == sorted(bucket_of[i] for i in chained)

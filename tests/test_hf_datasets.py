@@ -108,20 +108,12 @@ def test_a_hub_name_offline_and_not_cached_is_one_line_exit_2(tmp_path, monkeypa
 def hub(tmp_path, monkeypatch):
     """hf://NAME streams 12 rows, images in the img2dataset schema, 3 per parquet file (a
     shard each); files=1 puts them in one file. Row 4 is corrupt."""
-    import datasets
     cells = [png(i) for i in range(12)]
     cells[4] = b'not an image'
 
     def make(files):
-        folder = tiny.write_img2dataset_parquet(cells, tmp_path / f'hub{files}', 12 // files)
-        original = datasets.load_dataset
-
-        def load_dataset(name, split, streaming):
-            assert (name, split, streaming) == ('someone/paintings', 'train', True)
-            return original('parquet', data_files=sorted(map(str, folder.glob('*.parquet'))),
-                            split=split, streaming=True, cache_dir=str(tmp_path / 'cache'))
-        monkeypatch.setattr(datasets, 'load_dataset', load_dataset)
-        return Source('hf://someone/paintings')
+        return Source(tiny.stream_as_hub(monkeypatch, cells, tmp_path / f'hub{files}',
+                                         12 // files))
     return make
 
 

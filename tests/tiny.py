@@ -23,7 +23,7 @@ __all__ = ['BASE_CHANNELS', 'CHANNEL_MULTIPLIERS', 'make_images', 'write_path_li
            'tiny_autoencoder', 'tiny_cloob', 'tiny_diffusion', 'save_bare',
            'save_ccld_checkpoint', 'save_original_checkpoint', 'inception_weights', 'exit_code',
            'run_printed_sample_command', 'set_up_run', 'learning_rates', 'rank_shares',
-           'write_img2dataset_parquet', 'write_datasets_parquet']
+           'write_img2dataset_parquet', 'write_datasets_parquet', 'stream_as_hub']
 
 
 def tiny_autoencoder(directory, seed=0):
@@ -214,3 +214,22 @@ def write_datasets_parquet(cells, path, row_group_size=2):
                       'caption': [f'caption {i}' for i in range(len(cells))]}, schema=schema)
     pq.write_table(table, path, row_group_size=row_group_size)
     return Path(path)
+
+
+def stream_as_hub(monkeypatch, cells, folder, per_file, sizes=None):
+    """Stands in for the hub: hf://someone/paintings (split train) streams `cells` from
+    img2dataset parquet files of `per_file` rows in `folder` (a shard each; `sizes` as
+    write_img2dataset_parquet takes them), as the datasets library streams the hub's
+    parquet files. Returns the name."""
+    import datasets
+    folder = Path(folder)
+    files = sorted(map(str, write_img2dataset_parquet(cells, folder, per_file,
+                                                      sizes=sizes).glob('*.parquet')))
+    original = datasets.load_dataset
+
+    def load_dataset(name, split, streaming):
+        assert (name, split, streaming) == ('someone/paintings', 'train', True)
+        return original('parquet', data_files=files, split=split, streaming=True,
+                        cache_dir=str(folder / 'cache'))
+    monkeypatch.setattr(datasets, 'load_dataset', load_dataset)
+    return 'hf://someone/paintings'

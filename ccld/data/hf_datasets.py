@@ -9,6 +9,7 @@ runs out. Offline (HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1) a hub dataset must
 datasets cache.
 """
 
+import functools
 import itertools
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from torch.utils import data
 
 from ..errors import UserError
 from .images import batched_loader, image_transform
-from .tables import ImageTable, batches_of, decoded, find_columns, rows_of, shuffled, worker_slot
+from .tables import (ImageTable, batches_of, bucket_batches, decoded, find_columns, rows_of,
+                     shuffled, worker_slot)
 
 HUB = 'hf://'
 PIECE_ROWS = 1000  # rows of a saved dataset that the training split orders anew each epoch
@@ -107,12 +109,13 @@ class HubImages:
     def __len__(self):
         return self.shards
 
-    def read(self, shard):
-        """(key, image cell, caption) of each row of a shard. (Read with .iter: iterating the
-        dataset itself in a loader worker would split the shard among the workers again.)"""
+    def read(self, shard, sized=False):
+        """(key, image cell, caption) of each row of a shard, and with `sized` its (width,
+        height) as rows_of gives it. (Read with .iter: iterating the dataset itself in a
+        loader worker would split the shard among the workers again.)"""
         first = 0
         for table in self.dataset.shard(num_shards=self.shards, index=shard).iter(READ_ROWS):
-            yield from rows_of(table, self.columns, first, f'{self.spec}:{shard}')
+            yield from rows_of(table, self.columns, first, f'{self.spec}:{shard}', sized)
             first += table.num_rows
 
     def unit_rows(self, unit):
@@ -124,8 +127,17 @@ class HubImages:
 
     def loader(self, image_size, batch_size, num_workers, seed, rank, world_size,
                worker_init_fn=None, prefetch_factor=2, random_flip=False, epoch=0):
-        dataset = HubShares(self, image_size, batch_size, seed, rank, world_size, random_flip,
-                            epoch)
+        dataset = HubShares(self, image_transform(image_size, random_flip), batch_size, seed,
+                            rank, world_size, epoch)
+        return batched_loader(dataset, num_workers, worker_init_fn, prefetch_factor)
+
+    def bucket_loader(self, shapes, batch_size, num_workers, seed, rank, world_size,
+                      random_crop=True, random_flip=False, worker_init_fn=None,
+                      prefetch_factor=2, epoch=0):
+        """The loader of one rank's batches on aspect-ratio buckets: `shapes`, the bucket
+        table (buckets.bucket_table)."""
+        dataset = HubBucketShares(self, shapes, batch_size, seed, rank, world_size, random_crop,
+                                  random_flip, epoch)
         return batched_loader(dataset, num_workers, worker_init_fn, prefetch_factor)
 
     def describe(self):
@@ -138,23 +150,42 @@ class HubShares(data.IterableDataset):
     with fewer shards than workers in all, each worker reads them all and keeps every
     n-th row, n the workers in all (as datasets' split_dataset_by_node does)."""
 
-    def __init__(self, table, image_size, batch_size, seed, rank, world_size, random_flip=False,
-                 epoch=0):
+    def __init__(self, table, transform, batch_size, seed, rank, world_size, epoch=0):
         super().__init__()
         self.table, self.batch_size, self.seed = table, batch_size, seed % (1 << 64)
-        self.rank, self.world_size = rank, world_size
-        self.transform = image_transform(image_size, random_flip)
+        self.rank, self.world_size, self.transform = rank, world_size, transform
         self.epoch = epoch - 1  # one up at each pass, in each worker: one pass per epoch
 
-    def __iter__(self):
+    def rows(self, sized=False):
+        """This worker's rows of the next epoch, shuffled (with their sizes: `sized`)."""
         self.epoch += 1
         worker, workers = worker_slot()
         slot, slots = self.rank * workers + worker, self.world_size * workers
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.table)).tolist()
+        read = functools.partial(self.table.read, sized=sized)
         if len(order) >= slots:
-            rows = itertools.chain.from_iterable(map(self.table.read, order[slot::slots]))
+            rows = itertools.chain.from_iterable(map(read, order[slot::slots]))
         else:
-            rows = itertools.islice(itertools.chain.from_iterable(map(self.table.read, order)),
+            rows = itertools.islice(itertools.chain.from_iterable(map(read, order)),
                                     slot, None, slots)
-        rng = np.random.default_rng([self.seed, self.epoch, slot])
-        return batches_of(shuffled(rows, rng), self.batch_size, self.transform)
+        return shuffled(rows, np.random.default_rng([self.seed, self.epoch, slot]))
+
+    def __iter__(self):
+        return batches_of(self.rows(), self.batch_size, self.transform)
+
+
+class HubBucketShares(HubShares):
+    """One rank's batches of a hub dataset on aspect-ratio buckets: the shards dealt out
+    as HubShares deals them, and each worker's rows batched by bucket as they come, their
+    sizes from the width and height columns, else the image headers (tables.bucket_batches). The ranks' shares differ
+    in length as without buckets (training ends every rank's epoch when one runs out), and
+    every row is read once an epoch as without."""
+
+    def __init__(self, table, shapes, batch_size, seed, rank, world_size, random_crop=True,
+                 random_flip=False, epoch=0):
+        super().__init__(table, None, batch_size, seed, rank, world_size, epoch)
+        self.shapes, self.random_crop, self.random_flip = shapes, random_crop, random_flip
+
+    def __iter__(self):
+        return bucket_batches(self.rows(sized=True), self.shapes, self.batch_size,
+                              self.random_crop, self.random_flip)

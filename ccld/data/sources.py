@@ -22,6 +22,7 @@ from .images import (IMAGE_EXTENSIONS, UNREADABLE, batched_loader, caption_of,
                      check_some_exist, image_transform, load_image, read_path_list,
                      warn_skipped)
 from .parquet import ParquetImages, has_parquet_files
+from .tables import bucket_batches
 from ..errors import UserError
 
 
@@ -202,6 +203,18 @@ class Source:
         return self.table.loader(image_size, batch_size, num_workers, seed, rank, world_size,
                                  worker_init_fn, prefetch_factor, random_flip, epoch)
 
+    def bucket_loader(self, shapes, batch_size, num_workers, seed, rank, world_size,
+                      random_crop=True, random_flip=False, worker_init_fn=None,
+                      prefetch_factor=2, epoch=0):
+        """stream_loader's batches on aspect-ratio buckets: `shapes`, the bucket table."""
+        if self.is_tar:
+            dataset = TarImages(self.urls, None, batch_size, seed, rank, world_size, random_flip,
+                                epoch, shapes, random_crop)
+            return batched_loader(dataset, num_workers, worker_init_fn, prefetch_factor)
+        return self.table.bucket_loader(shapes, batch_size, num_workers, seed, rank, world_size,
+                                        random_crop, random_flip, worker_init_fn,
+                                        prefetch_factor, epoch)
+
 
 def tar_images(url):
     """(key, PIL image or exception, caption) for each sample of one tar shard."""
@@ -245,42 +258,66 @@ class TarImages(data.IterableDataset):
     the epoch), then dealt out to ranks and, within a rank, to loader workers: each
     shard is read by one worker of one rank, so each image is seen once per epoch. The
     ranks' shares can differ in length; training ends every rank's epoch when the first
-    one runs out (LightningDiffusion's even_epochs).
+    one runs out (LightningDiffusion's even_epochs). With `shapes` (a bucket table), each
+    worker batches its images by bucket as they come (tables.bucket_batches), and
+    image_size goes unused.
     """
 
     def __init__(self, urls, image_size, batch_size, seed, rank, world_size, random_flip=False,
-                 epoch=0):
+                 epoch=0, shapes=None, random_crop=True):
         super().__init__()
         import webdataset as wds
         from .images import collate_skipping_bad
+        if shapes is None:
+            batching = [wds.map(functools.partial(
+                            decode_sample, transform=image_transform(image_size, random_flip))),
+                        wds.batched(batch_size, collation_fn=collate_skipping_bad)]
+        else:
+            batching = [functools.partial(bucketed_samples, shapes=shapes, batch_size=batch_size,
+                                          random_crop=random_crop, random_flip=random_flip)]
         self.pipeline = wds.DataPipeline(
             wds.SimpleShardList(urls),
             wds.detshuffle(bufsize=len(urls), initial=len(urls), seed=seed, epoch=epoch - 1),
             functools.partial(split, index=rank, count=world_size),
             wds.split_by_worker,
             wds.tarfile_to_samples(handler=wds.warn_and_continue),
-            wds.map(functools.partial(decode_sample,
-                                      transform=image_transform(image_size, random_flip))),
-            wds.batched(batch_size, collation_fn=collate_skipping_bad),
+            *batching,
         )
 
     def __iter__(self):
         return iter(self.pipeline)
 
 
+def sample_key(sample):
+    return f'{sample.get("__url__")}:{sample.get("__key__")}'
+
+
+def image_file(sample):
+    """The bytes of a tar sample's image file; None if it has none."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    return None if ext is None else sample[ext]
+
+
 def decode_sample(sample, transform):
     """A tar sample -> (key, its image as a [3, S, S] tensor, or UNREADABLE with a warning,
     its caption or None)."""
-    key = f'{sample.get("__url__")}:{sample.get("__key__")}'
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    key, data = sample_key(sample), image_file(sample)
     text = captions.of_sample(sample)
     try:
-        if ext is None:
+        if data is None:
             raise ValueError('no image file in the sample')
-        return key, transform(load_image(io.BytesIO(sample[ext]))), text
+        return key, transform(load_image(io.BytesIO(data))), text
     except Exception as e:  # noqa: BLE001
         warn_skipped(key, e)
         return key, UNREADABLE, text
+
+
+def bucketed_samples(samples, shapes, batch_size, random_crop, random_flip):
+    """Tar samples -> collated batches of one bucket each, as a table's rows
+    (tables.bucket_batches: their image files as the cells; one with none is skipped as a
+    row with no image)."""
+    rows = ((sample_key(s), image_file(s), captions.of_sample(s), None) for s in samples)
+    return bucket_batches(rows, shapes, batch_size, random_crop, random_flip)
 
 
 def make_tar_loader(urls, image_size, batch_size, num_workers, seed, rank, world_size,

@@ -227,6 +227,25 @@ def batches_of(rows, batch_size, transform):
         yield collated(chunk, transform)
 
 
+def bucket_batches(rows, shapes, batch_size, random_crop=True, random_flip=False):
+    """Collated batches of one bucket each of (key, image cell, caption, (width, height) or
+    None) rows, by buckets.as_filled: a row without a size is put by its image header's
+    (header_of), one whose header cannot be read with the squares (it is skipped when
+    decoded). Each batch's images are resized to cover its bucket and cropped (to_bucket)
+    only once it is full, so a worker holds at most batch_size - 1 rows a bucket undecoded."""
+    square = buckets.assign(1, 1, shapes)
+
+    def bucket_of(cell, size):
+        size = size or header_of(cell)
+        return square if size is None else buckets.assign(*size, shapes)
+
+    pairs = (((key, cell, text), bucket_of(cell, size)) for key, cell, text, size in rows)
+    for batch in buckets.as_filled(pairs, batch_size):
+        transform = functools.partial(to_bucket, size=shapes[batch[0][1]],
+                                      random_crop=random_crop, random_flip=random_flip)
+        yield collated([row for row, _ in batch], transform)
+
+
 def worker_slot():
     """(this loader worker's index, the number of workers); (0, 1) in the main process."""
     info = data.get_worker_info()
@@ -351,17 +370,7 @@ class BucketShares(RowShares):
                  random_flip=False, epoch=0):
         super().__init__(table, None, batch_size, seed, rank, world_size, epoch)
         self.shapes, self.random_crop, self.random_flip = shapes, random_crop, random_flip
-        self.square = buckets.assign(1, 1, shapes)  # for rows of unknown size
-
-    def bucket_of(self, cell, size):
-        size = size or header_of(cell)
-        return self.square if size is None else buckets.assign(*size, self.shapes)
 
     def __iter__(self):
-        pairs = (((key, cell, text), self.bucket_of(cell, size))
-                 for key, cell, text, size in self.rows(sized=True))
-        for batch in buckets.as_filled(pairs, self.batch_size):
-            transform = functools.partial(to_bucket, size=self.shapes[batch[0][1]],
-                                          random_crop=self.random_crop,
-                                          random_flip=self.random_flip)
-            yield collated([row for row, _ in batch], transform)
+        return bucket_batches(self.rows(sized=True), self.shapes, self.batch_size,
+                              self.random_crop, self.random_flip)

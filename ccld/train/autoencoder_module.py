@@ -59,7 +59,6 @@ class LightningAutoencoder(pl.LightningModule):
         self.accumulate = accumulate_grad_batches
         self.max_bad_steps = max_bad_steps
         self.even_epochs = even_epochs
-        self.end_epoch = False
         self.record = dict(record or {}, trained='encoder and decoder' if train_encoder
                            else 'decoder')
         self.skipped_images = 0
@@ -74,7 +73,6 @@ class LightningAutoencoder(pl.LightningModule):
     # (they read only the counters and settings set above, and random_state below).
     on_train_start = LightningDiffusion.on_train_start
     set_learning_rate = LightningDiffusion.set_learning_rate
-    on_train_epoch_start = LightningDiffusion.on_train_epoch_start
     on_train_batch_start = LightningDiffusion.on_train_batch_start
     on_train_batch_end = LightningDiffusion.on_train_batch_end
     check_for_data = LightningDiffusion.check_for_data

@@ -159,7 +159,6 @@ class LightningDiffusion(pl.LightningModule):
         self.accumulate = accumulate_grad_batches
         self.max_bad_steps = max_bad_steps
         self.even_epochs = even_epochs
-        self.end_epoch = False
         self.record = dict(record or {}, base_channels=base_channels,
                            channel_multipliers=list(channel_multipliers),
                            autoencoder_scale=float(autoencoder_scale))
@@ -251,21 +250,21 @@ class LightningDiffusion(pl.LightningModule):
                 group['lr'] = lr
         return lr
 
-    def on_train_epoch_start(self):
-        self.end_epoch = False
-
     def on_train_batch_start(self, batch, batch_idx):
         if self.saved_random is not None:
             # Restored here, not earlier: making the loader's iterator draws a seed.
             self.restore_random(self.saved_random)
             self.saved_random = None
-        return -1 if self.end_epoch else None  # -1: Lightning ends the epoch here
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.even_epochs:
-            last = self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-            flag = torch.tensor([int(last)], device=self.device)
-            self.end_epoch = bool(self.trainer.strategy.reduce(flag, reduce_op='max'))
+            # Every rank's epoch ends after this batch, without taking another: Lightning
+            # broadcasts before each one, so a rank that went on to fetch one more (and
+            # found the epoch over) would be a collective ahead of the rank that ran out,
+            # and the two would wait for each other forever.
+            progress = self.trainer.fit_loop.epoch_loop.batch_progress
+            flag = torch.tensor([int(progress.is_last_batch)], device=self.device)
+            progress.is_last_batch = bool(self.trainer.strategy.reduce(flag, reduce_op='max'))
 
     def training_step(self, batch, batch_idx):
         self.skipped_images += batch.get('skipped', 0)

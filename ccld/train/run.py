@@ -202,16 +202,10 @@ def check_optimizer(args):
 
 def check_buckets(args):
     """The bucket table batches are drawn by (None: square batches): the --aspect-buckets
-    flags', for the inputs that have them; a latent cache's own (cache_buckets)."""
+    flags', for images of any input; a latent cache's own (cache_buckets)."""
     from .flags import bucket_table_of
     if args.cache is not None:
         return cache_buckets(args.cache, args.train_latents, bucket_table_of(args))
-    if not args.aspect_buckets:
-        return None
-    if args.source.uneven_shares:
-        raise UserError(f'--aspect-buckets is not yet supported for {args.source.describe()}; '
-                        'train from a path list, parquet files or a saved dataset, or without '
-                        '--aspect-buckets (square centre crops).')
     return bucket_table_of(args)
 
 
@@ -329,8 +323,8 @@ class TrainData:
             return make_cache_loader(args.train_latents, args.batch_size, args.num_workers,
                                      self.seed, init_loader_worker, args.prefetch_factor)
         buckets = getattr(args, 'buckets', None)  # (distill and train_autoencoder: none)
-        if buckets is not None and args.source.table is not None:
-            return args.source.table.bucket_loader(
+        if buckets is not None and args.source.paths is None:
+            return args.source.bucket_loader(
                 buckets, args.batch_size, args.num_workers, self.seed, trainer.global_rank,
                 trainer.world_size, args.bucket_crop == 'random', args.random_flip,
                 init_loader_worker, args.prefetch_factor, epoch=trainer.current_epoch)
