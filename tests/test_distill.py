@@ -4,6 +4,7 @@ and what is refused before any model loads."""
 
 import hashlib
 import logging
+import os
 import shutil
 import signal
 from pathlib import Path
@@ -20,6 +21,7 @@ import sample
 import tiny
 from ccld.data import latent_cache
 from ccld.errors import UserError
+from ccld.models import checkpoint_files
 from ccld.models.autoencoder import describe as describe_autoencoder
 from ccld.models.checkpoint_files import read_checkpoint
 from ccld.models.cloob import describe as describe_cloob
@@ -126,11 +128,21 @@ def distilled(assets, tmp_path_factory):
                 seen.codes.append(run_distill(distill_args(assets, out, *extra)))
                 if not seen.codes[-1]:
                     break
+                seen.stopped = copy_run(out, tmp_path_factory.mktemp('stopped') / 'out')
                 seen.guidance_bytes = (out / 'student-guidance.ckpt').read_bytes()
         finally:
             logging.getLogger('pytorch_lightning').removeHandler(said)
     seen.out, seen.said = out, '\n'.join(said.lines)
     return seen
+
+
+def copy_run(out, to):
+    """A copy of the output directory `out` as it is now (its checkpoints hard-linked: they
+    are only ever replaced whole)."""
+    def link_or_copy(source, target):
+        return os.link(source, target) if source.endswith('.ckpt') else \
+            shutil.copy2(source, target)
+    return Path(shutil.copytree(out, to, copy_function=link_or_copy))
 
 
 def test_an_interrupted_distillation_resumes_in_its_stage_and_round(distilled):
@@ -142,6 +154,68 @@ def test_an_interrupted_distillation_resumes_in_its_stage_and_round(distilled):
     assert (distilled.out / 'student-guidance.ckpt').read_bytes() == distilled.guidance_bytes
     last = torch.load(distilled.out / '1-steps' / 'checkpoints' / 'last.ckpt', weights_only=False)
     assert last['global_step'] == 2 and last['ccld']['distill_stage'] == '1-steps'
+
+
+def test_a_resumed_round_takes_its_student_and_ema_from_its_checkpoint_in_place(
+        distilled, assets, tmp_path):
+    """Resuming its round, the student and its EMA are the stage checkpoint's own tensors,
+    and Lightning is handed that same checkpoint (it copies each weight onto itself): no
+    student made from the teacher, no EMA copied, the file read once."""
+    out = copy_run(distilled.stopped, tmp_path / 'out')
+    seen = tiny.set_up_run(distill.main, distill_args(assets, out, '--resume-from', 'auto'))
+    path, checkpoint = seen.trainer['plugins'][0].resumed
+    assert Path(path).parent == out / '1-steps' / 'checkpoints'
+    state = checkpoint['state_dict']
+    for name in ('model', 'model_ema'):
+        model = getattr(seen.module, name)
+        assert isinstance(model, StudentModel) and model.guidance_range == (1.0, 8.0)
+        for key, tensor in model.state_dict().items():
+            if key != 'autoencoder_scale':  # (--autoencoder-scale's, as before)
+                assert tensor.data_ptr() == state[f'{name}.{key}'].data_ptr(), (name, key)
+    assert not any(p.requires_grad for p in seen.module.model_ema.parameters())
+    assert all(p.requires_grad for p in seen.module.model.parameters())
+
+
+def test_a_resumed_round_ends_as_the_old_way_did(distilled, assets, tmp_path):
+    """The resumed round ends with the student, EMA and optimizer state that the old way
+    (initialised models, the checkpoint copied into them) gave, bit for bit."""
+    out = copy_run(distilled.stopped, tmp_path / 'out')
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint_files, 'build_model', tiny.initialised_build)
+        assert run_distill(distill_args(assets, out, '--resume-from', 'auto')) == 0
+    for name in ('student.ckpt', '1-steps/checkpoints/last.ckpt'):
+        new, old = (torch.load(d / name, weights_only=False) for d in (distilled.out, out))
+        assert new['global_step'] == old['global_step'] == 2
+        assert new['state_dict'].keys() == old['state_dict'].keys()
+        for key, tensor in old['state_dict'].items():
+            assert torch.equal(new['state_dict'][key], tensor), (name, key)
+        for a, b in zip(*(c.get('optimizer_states', [{'state': {}}])[0]['state'].values()
+                          for c in (new, old))):
+            assert all(torch.equal(a[k], b[k]) for k in ('step', 'exp_avg', 'exp_avg_sq'))
+
+
+@pytest.mark.parametrize('after', [None, 'guidance'], ids=['first', 'after-a-done-stage'])
+def test_a_stage_starts_from_the_random_state_the_old_way_left(distilled, assets, tmp_path,
+                                                                after):
+    """A stage's teacher (--teacher, or the student of the stage before) is built from its
+    file drawing what initialising it drew: a seeded distillation draws its noise as it
+    did when the teacher was initialised, then loaded."""
+    runs = []
+    for way, build in (('new', checkpoint_files.build_model), ('old', tiny.initialised_build)):
+        out, extra = tmp_path / way, []
+        if after:
+            out.mkdir()
+            os.link(distilled.stopped / f'student-{after}.ckpt', out / f'student-{after}.ckpt')
+            extra = ['--resume-from', 'auto']
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(checkpoint_files, 'build_model', build)
+            runs.append(tiny.set_up_run(distill.main, distill_args(assets, out, *extra)))
+    new, old = runs
+    assert new.module.student_steps == old.module.student_steps == (1 if after else None)
+    assert torch.equal(new.random_state, old.random_state)
+    for name in ('model', 'model_ema', 'teacher'):
+        ours, theirs = (getattr(run.module, name).state_dict() for run in (new, old))
+        assert all(torch.equal(ours[key], theirs[key]) for key in theirs), name
 
 
 def test_each_stage_writes_its_student_and_the_last_is_student_ckpt(distilled, assets):

@@ -148,6 +148,23 @@ def test_a_finetune_trains_the_files_weights_and_averages_a_copy(files, tmp_path
     assert not any(p.data_ptr() in ours for p in ema.parameters())  # the one copy
 
 
+@pytest.mark.parametrize('extra', [[], ['--lora-rank', '4']], ids=['finetune', 'lora'])
+def test_a_seeded_start_draws_what_the_old_way_drew(files, tmp_path, extra):
+    """A finetune or a LoRA run starts from a state dict with the weights and the random
+    state (whence its loader's shuffle, its noise and a LoRA run's fresh adapters) that the
+    old way (an initialised model, the file copied in) left: a seeded run trains as it did."""
+    new = tiny.set_up_run(train_latent_diffusion.main, train_argv(files, tmp_path / 'new', *extra))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint_files, 'build_model', tiny.initialised_build)
+        old = tiny.set_up_run(train_latent_diffusion.main,
+                              train_argv(files, tmp_path / 'old', *extra))
+    assert torch.equal(new.random_state, old.random_state)
+    for name in ('model', 'model_ema'):
+        ours, theirs = (getattr(run.module, name).state_dict() for run in (new, old))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[key], theirs[key]) for key in theirs), name
+
+
 def test_a_lora_start_holds_its_base_once(files, tmp_path):
     seen = tiny.set_up_run(train_latent_diffusion.main,
                            train_argv(files, tmp_path, '--lora-rank', '4'))

@@ -20,7 +20,7 @@ from ccld.models.unet import DiffusionModel
 BASE_CHANNELS, CHANNEL_MULTIPLIERS = 16, (4, 4, 4, 4)
 
 __all__ = ['BASE_CHANNELS', 'CHANNEL_MULTIPLIERS', 'make_images', 'write_path_list',
-           'tiny_autoencoder', 'tiny_cloob', 'tiny_diffusion', 'save_bare',
+           'tiny_autoencoder', 'tiny_cloob', 'tiny_diffusion', 'initialised_build', 'save_bare',
            'save_ccld_checkpoint', 'save_original_checkpoint', 'inception_weights', 'exit_code',
            'run_printed_sample_command', 'set_up_run', 'learning_rates', 'rank_shares',
            'write_img2dataset_parquet', 'write_datasets_parquet', 'stream_as_hub']
@@ -41,6 +41,17 @@ def tiny_diffusion(seed=0, autoencoder_scale=1.0, base_channels=BASE_CHANNELS,
     """A randomly initialised DiffusionModel (~15M parameters at the default widths)."""
     torch.manual_seed(seed)
     return DiffusionModel(base_channels, channel_multipliers, autoencoder_scale).eval()
+
+
+def initialised_build(state_dict, *args, **kwargs):
+    """build_model as it was before models loaded in place: initialised on the CPU (its
+    random draws made), then the weights copied in; for a test to run the old way."""
+    from ccld.models.student import StudentModel, is_student
+    from ccld.models.unet import infer_widths
+    model = (StudentModel if is_student(state_dict) else DiffusionModel)(
+        *infer_widths(state_dict))
+    model.load_state_dict(state_dict)
+    return model
 
 
 def save_bare(model, path):
@@ -136,6 +147,7 @@ def set_up_run(main, argv, tf32=(False, True)):
         return SimpleNamespace(global_rank=0, world_size=1, current_epoch=0)
 
     def fit(trainer, module, make_loader, ckpt_path, prog):
+        seen.random_state = torch.get_rng_state()  # (what the run's draws go on from)
         seen.module, seen.loader, seen.seed = module, make_loader(trainer), torch.initial_seed()
         seen.tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         raise Asked

@@ -211,11 +211,12 @@ def from_checkpoint(ckpt):
                    adapter_state(ckpt.model_ema), record)
 
 
-def adapted_model(base_state, adapter, dtype=torch.float32, name=TRAINED):
+def adapted_model(base_state, adapter, dtype=torch.float32, name=TRAINED, init_draws=False):
     """A DiffusionModel with the base's weights (strictly loaded), frozen in `dtype`, and
-    the adapter's layers on it (its weights, if it holds any; else fresh ones), in fp32."""
+    the adapter's layers on it (its weights, if it holds any; else fresh ones), in fp32.
+    `init_draws`: as build_model's (a training run's random stream goes on from here)."""
     from .checkpoint_files import build_model
-    model = build_model(base_state, path=adapter.base)
+    model = build_model(base_state, path=adapter.base, init_draws=init_draws)
     add_adapter(model, adapter.rank, adapter.alpha, adapter.targets, name)
     if adapter.state:
         load_adapter_state(model, adapter.state, name, adapter.base)

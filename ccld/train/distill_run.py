@@ -209,8 +209,10 @@ def run(args):
     if todo:
         scale = args.autoencoder_scale or args.teacher_ckpt.autoencoder_scale
         ae_model, cloob = load_frozen_models(args)
-        teacher = read_student(out / done[-1].student_file) if done else \
-            build_model(args.teacher_ckpt.model_ema, path=args.teacher)
+        # Built from the file's tensors, drawing what initialising it drew (the noise of
+        # a seeded run comes after).
+        teacher = read_student(out / done[-1].student_file, init_draws=True) if done else \
+            build_model(args.teacher_ckpt.model_ema, path=args.teacher, init_draws=True)
         args.teacher_ckpt = None  # its weights are in `teacher` now
         data = TrainData(args, seed)
     for stage in todo:
@@ -255,9 +257,12 @@ def record_of(args, stage, scale):
 
 
 def run_stage(args, stage, ae_model, cloob, teacher, scale, data, seed):
-    """One stage as a training run in OUTPUT_DIR/NAME; returns its module."""
+    """One stage as a training run in OUTPUT_DIR/NAME; returns its module. A stage that
+    resumes takes its student and EMA from its checkpoint in place, as a continued
+    training run does (run.run)."""
     from pytorch_lightning.utilities import rank_zero_info
 
+    from ..models.checkpoint_files import build_model, read_checkpoint
     from ..models.student import student_of
     from .demo_grids import DemoCallback, demo_latent_size
     from .distill_module import LightningDistillation
@@ -266,8 +271,15 @@ def run_stage(args, stage, ae_model, cloob, teacher, scale, data, seed):
     stage_dir = Path(args.output_dir) / stage.name
     stage_args = copy.copy(args)
     stage_args.output_dir, stage_args.stage = str(stage_dir), stage.name
-    student = student_of(teacher)
-    student.guidance_range = tuple(args.guidance_range)
+    ckpt_path = args.resume_paths.get(stage.name)
+    resume = read_checkpoint(ckpt_path) if ckpt_path else None
+    if resume is None:
+        student, student_ema = student_of(teacher), None
+    else:
+        student = build_model(resume.model, path=ckpt_path)
+        student_ema = build_model(resume.model_ema, path=ckpt_path)
+    for model in filter(None, (student, student_ema)):
+        model.guidance_range = tuple(args.guidance_range)
     module = LightningDistillation(
         ae_model, cloob, teacher, student, stage.steps, args.guidance_range,
         args.loss_weighting, autoencoder_scale=scale, lr=args.lr,
@@ -275,6 +287,7 @@ def run_stage(args, stage, ae_model, cloob, teacher, scale, data, seed):
         accumulate_grad_batches=args.accumulate_grad_batches, max_bad_steps=args.max_bad_steps,
         compile=args.compile, channels_last=args.channels_last,
         gradient_checkpointing=args.gradient_checkpointing, text_prob=args.text_prob,
+        model_ema=student_ema,
         lr_schedule=dict(warmup=args.lr_warmup_steps, schedule=args.lr_schedule,
                          minimum=args.lr_min, total=args.round_steps))
     latent_size = args.image_size // 8
@@ -290,8 +303,9 @@ def run_stage(args, stage, ae_model, cloob, teacher, scale, data, seed):
     steps_per_epoch = args.cache['images'] // (args.batch_size * args.devices * args.num_nodes)
     trainer = runner.make_trainer(stage_args, PROG, callbacks, logger,
                                   log_every_n_steps=max(1, min(50, args.demo_every,
-                                                               steps_per_epoch)))
-    ckpt_path = args.resume_paths.get(stage.name)
+                                                               steps_per_epoch)),
+                                  resumed=(str(ckpt_path), resume.raw) if resume else None)
+    del resume  # (its weights are the module's; the trainer alone passes on the rest)
     rank_zero_info(f'Stage {stage.name}: {describe(stage)}; checkpoints in '
                    f'{stage_dir / "checkpoints"}, logs to {where}.')
     runner.fit(trainer, module, data, ckpt_path and str(ckpt_path), PROG)
@@ -310,11 +324,11 @@ def describe(stage):
     return f'{stage.steps} DDIM steps for {2 * stage.steps} of the previous student'
 
 
-def read_student(path):
+def read_student(path, init_draws=False):
     """A student written by write_student, frozen, with its guidance range."""
     from ..models.checkpoint_files import build_model, read_checkpoint
     ckpt = read_checkpoint(path)
-    model = build_model(ckpt.model_ema, path=path)
+    model = build_model(ckpt.model_ema, path=path, init_draws=init_draws)
     model.guidance_range = tuple(ckpt.record['guidance_range'])
     return model.eval().requires_grad_(False)
 

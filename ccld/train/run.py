@@ -454,20 +454,22 @@ def run(args):
         record['aspect_buckets'] = [list(b) for b in args.buckets]
     if args.text_prob:  # (a captionless run's record stays as it was)
         record['text_prob'] = args.text_prob
+    # The file's own tensors, no initialised model, but the random numbers initialising
+    # it drew are drawn all the same (init_draws): the loader's first shuffle, the noise
+    # and a LoRA run's fresh adapters come from the random state left here, so a seeded
+    # run draws what it always drew.
     model = model_ema = None
     if args.lora is not None:
         from ..models.lora import adapted_model
         record['lora'] = args.lora.spec()
-        model = adapted_model(weights, args.lora, LORA_BASE_DTYPES[args.fprecision])
+        model = adapted_model(weights, args.lora, LORA_BASE_DTYPES[args.fprecision],
+                              init_draws=True)
     elif args.resume is not None:
-        # The file's own tensors, no initialised model: a finetune copies them into its EMA
-        # (the one copy it needs); a continued run takes its EMA from the file too, and
-        # draws what initialising its model drew before: its loader's first shuffle comes
-        # from the random state left here, so it is the one a continued run always had.
+        # A finetune copies its weights into its EMA (the one copy it needs); a continued
+        # run takes its EMA from the file too.
         from ..models.checkpoint_files import build_model
-        continued = args.resume.kind != 'bare'
-        model = build_model(weights, path=args.resume_from, init_draws=continued)
-        if continued:
+        model = build_model(weights, path=args.resume_from, init_draws=True)
+        if args.resume.kind != 'bare':
             model_ema = build_model(args.resume.model_ema, path=args.resume_from)
     if args.frozen is not None:
         record.update(autoencoder_sha256=args.frozen['autoencoder']['sha256'],
