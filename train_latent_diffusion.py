@@ -28,6 +28,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.demo:
         from ccld.train import quickstart
+        quickstart.check_demo_flags(args, parser().parse_args([]))
         quickstart.run(args.output_dir if args.output_dir != 'outputs' else 'demo_output')
         return
     from ccld.train import run

@@ -114,7 +114,8 @@ SHARED = ['--batch-size', '--num-workers', '--prefetch-factor', '--lr', '--lr-wa
 # tool -> flag (its first option string, or a positional argument's name) -> tests
 COVERED = {
     'train_latent_diffusion.py': {
-        '--demo': ['test_the_readme_demo_runs_offline_from_any_directory'],
+        '--demo': ['test_the_readme_demo_runs_offline_from_any_directory',
+                   'test_the_demo_refuses_flags_it_would_ignore'],
         '--cloob-checkpoint': [FROZEN, OTHER_FROZEN],
         '--vqgan-model': [FROZEN, OTHER_FROZEN],
         '--autoencoder-scale': [RECORD, 'test_resume_from_a_checkpoint_of_the_original_script'],

@@ -507,6 +507,20 @@ def test_wandb_offline_run_logs_the_demo_grid_and_prompts(assets, tmp_path):
     assert html and '(0, 2) a green field' in html[0].read_text()
 
 
+def test_the_demo_refuses_flags_it_would_ignore(tmp_path, capsys):
+    """--demo trains with its own settings: another flag (but --output-dir) is named in one
+    line, exit 2, and nothing is written."""
+    from ccld import cli
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(lambda: train_latent_diffusion.main(
+            ['--demo', '--output-dir', str(tmp_path / 'demo'), '--aspect-buckets', '--seed', '3']),
+            'train_latent_diffusion.py')
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert '\n' not in err and 'drop --aspect-buckets, --seed' in err
+    assert not (tmp_path / 'demo').exists()
+
+
 def test_the_readme_demo_runs_offline_from_any_directory(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / 'train_latent_diffusion.py'), '--demo',
                              '--output-dir', 'demo'], cwd=tmp_path, capture_output=True,

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from ..errors import UserError
+
 CONFIGS = Path(__file__).resolve().parents[2] / 'configs'
 REPO = CONFIGS.parent
 
@@ -70,7 +72,6 @@ def clear_previous_demo(out):
     """The demo starts afresh each time: it removes what an earlier demo wrote in `out`
     (known by the marker file it leaves), and refuses a directory that holds anything
     else rather than touch it."""
-    from ..errors import UserError
     if out.exists() and not (out / MARKER).is_file() and any(out.iterdir()):
         raise UserError(f'--output-dir {out} holds other files; the demo writes to a new '
                         'directory (default demo_output).')
@@ -79,6 +80,17 @@ def clear_previous_demo(out):
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text('Written by train_latent_diffusion.py --demo, which replaces '
                               'this directory\'s contents when run again.\n')
+
+
+def check_demo_flags(args, defaults):
+    """The demo trains with its own settings: a flag besides --output-dir would be
+    silently ignored, so it is refused."""
+    given = [name for name, value in vars(args).items()
+             if name not in ('demo', 'output_dir') and value != getattr(defaults, name, value)]
+    if given:
+        flags = ', '.join('--' + name.replace('_', '-') for name in given)
+        raise UserError(f'--demo runs with its own settings and takes only --output-dir; drop '
+                        f'{flags}, or train without --demo.')
 
 
 def run(output_dir):
