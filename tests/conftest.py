@@ -69,25 +69,3 @@ def learned_from_latents(tmp_path_factory):
 @pytest.fixture
 def load_fixture():
     return lambda name: torch.load(FIXTURES / name, weights_only=False)
-
-
-# The files whose tests take longest on two cores, longest first (from --durations). The
-# suite runs with --dist loadfile: a file is one worker's unit, so starting the long ones
-# first keeps a long file from starting last while the other workers sit idle.
-LONGEST_FILES = ('test_survival', 'test_latent_cache', 'test_lora', 'test_train',
-                 'test_distillation', 'test_captions', 'test_learning', 'test_speed',
-                 'test_distill', 'test_bucketed', 'test_app', 'test_evaluate',
-                 'test_bucketed_cache', 'test_bucketed_tables', 'test_bucket_streams',
-                 'test_hub', 'test_loading', 'test_sample')
-
-
-def pytest_configure(config):
-    if hasattr(config.option, 'loadscopereorder'):  # (xdist orders files by test count)
-        config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item):
-        name = item.path.stem
-        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
-    items.sort(key=rank)  # (stable: each file's tests keep their order)
